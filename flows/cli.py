@@ -1,0 +1,145 @@
+"""The `grove` command: validate a run config, show the plan, run the flow with progress."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Grove: run an Olive fine-tune -> int4 ONNX recipe as a cached Prefect flow.")
+console = Console()
+CONFIG = typer.Option(..., "--config", "-c", help="Olive run config (JSON or YAML).")
+FROM_STAGE = typer.Option(None, "--from-stage", help="Reuse stages before this one, rerun it and the rest.")
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal to Grove's progress; Prefect still records everything for the UI."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # A temporary Prefect server starts in ~5-11 s, slower on a busy 2-core machine: wait longer
+    # than Prefect's default 20 s before giving up.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_FLOW_RUNS_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_TASK_RUNS_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _fail(error: Exception) -> None:
+    console.print(f"[bold red]error:[/] {error}", highlight=False, markup=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def validate(config: Path = CONFIG) -> None:
+    """Check a run config without running anything."""
+    from flows.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as exc:
+        _fail(exc)
+    console.print(f"[green]ok[/]: {config} -> model {cfg.model.name}, data {cfg.data.files[0]}, "
+                  f"train {cfg.train.method if cfg.train else 'none'}, build "
+                  f"{cfg.build.precision if cfg.build else 'none'}, store {cfg.artifact_root}")
+
+
+@app.command()
+def stages(config: Path = CONFIG, from_stage: Optional[str] = FROM_STAGE) -> None:
+    """The plan: each stage, whether it would be a cache hit, and why not."""
+    from flows.config import ConfigError
+    from flows.optimize import plan
+    from tasks.stage import STAGES
+
+    try:
+        records = {r.stage: r for r in plan(str(config), from_stage)}
+    except ConfigError as exc:
+        _fail(exc)
+    table = Table(title=f"Plan for {config}")
+    for column in ("stage", "cache", "why", "key"):
+        table.add_column(column)
+    for stage in STAGES:
+        record = records.get(stage)
+        if record is None:
+            table.add_row(stage, "[dim]skipped[/]", "not in this config's passes", "")
+        elif record.status == "hit":
+            table.add_row(stage, "[green]hit[/]", record.reason, record.ref.key[:12])
+        else:
+            table.add_row(stage, "[yellow]miss[/]", record.reason, "")
+    console.print(table)
+
+
+@app.command()
+def run(config: Path = CONFIG, from_stage: Optional[str] = FROM_STAGE) -> None:
+    """Run the recipe: seven cached stages, progress per stage, then a summary table."""
+    _quiet_libraries()
+    from flows.config import ConfigError, load_config
+    from flows.optimize import check_from_stage, observers, optimize
+    from flows.report import key_result
+    from tasks.store import StoreError
+
+    try:
+        check_from_stage(from_stage)
+        load_config(config)  # fail on bad input before Prefect starts
+    except ConfigError as exc:
+        _fail(exc)
+    progress = Progress(TextColumn("[bold]{task.description:<15}"), BarColumn(bar_width=20),
+                        TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), TextColumn("eta"),
+                        TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console)
+    bars: dict[str, int] = {}
+
+    def start(stage: str) -> None:
+        bars[stage] = progress.add_task(stage, total=None, info="")
+
+    def step(stage: str, done: int, total: int, info: dict) -> None:
+        detail = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items()
+                           if v is not None)
+        progress.update(bars[stage], completed=done, total=total, info=detail)
+
+    def end(record) -> None:
+        total = progress.tasks[bars[record.stage]].total or 1
+        progress.update(bars[record.stage], completed=total, total=total,
+                        info=f"[green]{record.status}[/] {key_result(record.stage, record.ref.summary)}")
+
+    token = observers.set({"on_stage_start": start, "on_progress": step, "on_stage_end": end})
+    started = time.monotonic()
+    try:
+        with progress:
+            result = optimize(str(config), from_stage)
+    except (ConfigError, StoreError) as exc:
+        _fail(exc)
+    finally:
+        observers.reset(token)
+    table = Table(title=f"Grove run finished in {time.monotonic() - started:.1f}s")
+    for column in ("stage", "cached or ran", "seconds", "key result"):
+        table.add_column(column)
+    for stage in result["stages"]:
+        table.add_row(stage["stage"], stage["status"], f"{stage['seconds']:.1f}",
+                      key_result(stage["stage"], stage["summary"]))
+    console.print(table)
+    console.print(f"final model: {result['model_path']}\nreport:      {result['report_path']}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""The Grove flow: an Olive recipe as seven cached Prefect tasks.
+
+`pipeline` is the DAG and nothing else; `optimize` is the Prefect flow around it
+(validate, open the store, run the stages, publish the final model and report);
+`plan` walks the same DAG without running anything, to say which stages would hit
+the cache and why the others would not.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import Any
+
+from prefect import flow
+
+from flows.config import ConfigError, load_config
+from flows.report import publish
+from tasks.benchmark import benchmark
+from tasks.build_onnx import build_onnx
+from tasks.evaluate import evaluate
+from tasks.load_data import load_data
+from tasks.merge_adapters import merge_adapters
+from tasks.settings import RunConfig
+from tasks.stage import STAGES, ArtifactRef, RunContext, StageRecord, prefect_results_in, stage_run
+from tasks.store import ArtifactStore
+from tasks.template_corpus import template_corpus
+from tasks.train import train
+
+# Display hooks (progress bars) set by the CLI; a deployment run has none.
+observers: ContextVar[dict[str, Any]] = ContextVar("grove_observers", default={})
+
+
+def pipeline(cfg: RunConfig) -> dict[str, ArtifactRef | None]:
+    """load -> template -> train -> evaluate -> merge -> build ONNX -> benchmark."""
+    data = load_data(cfg.data)
+    corpus = template_corpus(cfg.corpus, data, cfg.model)
+    adapter = train(cfg.train, corpus, cfg.model) if cfg.train else None
+    scores = evaluate(cfg.evaluate, data, corpus, cfg.model, adapter)
+    merged = merge_adapters(cfg.model, adapter) if cfg.merge else None
+    onnx = build_onnx(cfg.build, cfg.evaluate, cfg.model, merged, data) if cfg.build else None
+    bench = benchmark(cfg.benchmark, cfg.evaluate, cfg.model, merged, onnx, data)
+    return {"load_data": data, "template_corpus": corpus, "train": adapter, "evaluate": scores,
+            "merge_adapters": merged, "build_onnx": onnx, "benchmark": bench}
+
+
+def check_from_stage(from_stage: str | None) -> None:
+    if from_stage is not None and from_stage not in STAGES:
+        raise ConfigError("from_stage", f"unknown stage {from_stage!r}; stages are: {', '.join(STAGES)}")
+
+
+@flow(name="grove-optimize", log_prints=True)
+def optimize(config: str, from_stage: str | None = None) -> dict[str, Any]:
+    """Run an Olive run config (JSON/YAML path) as Grove's seven cached stages."""
+    check_from_stage(from_stage)
+    cfg = load_config(config)
+    store = ArtifactStore(cfg.artifact_root)
+    store.check_writable()
+    context = RunContext(store=store, device=cfg.device, from_stage=from_stage, **observers.get())
+    with stage_run(context), prefect_results_in(store):
+        refs = pipeline(cfg)
+    return publish(cfg, refs, context.records, store)
+
+
+def plan(config: str, from_stage: str | None = None) -> list[StageRecord]:
+    """Which stages a run would take from the cache, and why the others would run."""
+    check_from_stage(from_stage)
+    cfg = load_config(config)
+    context = RunContext(store=ArtifactStore(cfg.artifact_root), device=cfg.device,
+                         from_stage=from_stage, dry_run=True)
+    with stage_run(context):
+        pipeline(cfg)
+    return context.records

@@ -1,0 +1,50 @@
+"""The benchmark stage's worker: times one engine in a process of its own.
+
+Run as `python -m tasks.benchmark_worker` with the request as JSON on stdin; prints one
+JSON line. A process per engine makes max RSS that engine's own peak memory. It imports
+no Prefect and no stage code, so it starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+from pathlib import Path
+
+
+def measure(request: dict) -> dict:
+    from tasks.engines import HfEngine, OnnxEngine, eos_ids_of
+    from tasks.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(Path(request["tokenizer"]))
+    if request["engine"] == "pytorch":
+        model = load_causal_lm(Path(request["folder"]), request["device"]).eval()
+        engine = HfEngine(model, tokenizer.pad_token_id, eos_ids_of(tokenizer, model.config))
+    else:
+        engine = OnnxEngine(Path(request["folder"]), eos_ids_of(tokenizer))
+    prompts, new = request["prompts"], request["max_new_tokens"]
+    for _ in range(request["warmup"]):
+        engine.generate_timed(prompts[0], new)
+    latency, first, decode = [], [], []
+    for _ in range(request["repeats"]):
+        for prompt in prompts:
+            run = engine.generate_timed(prompt, new)
+            latency.append(run.total_seconds)
+            first.append(run.first_token_seconds)
+            if len(run.token_times) > 1:
+                decode.append((len(run.token_times) - 1) / (run.token_times[-1] - run.token_times[0]))
+    return {
+        "prompt_tokens": round(statistics.mean(len(p) for p in prompts), 1),
+        "new_tokens": new,
+        "latency_ms": round(statistics.median(latency) * 1000, 2),
+        "time_to_first_token_ms": round(statistics.median(first) * 1000, 2),
+        "decode_tokens_per_s": round(statistics.median(decode), 2) if decode else None,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "runs": len(latency),
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(json.loads(sys.stdin.read()))))

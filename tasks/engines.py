@@ -1,0 +1,124 @@
+"""Greedy generation through the two runtimes Grove compares: transformers and onnxruntime-genai.
+
+Both take the same prompt token ids (tokenized once by the HF tokenizer) and return the
+new token ids, so accuracy and speed are measured on identical inputs. Decoding always
+goes through the HF tokenizer: onnxruntime-genai's decode stops at the first invalid
+UTF-8 token.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    first_token_seconds: float = 0.0  # prompt processing + first new token
+    total_seconds: float = 0.0
+    token_times: list[float] = field(default_factory=list)
+
+
+class HfEngine:
+    def __init__(self, model, pad_id: int, eos_ids: set[int]):
+        self.model, self.pad_id, self.eos_ids = model, pad_id, eos_ids
+
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy, left-padded batch generation; stops each row at eos."""
+        import torch
+
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        device = next(self.model.parameters()).device
+        with torch.no_grad():
+            out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                      max_new_tokens=max_new_tokens, do_sample=False,
+                                      pad_token_id=self.pad_id, eos_token_id=list(self.eos_ids))
+        return [_until_eos(row[width:].tolist(), self.eos_ids) for row in out]
+
+    def generate_timed(self, prompt: list[int], max_new_tokens: int) -> Generation:
+        """One prompt, every new token forced (no early stop), timed token by token."""
+        import torch
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        stamps: list[float] = []
+
+        class Stamp(LogitsProcessor):
+            def __call__(self, input_ids, scores):
+                stamps.append(time.perf_counter())
+                return scores
+
+        device = next(self.model.parameters()).device
+        started = time.perf_counter()
+        with torch.no_grad():
+            out = self.model.generate(input_ids=torch.tensor([prompt]).to(device), max_new_tokens=max_new_tokens,
+                                      min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.pad_id,
+                                      logits_processor=LogitsProcessorList([Stamp()]))
+        ended = time.perf_counter()
+        return Generation(out[0, len(prompt):].tolist(), stamps[0] - started if stamps else 0.0,
+                          ended - started, [s - started for s in stamps])
+
+
+class OnnxEngine:
+    """onnxruntime-genai model from a builder output folder."""
+
+    def __init__(self, folder: Path, eos_ids: set[int]):
+        import onnxruntime_genai as og
+
+        self.og = og
+        self.model = og.Model(str(folder))
+        self.eos_ids = eos_ids
+
+    def _generator(self, prompt: list[int], max_new_tokens: int, force: bool):
+        params = self.og.GeneratorParams(self.model)
+        options = {"max_length": len(prompt) + max_new_tokens, "do_sample": False}
+        if force:
+            options["min_length"] = len(prompt) + max_new_tokens
+        params.set_search_options(**options)
+        return self.og.Generator(self.model, params)
+
+    def generate(self, prompt: list[int], max_new_tokens: int) -> list[int]:
+        generator = self._generator(prompt, max_new_tokens, force=False)
+        generator.append_tokens(prompt)
+        tokens: list[int] = []
+        while not generator.is_done() and len(tokens) < max_new_tokens:
+            generator.generate_next_token()
+            token = int(generator.get_next_tokens()[0])
+            if token in self.eos_ids:
+                break
+            tokens.append(token)
+        return tokens
+
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        return [self.generate(p, max_new_tokens) for p in prompts]
+
+    def generate_timed(self, prompt: list[int], max_new_tokens: int) -> Generation:
+        started = time.perf_counter()
+        generator = self._generator(prompt, max_new_tokens, force=True)
+        generator.append_tokens(prompt)
+        tokens, stamps = [], []
+        while not generator.is_done() and len(tokens) < max_new_tokens:
+            generator.generate_next_token()
+            tokens.append(int(generator.get_next_tokens()[0]))
+            stamps.append(time.perf_counter() - started)
+        return Generation(tokens, stamps[0] if stamps else 0.0, time.perf_counter() - started, stamps)
+
+
+def _until_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
+    for index, token in enumerate(tokens):
+        if token in eos_ids:
+            return tokens[:index]
+    return tokens
+
+
+def eos_ids_of(tokenizer, model_config=None) -> set[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    configured = getattr(model_config, "eos_token_id", None) if model_config is not None else None
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif isinstance(configured, list):
+        ids.update(configured)
+    return ids

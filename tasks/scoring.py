@@ -1,0 +1,48 @@
+"""Task accuracy: generate greedily after the prompt part of the template, exact-match the label.
+
+Used for the base model, the fine-tuned model and the ONNX model alike, on the same
+eval rows and the same prompt token ids, with per-label counts.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from tasks.textdata import encode, first_line, prompt_and_answer
+
+
+def prompts_and_labels(rows: list[dict], template: str, label_col: str, tokenizer) -> tuple[list[list[int]], list[str]]:
+    prompts, labels = [], []
+    for row in rows:
+        prompt, _ = prompt_and_answer(template, label_col, row)
+        ids, _ = encode(tokenizer, prompt, eos=False)
+        prompts.append(ids)
+        labels.append(str(row[label_col]).strip())
+    return prompts, labels
+
+
+def task_accuracy(engine, tokenizer, rows: list[dict], template: str, label_col: str,
+                  max_new_tokens: int, batch_size: int, progress=None) -> dict[str, Any]:
+    """Accuracy overall and per label, plus a few predictions to look at."""
+    prompts, labels = prompts_and_labels(rows, template, label_col, tokenizer)
+    predictions: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = engine.generate_batch(prompts[start: start + batch_size], max_new_tokens)
+        predictions += [first_line(tokenizer.decode(t, skip_special_tokens=True)) for t in batch]
+        if progress:
+            progress(min(start + batch_size, len(prompts)), len(prompts))
+    return summarize(predictions, labels)
+
+
+def summarize(predictions: list[str], labels: list[str]) -> dict[str, Any]:
+    total, correct = Counter(labels), Counter(l for p, l in zip(predictions, labels) if p == l)
+    per_label = {label: {"correct": correct[label], "total": n, "accuracy": round(correct[label] / n, 4)}
+                 for label, n in sorted(total.items())}
+    return {
+        "accuracy": round(sum(correct.values()) / len(labels), 4) if labels else None,
+        "rows": len(labels),
+        "per_label": per_label,
+        "predicted": dict(Counter(predictions).most_common(10)),
+        "examples": [{"label": l, "predicted": p} for p, l in list(zip(predictions, labels))[:5]],
+    }

@@ -1,0 +1,103 @@
+"""Typed settings each stage receives: built once by flows/config.py from the run config.
+
+Each stage's settings object is part of that stage's cache key, so it holds only what
+changes the stage's output (no paths of the artifact store, no display options).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelSettings(Frozen):
+    """The base model: a local HF folder (the bundled model is converted to one)."""
+
+    name: str  # what the user wrote: a folder, or grove:<bundled name>
+    bundled: str | None = None  # the bundled model's name, when name is grove:<...>
+    path: str | None = None  # local HF folder (None for a bundled model until converted)
+    trust_remote_code: bool = False
+    content_sha256: str  # of the weights/config files, or of the bundled GGUF
+
+
+class DataSettings(Frozen):
+    name: str
+    files: list[str]
+    format: Literal["json", "csv", "parquet"]
+    split: str = "train"
+    eval_files: list[str] | None = None
+    eval_size: float = 0.3
+    seed: int = 42
+    text_cols: list[str]
+    text_template: str
+    label_col: str | None = None
+    max_samples: int | None = None
+    content_sha256: str  # contents of every data file: editing one byte changes every key
+
+
+class CorpusSettings(Frozen):
+    text_template: str
+    text_cols: list[str]
+    corpus_strategy: str = "join"
+    source_max_len: int = 1024
+    pad_to_max_len: bool = True
+    completion_only_loss: bool = False
+    label_col: str | None = None
+
+
+class TrainSettings(Frozen):
+    method: Literal["lora", "qlora"]
+    r: int = 64
+    alpha: float = 16
+    dropout: float = 0.05
+    target_modules: list[str] | None = None
+    double_quant: bool = True
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    training_args: dict[str, Any] = {}
+    seed: int = 42
+
+
+class EvalSettings(Frozen):
+    text_template: str
+    max_new_tokens: int = 8
+    batch_size: int = 16
+    max_rows: int | None = None
+    label_col: str | None = None
+
+
+class BuildSettings(Frozen):
+    precision: Literal["int4", "int8", "fp16", "fp32", "bf16"] = "int4"
+    block_size: int = 32
+    accuracy_level: int | None = None
+    extra_options: dict[str, str] = {}
+    execution_provider: Literal["cpu", "cuda"] = "cpu"
+
+
+class BenchmarkSettings(Frozen):
+    prompts: int = 3
+    max_new_tokens: int = 32
+    warmup: int = 1
+    repeats: int = 2
+
+
+class RunConfig(Frozen):
+    """The whole validated run."""
+
+    name: str
+    artifact_root: str
+    output_dir: str
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 42
+    model: ModelSettings
+    data: DataSettings
+    corpus: CorpusSettings
+    train: TrainSettings | None
+    evaluate: EvalSettings
+    merge: bool
+    build: BuildSettings | None
+    benchmark: BenchmarkSettings

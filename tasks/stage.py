@@ -1,0 +1,254 @@
+"""What every stage shares: the cache key, the artifact reference, the Prefect task options.
+
+A stage is a plain function decorated with `@grove_stage("name")`. It receives its typed
+settings and references to upstream artifacts, writes its files into `output_dir()`, and
+returns a small summary dict. The decorator does the rest, once for all stages:
+
+- the cache key: sha256 of the stage name, the stage module's source, its settings and the
+  digests (never the paths) of its upstream artifacts;
+- the store: a complete entry for that key is a hit; otherwise the stage runs and its
+  folder is stored with the manifest written last;
+- Prefect: each stage is a task whose cache key is the same key and whose result is the
+  small `ArtifactRef`, so a cached rerun moves kilobytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import inspect
+import json
+import shutil
+import tempfile
+import time
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from pydantic import BaseModel
+
+from tasks.store import ArtifactStore, Entry
+
+STAGES = ("load_data", "template_corpus", "train", "evaluate", "merge_adapters", "build_onnx", "benchmark")
+
+
+class ArtifactRef(BaseModel):
+    """What a stage returns: where its output is stored and what it found, never the model."""
+
+    stage: str
+    key: str
+    digest: str
+    uri: str
+    size_bytes: int = 0
+    summary: dict[str, Any] = {}
+
+    @property
+    def pending(self) -> bool:
+        """A placeholder used while planning: this stage has not run yet."""
+        return self.digest.startswith("pending:")
+
+
+@dataclass
+class StageRecord:
+    stage: str
+    status: str  # ran | cached | hit | miss (the last two when planning)
+    seconds: float = 0.0
+    reason: str = ""
+    ref: ArtifactRef | None = None
+
+
+@dataclass
+class RunContext:
+    """Per-run state the stages need that is not part of any cache key."""
+
+    store: ArtifactStore
+    device: str = "auto"
+    from_stage: str | None = None
+    dry_run: bool = False
+    records: list[StageRecord] = field(default_factory=list)
+    on_stage_start: Callable[[str], None] | None = None
+    on_stage_end: Callable[[StageRecord], None] | None = None
+    # progress inside a stage: (stage, done, total, details), e.g. training steps and loss
+    on_progress: Callable[[str, int, int, dict], None] | None = None
+
+    def forced(self, stage: str) -> bool:
+        return self.from_stage is not None and STAGES.index(stage) >= STAGES.index(self.from_stage)
+
+
+_run: ContextVar[RunContext | None] = ContextVar("grove_run", default=None)
+_output: ContextVar[Path | None] = ContextVar("grove_stage_output", default=None)
+
+
+@contextlib.contextmanager
+def stage_run(context: RunContext) -> Iterator[RunContext]:
+    token = _run.set(context)
+    try:
+        yield context
+    finally:
+        _run.reset(token)
+
+
+@contextlib.contextmanager
+def prefect_results_in(store: ArtifactStore) -> Iterator[None]:
+    """Prefect's task results (the small ArtifactRefs) live in the artifact store too.
+
+    Then a cache hit needs only the store: a fresh Prefect database still hits.
+    """
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    if not store.is_local:
+        raise NotImplementedError("Prefect results in remote stores come with s3:// support")
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: store.results_path}):
+        yield
+
+
+def current_run() -> RunContext:
+    context = _run.get()
+    if context is None:
+        raise RuntimeError("stages run inside a flow run (flows/optimize.py sets up the run context)")
+    return context
+
+
+def output_dir() -> Path:
+    """The folder the running stage writes its outputs to; stored when the stage returns."""
+    path = _output.get()
+    if path is None:
+        raise RuntimeError("output_dir() is only available inside a running stage")
+    return path
+
+
+def open_artifact(ref: ArtifactRef) -> Path:
+    """A local folder with an upstream stage's files (read-only: they may be hard links)."""
+    store = current_run().store
+    entry = store.lookup(ref.stage, ref.key)
+    if entry is None or entry.digest != ref.digest:
+        raise RuntimeError(f"artifact {ref.stage}/{ref.key} is missing or changed in {store.root}; "
+                           f"rerun with --from-stage {ref.stage}")
+    return store.materialize(entry)
+
+
+# ---- cache keys ----------------------------------------------------------------------------------
+def _canonical(value: Any) -> Any:
+    if isinstance(value, ArtifactRef):
+        return {"artifact": value.stage, "digest": value.digest}  # contents, not location
+    if isinstance(value, BaseModel):
+        return _canonical(value.model_dump(mode="json"))
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in sorted(value.items())}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def stage_key(stage: str, code_version: str, params: dict[str, Any]) -> str:
+    body = json.dumps({"stage": stage, "code": code_version, "params": _canonical(params)}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()[:32]
+
+
+def code_version(fn: Callable) -> str:
+    """The stage module's source: any change to the stage's code invalidates its entries."""
+    source = Path(inspect.getfile(fn)).read_bytes()
+    return hashlib.sha256(source).hexdigest()[:16]
+
+
+def _ref(entry: Entry, store: ArtifactStore) -> ArtifactRef:
+    return ArtifactRef(stage=entry.stage, key=entry.key, digest=entry.digest,
+                       uri=store.entry_uri(entry.stage, entry.key), size_bytes=entry.size_bytes,
+                       summary=entry.manifest["meta"].get("summary", {}))
+
+
+# ---- the decorator ---------------------------------------------------------------------------------
+def grove_stage(name: str, retries: int = 0, retry_delay_seconds: float = 10, tags: tuple[str, ...] = ()):
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}")
+
+    def decorate(fn: Callable[..., dict[str, Any]]):
+        signature = inspect.signature(fn)
+        version = code_version(fn)
+
+        def params_of(args, kwargs) -> dict[str, Any]:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return dict(bound.arguments)
+
+        def run_stage(*args, **kwargs) -> ArtifactRef:
+            run = current_run()
+            key = stage_key(name, version, params_of(args, kwargs))
+            if not run.forced(name):
+                entry = run.store.lookup(name, key)
+                if entry is not None:  # stored already (e.g. by a run with another Prefect database)
+                    return _ref(entry, run.store).model_copy(update={"summary": {**_ref(entry, run.store).summary,
+                                                                                   "_reused": True}})
+            out = Path(tempfile.mkdtemp(prefix=f"grove-{name}-"))
+            token = _output.set(out)
+            try:
+                summary = fn(*args, **kwargs) or {}
+                meta = {"summary": summary, "code_version": version,
+                        "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                return _ref(run.store.put_dir(name, key, out, meta), run.store)
+            finally:
+                _output.reset(token)
+                shutil.rmtree(out, ignore_errors=True)
+
+        run_stage.__signature__ = signature  # Prefect reads parameters from it
+        run_stage.__name__ = run_stage.__qualname__ = name
+        from prefect import task
+
+        prefect_task = task(
+            run_stage,
+            name=name,
+            cache_key_fn=lambda _context, parameters: stage_key(name, version, parameters),
+            persist_result=True,
+            result_serializer="json",
+            retries=retries,
+            retry_delay_seconds=retry_delay_seconds,
+            retry_jitter_factor=0.5,
+            tags=["grove", f"stage:{name}", *tags],
+        )
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs) -> ArtifactRef:
+            run = current_run()
+            key = stage_key(name, version, params_of(args, kwargs))
+            upstream = [v for v in params_of(args, kwargs).values() if isinstance(v, ArtifactRef) and v.pending]
+            entry = None if run.forced(name) or upstream else run.store.lookup(name, key)
+            if run.dry_run:
+                return _plan(run, name, key, entry, upstream)
+            if run.on_stage_start:
+                run.on_stage_start(name)
+            started = time.monotonic()
+            state = prefect_task.with_options(refresh_cache=entry is None)(*args, return_state=True, **kwargs)
+            ref: ArtifactRef = state.result()
+            cached = state.name == "Cached" or ref.summary.get("_reused", False)
+            ref = ref.model_copy(update={"summary": {k: v for k, v in ref.summary.items() if k != "_reused"}})
+            record = StageRecord(name, "cached" if cached else "ran", time.monotonic() - started, ref=ref)
+            run.records.append(record)
+            if run.on_stage_end:
+                run.on_stage_end(record)
+            return ref
+
+        call.task = prefect_task
+        call.stage_name = name
+        return call
+
+    return decorate
+
+
+def _plan(run: RunContext, name: str, key: str, entry: Entry | None, upstream: list[ArtifactRef]) -> ArtifactRef:
+    if entry is not None:
+        ref = _ref(entry, run.store)
+        run.records.append(StageRecord(name, "hit", reason="stored entry for this key", ref=ref))
+        return ref
+    if run.forced(name):
+        reason = f"forced by --from-stage {run.from_stage}"
+    elif upstream:
+        reason = f"upstream {', '.join(sorted({u.stage for u in upstream}))} will run"
+    else:
+        reason = "no stored entry for this key (config, data, model or stage code changed, or first run)"
+    run.records.append(StageRecord(name, "miss", reason=reason))
+    return ArtifactRef(stage=name, key=key, digest=f"pending:{name}", uri="")

@@ -1,0 +1,79 @@
+"""Stage 2, template_corpus: render each row through text_template and tokenize it.
+
+`join` reproduces Olive: every row becomes bos + text + eos, rows are concatenated and
+cut into non-overlapping source_max_len blocks; the short tail is dropped.
+`line-by-line` keeps one example per row (padded to source_max_len if pad_to_max_len).
+With completion_only_loss the prompt tokens get label -100, so only the answer is learned.
+The eval corpus is always one example per eval row, so eval loss does not depend on packing.
+"""
+
+from __future__ import annotations
+
+import json
+
+from tasks.models import load_tokenizer, model_folder
+from tasks.settings import CorpusSettings, ModelSettings
+from tasks.stage import ArtifactRef, grove_stage, open_artifact, output_dir
+from tasks.textdata import encode, prompt_and_answer, read_jsonl
+
+IGNORE = -100
+
+
+def examples(rows: list[dict], corpus: CorpusSettings, tokenizer) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per row; labels mask the prompt when completion_only_loss is on."""
+    result = []
+    for row in rows:
+        prompt, answer = prompt_and_answer(corpus.text_template, corpus.label_col, row)
+        ids, prompt_len = encode(tokenizer, prompt, answer)
+        labels = list(ids)
+        if corpus.completion_only_loss and answer:
+            labels[:prompt_len] = [IGNORE] * prompt_len
+        result.append((ids, labels))
+    return result
+
+
+def join_blocks(pairs: list[tuple[list[int], list[int]]], block: int) -> list[dict]:
+    ids = [t for p in pairs for t in p[0]]
+    labels = [t for p in pairs for t in p[1]]
+    return [{"input_ids": ids[i: i + block], "labels": labels[i: i + block]}
+            for i in range(0, len(ids) - block + 1, block)]
+
+
+def line_examples(pairs, block: int, pad: bool, pad_id: int) -> list[dict]:
+    out = []
+    for ids, labels in pairs:
+        ids, labels = ids[:block], labels[:block]
+        mask = [1] * len(ids)
+        if pad and len(ids) < block:
+            extra = block - len(ids)
+            ids, labels, mask = ids + [pad_id] * extra, labels + [IGNORE] * extra, mask + [0] * extra
+        out.append({"input_ids": ids, "labels": labels, "attention_mask": mask})
+    return out
+
+
+@grove_stage("template_corpus")
+def template_corpus(corpus: CorpusSettings, data: ArtifactRef, model: ModelSettings) -> dict:
+    """Tokenized training blocks (train.jsonl) and per-row eval examples (eval.jsonl)."""
+    folder = open_artifact(data)
+    tokenizer = load_tokenizer(model_folder(model), model.trust_remote_code)
+    train_pairs = examples(read_jsonl(folder, "train"), corpus, tokenizer)
+    eval_pairs = examples(read_jsonl(folder, "eval"), corpus, tokenizer)
+    if corpus.corpus_strategy == "join":
+        train = join_blocks(train_pairs, corpus.source_max_len)
+        total = sum(len(p[0]) for p in train_pairs)
+        if not train:
+            raise ValueError(f"the training corpus has {total} tokens, fewer than source_max_len="
+                             f"{corpus.source_max_len}: lower source_max_len or use corpus_strategy line-by-line")
+    elif corpus.corpus_strategy == "line-by-line":
+        train = line_examples(train_pairs, corpus.source_max_len, corpus.pad_to_max_len, tokenizer.pad_token_id)
+    else:
+        raise ValueError(f"corpus_strategy {corpus.corpus_strategy!r} is not supported; use join or line-by-line")
+    evaluation = line_examples(eval_pairs, corpus.source_max_len, False, tokenizer.pad_token_id)
+    out = output_dir()
+    for name, part in (("train.jsonl", train), ("eval.jsonl", evaluation)):
+        with open(out / name, "w") as handle:
+            for example in part:
+                handle.write(json.dumps(example) + "\n")
+    trained_tokens = sum(sum(1 for t in e["labels"] if t != IGNORE) for e in train)
+    return {"train_examples": len(train), "eval_examples": len(evaluation),
+            "train_tokens": sum(len(e["input_ids"]) for e in train), "loss_tokens": trained_tokens}

@@ -1,0 +1,167 @@
+"""Stage 3, train: LoRA or QLoRA (bitsandbytes nf4) with peft and the transformers Trainer.
+
+Stores the adapter (peft format) and the training log. Olive's training_args map onto
+transformers TrainingArguments (flows/config.py checks the names); Grove adjusts what
+cannot apply on the device (half precision and paged optimizers on a CPU) with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from tasks.models import load_causal_lm, model_folder, resolve_device
+from tasks.settings import TrainSettings, ModelSettings
+from tasks.stage import ArtifactRef, current_run, grove_stage, open_artifact, output_dir
+from tasks.textdata import read_jsonl
+
+log = logging.getLogger("grove.train")
+DEFAULT_ARGS = {"per_device_train_batch_size": 8, "learning_rate": 2e-4, "num_train_epochs": 1,
+                "logging_steps": 5, "lr_scheduler_type": "linear"}
+
+
+def load_base_for_training(model: ModelSettings, settings: TrainSettings, device: str):
+    folder = model_folder(model)
+    if settings.method == "lora":
+        return load_causal_lm(folder, device, model.trust_remote_code)
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if device == "cuda" else torch.float32
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=settings.quant_type,
+                               bnb_4bit_use_double_quant=settings.double_quant, bnb_4bit_compute_dtype=compute)
+    base = load_causal_lm(folder, device, model.trust_remote_code, quantization_config=quant,
+                          dtype=compute, device_map={"": device})
+    disable_cpu_bf16_4bit_path(base)
+    return base
+
+
+def disable_cpu_bf16_4bit_path(model) -> int:
+    """Keep QLoRA gradients correct on CPUs with AVX512-BF16.
+
+    After any forward pass under no_grad, bitsandbytes repacks 4-bit weights for its
+    AVX512-BF16 CPU kernel, and training then runs through gemv_4bit, which has no
+    backward: the loss still falls but LoRA gradients are wrong. Turning the fast path
+    off on every Linear4bit keeps the differentiable path. Returns how many were changed.
+    """
+    import bitsandbytes as bnb
+
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
+
+
+def add_lora(base, settings: TrainSettings):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=settings.target_modules or "all-linear", bias="none",
+                        task_type="CAUSAL_LM")
+    if settings.method == "qlora":
+        base.enable_input_require_grads()
+    return get_peft_model(base, config)
+
+
+def training_arguments(settings: TrainSettings, device: str, workdir: str, has_eval: bool):
+    from transformers import TrainingArguments
+
+    args = {**DEFAULT_ARGS, **settings.training_args}
+    if device == "cpu":
+        for flag in ("fp16", "bf16", "tf32"):
+            if args.pop(flag, False):
+                log.warning("training_args.%s: not available on the CPU; training in float32", flag)
+        if str(args.get("optim", "")).startswith("paged_"):
+            log.warning("training_args.optim=%s: paged optimizers need CUDA; using adamw_torch", args["optim"])
+            args["optim"] = "adamw_torch"
+    if not has_eval:
+        args["eval_strategy"] = "no"
+    args.update(output_dir=workdir, report_to="none", save_strategy="no", disable_tqdm=True,
+                use_cpu=device == "cpu", seed=settings.seed, data_seed=args.get("data_seed", settings.seed),
+                remove_unused_columns=False)
+    return TrainingArguments(**args)
+
+
+class _Collator:
+    """Pads a batch to its longest example; padded labels are ignored by the loss."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, batch):
+        import torch
+
+        width = max(len(e["input_ids"]) for e in batch)
+        def pad(seq, value):
+            return seq + [value] * (width - len(seq))
+        return {
+            "input_ids": torch.tensor([pad(e["input_ids"], self.pad_id) for e in batch]),
+            "labels": torch.tensor([pad(e["labels"], -100) for e in batch]),
+            "attention_mask": torch.tensor([pad(e.get("attention_mask", [1] * len(e["input_ids"])), 0)
+                                            for e in batch]),
+        }
+
+
+def _progress_callback():
+    from transformers import TrainerCallback
+
+    run = current_run()
+
+    class Progress(TrainerCallback):
+        def __init__(self):
+            self.loss = None
+            self.started = time.monotonic()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.loss = logs["loss"]
+                log.info("step %d/%d loss %.4f", state.global_step, state.max_steps, self.loss)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if run.on_progress:
+                run.on_progress("train", state.global_step, state.max_steps, {"loss": self.loss})
+
+    return Progress()
+
+
+@grove_stage("train", tags=("gpu",))
+def train(settings: TrainSettings, corpus: ArtifactRef, model: ModelSettings) -> dict:
+    """Fine-tune LoRA/QLoRA adapters on the templated corpus; stores adapter/ and train_log.json."""
+    import torch
+    from datasets import Dataset
+    from transformers import Trainer
+
+    device = resolve_device(current_run().device)
+    torch.manual_seed(settings.seed)
+    folder = open_artifact(corpus)
+    train_rows = read_jsonl(folder, "train")
+    eval_rows = read_jsonl(folder, "eval")
+    base = load_base_for_training(model, settings, device)
+    peft_model = add_lora(base, settings)
+    out = output_dir()
+    args = training_arguments(settings, device, str(out / ".trainer"),
+                              has_eval=settings.training_args.get("eval_strategy", "no") != "no")
+    pad_id = base.config.pad_token_id if base.config.pad_token_id is not None else 0
+    trainer = Trainer(model=peft_model, args=args, train_dataset=Dataset.from_list(train_rows),
+                      eval_dataset=Dataset.from_list(eval_rows) if args.eval_strategy != "no" else None,
+                      data_collator=_Collator(pad_id), callbacks=[_progress_callback()])
+    started = time.monotonic()
+    result = trainer.train()
+    seconds = time.monotonic() - started
+    peft_model.save_pretrained(out / "adapter")
+    history = trainer.state.log_history
+    (out / "train_log.json").write_text(json.dumps(history, indent=1))
+    losses = [h["loss"] for h in history if "loss" in h]
+    return {
+        "method": settings.method,
+        "device": device,
+        "steps": trainer.state.global_step,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else result.training_loss,
+        "train_loss": result.training_loss,
+        "seconds": round(seconds, 2),
+        "trainable_params": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
+    }
