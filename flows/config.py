@@ -204,7 +204,7 @@ class GroveSection(Strict):
 
 
 ENGINE_KEYS = set(Engine.model_fields)
-TOP_KEYS = {"input_model", "systems", "data_configs", "passes", "engine", "evaluators",
+TOP_KEYS = {"input_model", "systems", "data_configs", "passes", "engine", "evaluators", "$comment",
             "workflow_id", "$schema", "grove", "auto_optimizer_config", "pass_flows"}
 
 # TrainingArguments names that older transformers/Olive used and transformers 5 renamed.

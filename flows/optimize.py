@@ -21,7 +21,7 @@ from tasks.evaluate import evaluate
 from tasks.load_data import load_data
 from tasks.merge_adapters import merge_adapters
 from tasks.settings import RunConfig
-from tasks.stage import STAGES, ArtifactRef, RunContext, StageRecord, prefect_results_in, stage_run
+from tasks.stage import STAGES, ArtifactRef, RunContext, StageRecord, prefect_result_storage, stage_run
 from tasks.store import ArtifactStore
 from tasks.template_corpus import template_corpus
 from tasks.train import train
@@ -55,8 +55,9 @@ def optimize(config: str, from_stage: str | None = None) -> dict[str, Any]:
     cfg = load_config(config)
     store = ArtifactStore(cfg.artifact_root)
     store.check_writable()
-    context = RunContext(store=store, device=cfg.device, from_stage=from_stage, **observers.get())
-    with stage_run(context), prefect_results_in(store):
+    context = RunContext(store=store, device=cfg.device, from_stage=from_stage,
+                         result_storage=prefect_result_storage(store), **observers.get())
+    with stage_run(context):
         refs = pipeline(cfg)
     return publish(cfg, refs, context.records, store)
 

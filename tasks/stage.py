@@ -69,6 +69,7 @@ class RunContext:
     from_stage: str | None = None
     dry_run: bool = False
     records: list[StageRecord] = field(default_factory=list)
+    result_storage: str | None = None  # Prefect block slug; None when planning
     on_stage_start: Callable[[str], None] | None = None
     on_stage_end: Callable[[StageRecord], None] | None = None
     # progress inside a stage: (stage, done, total, details), e.g. training steps and loss
@@ -91,18 +92,19 @@ def stage_run(context: RunContext) -> Iterator[RunContext]:
         _run.reset(token)
 
 
-@contextlib.contextmanager
-def prefect_results_in(store: ArtifactStore) -> Iterator[None]:
-    """Prefect's task results (the small ArtifactRefs) live in the artifact store too.
+def prefect_result_storage(store: ArtifactStore) -> str:
+    """A saved Prefect storage block under the artifact root, for the small task results.
 
-    Then a cache hit needs only the store: a fresh Prefect database still hits.
+    Then a cache hit needs only the store: a fresh Prefect database still hits. Prefect
+    accepts only saved blocks as task result storage, so one is saved per artifact root.
     """
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.filesystems import LocalFileSystem
 
     if not store.is_local:
         raise NotImplementedError("Prefect results in remote stores come with s3:// support")
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: store.results_path}):
-        yield
+    name = "grove-results-" + hashlib.sha256(store.results_path.encode()).hexdigest()[:16]
+    LocalFileSystem(basepath=store.results_path).save(name, overwrite=True)
+    return f"local-file-system/{name}"
 
 
 def current_run() -> RunContext:
@@ -222,7 +224,10 @@ def grove_stage(name: str, retries: int = 0, retry_delay_seconds: float = 10, ta
             if run.on_stage_start:
                 run.on_stage_start(name)
             started = time.monotonic()
-            state = prefect_task.with_options(refresh_cache=entry is None)(*args, return_state=True, **kwargs)
+            options = {"refresh_cache": entry is None}
+            if run.result_storage:
+                options["result_storage"] = run.result_storage
+            state = prefect_task.with_options(**options)(*args, return_state=True, **kwargs)
             ref: ArtifactRef = state.result()
             cached = state.name == "Cached" or ref.summary.get("_reused", False)
             ref = ref.model_copy(update={"summary": {k: v for k, v in ref.summary.items() if k != "_reused"}})

@@ -132,7 +132,7 @@ def train(settings: TrainSettings, corpus: ArtifactRef, model: ModelSettings) ->
     """Fine-tune LoRA/QLoRA adapters on the templated corpus; stores adapter/ and train_log.json."""
     import torch
     from datasets import Dataset
-    from transformers import Trainer
+    from transformers import PrinterCallback, Trainer
 
     device = resolve_device(current_run().device)
     torch.manual_seed(settings.seed)
@@ -148,6 +148,7 @@ def train(settings: TrainSettings, corpus: ArtifactRef, model: ModelSettings) ->
     trainer = Trainer(model=peft_model, args=args, train_dataset=Dataset.from_list(train_rows),
                       eval_dataset=Dataset.from_list(eval_rows) if args.eval_strategy != "no" else None,
                       data_collator=_Collator(pad_id), callbacks=[_progress_callback()])
+    trainer.remove_callback(PrinterCallback)  # progress goes through Grove's callback, not print()
     started = time.monotonic()
     result = trainer.train()
     seconds = time.monotonic() - started

@@ -1,0 +1,149 @@
+"""Shared fixtures: a real Prefect server, tiny models, tiny Olive configs.
+
+The Prefect API is real (`prefect server start` on 127.0.0.1 with a fresh SQLite
+database, stopped by its pid). Models are tiny random ones made here, except in the
+one end-to-end test that runs the bundled SmolLM2 (tests/test_bundled_model.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TONE_DATA = ROOT / "configs" / "data" / "tone.jsonl"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def grove_home(tmp_path_factory):
+    """Converted models and digests go to a per-session GROVE_HOME, except the bundled model's
+    conversion, which is shared through GROVE_TEST_MODELS when set (it takes ~40 s)."""
+    home = tmp_path_factory.mktemp("grove-home")
+    shared = os.environ.get("GROVE_TEST_MODELS")
+    if shared:
+        Path(shared).mkdir(parents=True, exist_ok=True)
+        (home / "models").symlink_to(shared)
+    os.environ["GROVE_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_api(tmp_path_factory):
+    """A real Prefect server for the whole session (one flow run costs ~1 s against it)."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "false"}
+    log = open(home / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        server.kill()
+        raise RuntimeError(f"Prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
+    os.environ["PREFECT_API_URL"] = url
+    os.environ["PREFECT_HOME"] = str(home)
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: url, PREFECT_HOME: str(home)}):
+        yield url
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from tasks.models import make_tiny_model
+
+    corpus = [f"### Text: {json.loads(line)['phrase']}\n### The tone is:\n{json.loads(line)['tone']}"
+              for line in TONE_DATA.read_text().splitlines()]
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", "llama", corpus)
+
+
+@pytest.fixture(scope="session")
+def tiny_phi3(tmp_path_factory) -> Path:
+    from tasks.models import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "phi3", "phi3")
+
+
+def tiny_config(model: Path, data: Path, store: Path, output: Path, rows: int | None = 60,
+                precision: str = "int4") -> dict:
+    """A small Olive config (new dialect) on a tiny model: every stage in seconds."""
+    pre = {"dataset_type": "corpus", "text_cols": ["phrase", "tone"],
+           "text_template": "### Text: {phrase}\n### The tone is:\n{tone}",
+           "corpus_strategy": "line-by-line", "source_max_len": 64, "pad_to_max_len": False}
+    if rows:
+        pre["max_samples"] = rows
+    return {
+        "input_model": {"type": "HfModel", "model_path": str(model)},
+        "systems": {"local_system": {"type": "LocalSystem",
+                                     "accelerators": [{"device": "cpu",
+                                                       "execution_providers": ["CPUExecutionProvider"]}]}},
+        "data_configs": [{"name": "tone", "type": "HuggingfaceContainer",
+                          "load_dataset_config": {"params": {"data_name": "json", "data_files": str(data),
+                                                             "split": "train"}},
+                          "pre_process_data_config": {"params": pre}}],
+        "passes": {
+            "lora": {"type": "LoRA", "config": {"lora_r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+                                                "train_data_config": "tone",
+                                                "training_args": {"seed": 0, "per_device_train_batch_size": 8,
+                                                                  "max_steps": 3, "learning_rate": 1e-3,
+                                                                  "logging_steps": 1}}},
+            "merge": {"type": "MergeAdapterWeights"},
+            "builder": {"type": "ModelBuilder", "config": {"precision": precision}},
+        },
+        "engine": {"cache_dir": str(store), "output_dir": str(output)},
+        "grove": {"name": "tiny", "evaluate": {"max_new_tokens": 3, "max_rows": 8},
+                  "benchmark": {"prompts": 1, "max_new_tokens": 4, "warmup": 0, "repeats": 1}},
+    }
+
+
+@pytest.fixture
+def tone_copy(tmp_path) -> Path:
+    target = tmp_path / "tone.jsonl"
+    shutil.copyfile(TONE_DATA, target)
+    return target
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    def write(raw: dict, name: str = "run.json") -> Path:
+        path = tmp_path / name
+        path.write_text(json.dumps(raw, indent=1))
+        return path
+
+    return write
