@@ -1,0 +1,102 @@
+"""The whole flow on a tiny model, through the `grove` command, against a real Prefect server.
+
+Cache behaviour: an unchanged rerun runs nothing; changing only ModelBuilder's precision
+reruns only build_onnx and benchmark; --from-stage reruns from that stage; editing one
+byte of the dataset reruns everything.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import tiny_config
+from flows.cli import app
+
+runner = CliRunner()
+
+
+def grove(*args: str) -> str:
+    result = runner.invoke(app, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def statuses(output_dir) -> dict[str, str]:
+    report = json.loads((output_dir / "tiny" / "report.json").read_text())
+    return {s["stage"]: s["status"] for s in report["stages"]}
+
+
+ALL = ["load_data", "template_corpus", "train", "evaluate", "merge_adapters", "build_onnx", "benchmark"]
+
+
+@pytest.fixture
+def setup(tiny_model, tone_copy, tmp_path, write_config):
+    raw = tiny_config(tiny_model, tone_copy, tmp_path / "store", tmp_path / "out")
+    return raw, write_config(raw), tmp_path / "out"
+
+
+def test_full_flow_then_cache_hits_and_targeted_reruns(setup, write_config, tone_copy):
+    raw, config, out = setup
+
+    output = grove("run", "--config", str(config))
+    assert statuses(out) == dict.fromkeys(ALL, "ran")
+    model = out / "tiny" / "model"
+    assert (model / "genai_config.json").is_file() and list(model.glob("*.onnx"))
+    report = json.loads((out / "tiny" / "report.json").read_text())
+    summaries = {s["stage"]: s["summary"] for s in report["stages"]}
+    assert summaries["load_data"]["duplicates_removed"] >= 0
+    assert summaries["train"]["steps"] == 3
+    assert set(summaries["evaluate"]) == {"base", "fine_tuned"}
+    assert summaries["build_onnx"]["accuracy"] is not None
+    assert summaries["benchmark"]["onnx"]["decode_tokens_per_s"] > 0
+    assert "final model:" in output and "Grove run finished" in output
+
+    grove("run", "--config", str(config))
+    assert statuses(out) == dict.fromkeys(ALL, "cached")
+    plan = grove("stages", "--config", str(config))
+    assert plan.count("hit") == 7
+
+    raw["passes"]["builder"]["config"]["precision"] = "int8"
+    write_config(raw)
+    grove("run", "--config", str(config))
+    assert statuses(out) == {**dict.fromkeys(ALL, "cached"), "build_onnx": "ran", "benchmark": "ran"}
+
+    grove("run", "--config", str(config), "--from-stage", "merge_adapters")
+    assert statuses(out) == {**dict.fromkeys(ALL[:4], "cached"), **dict.fromkeys(ALL[4:], "ran")}
+
+    lines = tone_copy.read_text().splitlines()
+    first = json.loads(lines[0])
+    first["phrase"] = "X" + first["phrase"][1:]  # one byte
+    tone_copy.write_text("\n".join([json.dumps(first)] + lines[1:]) + "\n")
+    plan = grove("stages", "--config", str(config))
+    assert "hit" not in plan and "no stored entry" in plan
+    grove("run", "--config", str(config))
+    assert statuses(out) == dict.fromkeys(ALL, "ran")
+
+
+def test_passes_decide_which_stages_run(setup, write_config):
+    raw, config, out = setup
+    del raw["passes"]["lora"], raw["passes"]["merge"]
+    write_config(raw)
+    grove("run", "--config", str(config))
+    assert list(statuses(out)) == ["load_data", "template_corpus", "evaluate", "build_onnx", "benchmark"]
+
+
+def test_unknown_from_stage_lists_the_stages(setup):
+    _, config, _ = setup
+    result = runner.invoke(app, ["run", "--config", str(config), "--from-stage", "build"])
+    assert result.exit_code == 2
+    assert "unknown stage 'build'" in result.output and "build_onnx" in result.output
+
+
+def test_bad_config_fails_before_any_work(setup, write_config, tmp_path):
+    raw, config, out = setup
+    raw["passes"]["lora"]["config"]["lora_alpah"] = 4
+    write_config(raw)
+    result = runner.invoke(app, ["run", "--config", str(config)])
+    assert result.exit_code == 2
+    assert "passes.lora.config.lora_alpah" in result.output and "lora_alpha" in result.output
+    assert not (tmp_path / "store").exists()

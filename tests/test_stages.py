@@ -1,0 +1,82 @@
+"""Stage logic on small inputs: dedupe and split before packing, Olive's join, completion-only loss."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import TONE_DATA
+from tasks.load_data import dedupe, split_rows
+from tasks.models import load_tokenizer
+from tasks.settings import CorpusSettings
+from tasks.template_corpus import IGNORE, examples, join_blocks, line_examples
+from tasks.textdata import first_line, prompt_and_answer
+
+TEMPLATE = "### Text: {phrase}\n### The tone is:\n{tone}"
+
+
+def rows():
+    return [json.loads(line) for line in TONE_DATA.read_text().splitlines()]
+
+
+def test_duplicates_are_dropped_and_counted():
+    data = rows()
+    unique, removed = dedupe(data, ["phrase", "tone"])
+    assert removed == len(data) - len({(r["phrase"], r["tone"]) for r in data}) > 0
+    assert len({(r["phrase"], r["tone"]) for r in unique}) == len(unique)
+
+
+def test_split_is_seeded_disjoint_and_sized():
+    unique, _ = dedupe(rows(), ["phrase", "tone"])
+    train, held_out = split_rows(unique, 0.3, seed=7)
+    again, _ = split_rows(unique, 0.3, seed=7)
+    other, _ = split_rows(unique, 0.3, seed=8)
+    assert train == again and train != other
+    assert len(held_out) == round(len(unique) * 0.3)
+    assert not {r["phrase"] for r in train} & {r["phrase"] for r in held_out}, "eval text leaked into training"
+    assert len(split_rows(unique, 25, seed=7)[1]) == 25  # a whole number means rows
+
+
+def corpus(**overrides) -> CorpusSettings:
+    return CorpusSettings(**{"text_template": TEMPLATE, "text_cols": ["phrase", "tone"], "label_col": "tone",
+                             "corpus_strategy": "join", "source_max_len": 32, **overrides})
+
+
+def test_join_concatenates_bos_text_eos_and_drops_the_tail(tiny_model):
+    tokenizer = load_tokenizer(tiny_model)
+    sample = rows()[:20]
+    pairs = examples(sample, corpus(), tokenizer)
+    for ids, _ in pairs:
+        assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    stream = [t for ids, _ in pairs for t in ids]
+    blocks = join_blocks(pairs, 32)
+    assert len(blocks) == len(stream) // 32
+    assert all(len(b["input_ids"]) == 32 for b in blocks)
+    assert [t for b in blocks for t in b["input_ids"]] == stream[: len(blocks) * 32]
+
+
+def test_line_by_line_pads_only_when_asked(tiny_model):
+    tokenizer = load_tokenizer(tiny_model)
+    pairs = examples(rows()[:5], corpus(corpus_strategy="line-by-line"), tokenizer)
+    padded = line_examples(pairs, 64, True, tokenizer.pad_token_id)
+    assert all(len(e["input_ids"]) == 64 for e in padded)
+    assert all(e["labels"][len(p[0]):] == [IGNORE] * (64 - len(p[0])) for e, p in zip(padded, pairs))
+    unpadded = line_examples(pairs, 64, False, tokenizer.pad_token_id)
+    assert [len(e["input_ids"]) for e in unpadded] == [len(p[0]) for p in pairs]
+
+
+def test_completion_only_loss_masks_the_prompt_and_keeps_the_answer(tiny_model):
+    tokenizer = load_tokenizer(tiny_model)
+    row = rows()[0]
+    (ids, labels), = examples([row], corpus(completion_only_loss=True), tokenizer)
+    (_, full_labels), = examples([row], corpus(completion_only_loss=False), tokenizer)
+    assert full_labels == ids, "Olive's default: loss on every token"
+    learned = [t for t in labels if t != IGNORE]
+    answer = tokenizer(row["tone"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert learned == answer
+    assert labels[: len(ids) - len(answer)] == [IGNORE] * (len(ids) - len(answer))
+
+
+def test_prompt_is_the_template_up_to_the_label():
+    prompt, answer = prompt_and_answer(TEMPLATE, "tone", {"phrase": "I won!", "tone": "joy"})
+    assert prompt == "### Text: I won!\n### The tone is:\n" and answer == "joy"
+    assert first_line(" joy\n### Text: more") == "joy"
