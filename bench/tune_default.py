@@ -32,13 +32,14 @@ from tasks.train import train  # noqa: E402
 # name -> (pre_process overrides, lora config overrides, training_args overrides, grove overrides)
 VARIANTS = {
     "olive-faithful": ({"corpus_strategy": "join", "source_max_len": 1024}, {"lora_r": 64, "lora_alpha": 16},
-                       {"learning_rate": 2e-4, "num_train_epochs": 3}, {"completion_only_loss": False}),
+                       {"learning_rate": 2e-4, "num_train_epochs": 3}, {"completion_only_loss": False,
+                                                                         "lora_top_layers": None}),
     "default": ({}, {}, {}, {}),
+    "all-layers-3-epochs": ({}, {}, {"num_train_epochs": 3, "learning_rate": 3e-4}, {"lora_top_layers": None}),
     "no-completion-only": ({}, {}, {}, {"completion_only_loss": False}),
     "join-completion-only": ({"corpus_strategy": "join", "source_max_len": 256}, {}, {}, {}),
-    "lr1e-3": ({}, {}, {"learning_rate": 1e-3}, {}),
-    "2-epochs": ({}, {}, {"num_train_epochs": 2}, {}),
-    "r8": ({}, {"lora_r": 8, "lora_alpha": 16}, {}, {}),
+    "lr3e-4": ({}, {}, {"learning_rate": 3e-4}, {}),
+    "1-epoch": ({}, {}, {"num_train_epochs": 1}, {}),
 }
 
 

@@ -105,6 +105,7 @@ def run(config: Path = CONFIG, from_stage: Optional[str] = FROM_STAGE) -> None:
                         TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), TextColumn("eta"),
                         TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console)
     bars: dict[str, int] = {}
+    finished: set[str] = set()
 
     def start(stage: str) -> None:
         bars[stage] = progress.add_task(stage, total=None, info="")
@@ -115,6 +116,7 @@ def run(config: Path = CONFIG, from_stage: Optional[str] = FROM_STAGE) -> None:
         progress.update(bars[stage], completed=done, total=total, info=detail)
 
     def end(record) -> None:
+        finished.add(record.stage)
         total = progress.tasks[bars[record.stage]].total or 1
         progress.update(bars[record.stage], completed=total, total=total,
                         info=f"[green]{record.status}[/] {key_result(record.stage, record.ref.summary)}")
@@ -126,6 +128,11 @@ def run(config: Path = CONFIG, from_stage: Optional[str] = FROM_STAGE) -> None:
             result = optimize(str(config), from_stage)
     except (ConfigError, StoreError) as exc:
         _fail(exc)
+    except Exception as exc:  # noqa: BLE001 - a failed stage: say which, keep the stored ones
+        failed = next((s for s in reversed(bars) if s not in finished), "?")
+        console.print(f"[bold red]error:[/] stage {failed} failed: {exc}", highlight=False)
+        console.print("stages that finished are stored; run again to resume from the failed stage")
+        raise typer.Exit(1) from exc
     finally:
         observers.reset(token)
     table = Table(title=f"Grove run finished in {time.monotonic() - started:.1f}s")

@@ -198,6 +198,7 @@ class GroveSection(Strict):
     artifact_root: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     completion_only_loss: bool = False
+    lora_top_layers: int | None = Field(None, gt=0)
     seed: int = 42
     evaluate: GroveEval = Field(default_factory=GroveEval)
     benchmark: GroveBenchmark = Field(default_factory=GroveBenchmark)
@@ -527,6 +528,7 @@ def _train_settings(kind, cfg, where, data_configs, grove: GroveSection):
         quant_type=spec.quant_type,
         training_args=training_args,
         seed=int(training_args.get("seed", grove.seed)),
+        top_layers=grove.lora_top_layers,
     )
     return train, data_configs[train_name], eval_data, eval_size
 

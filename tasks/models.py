@@ -176,7 +176,8 @@ def load_causal_lm(folder: Path, device: str, trust_remote_code: bool = False, *
 
 
 # ---- tiny models for tests ----------------------------------------------------------------------
-def make_tiny_model(folder: Path, arch: str = "llama", corpus: list[str] | None = None, seed: int = 0) -> Path:
+def make_tiny_model(folder: Path, arch: str = "llama", corpus: list[str] | None = None, seed: int = 0,
+                    tie_embeddings: bool = False) -> Path:
     """A random 2-layer model with a locally trained BPE tokenizer and a chat template.
 
     Accuracy is chance: for plumbing tests, not quality.
@@ -204,7 +205,7 @@ def make_tiny_model(folder: Path, arch: str = "llama", corpus: list[str] | None 
     common = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+                  pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=tie_embeddings)
     if arch == "phi3":
         model = Phi3ForCausalLM(Phi3Config(**common))
     elif arch == "llama":

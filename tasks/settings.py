@@ -60,6 +60,7 @@ class TrainSettings(Frozen):
     quant_type: Literal["nf4", "fp4"] = "nf4"
     training_args: dict[str, Any] = {}
     seed: int = 42
+    top_layers: int | None = None  # LoRA only in the top N decoder layers (Grove option)
 
 
 class EvalSettings(Frozen):

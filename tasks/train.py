@@ -58,9 +58,15 @@ def disable_cpu_bf16_4bit_path(model) -> int:
 def add_lora(base, settings: TrainSettings):
     from peft import LoraConfig, get_peft_model
 
+    layers = None
+    if settings.top_layers:
+        # Backward stops at the lowest layer with LoRA: adapting only the top layers cuts
+        # the cost of a step roughly in half on a CPU (measured on SmolLM2: 2.6 s -> 1.5 s).
+        total = base.config.num_hidden_layers
+        layers = list(range(max(total - settings.top_layers, 0), total))
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=settings.target_modules or "all-linear", bias="none",
-                        task_type="CAUSAL_LM")
+                        task_type="CAUSAL_LM", layers_to_transform=layers)
     if settings.method == "qlora":
         base.enable_input_require_grads()
     return get_peft_model(base, config)

@@ -8,6 +8,7 @@ byte of the dataset reruns everything.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -57,7 +58,7 @@ def test_full_flow_then_cache_hits_and_targeted_reruns(setup, write_config, tone
     grove("run", "--config", str(config))
     assert statuses(out) == dict.fromkeys(ALL, "cached")
     plan = grove("stages", "--config", str(config))
-    assert plan.count("hit") == 7
+    assert len(re.findall(r"│ hit\s+│", plan)) == 7
 
     raw["passes"]["builder"]["config"]["precision"] = "int8"
     write_config(raw)
@@ -72,7 +73,7 @@ def test_full_flow_then_cache_hits_and_targeted_reruns(setup, write_config, tone
     first["phrase"] = "X" + first["phrase"][1:]  # one byte
     tone_copy.write_text("\n".join([json.dumps(first)] + lines[1:]) + "\n")
     plan = grove("stages", "--config", str(config))
-    assert "hit" not in plan and "no stored entry" in plan
+    assert not re.findall(r"│ hit\s+│", plan) and "no stored entry" in plan
     grove("run", "--config", str(config))
     assert statuses(out) == dict.fromkeys(ALL, "ran")
 
@@ -100,3 +101,20 @@ def test_bad_config_fails_before_any_work(setup, write_config, tmp_path):
     assert result.exit_code == 2
     assert "passes.lora.config.lora_alpah" in result.output and "lora_alpha" in result.output
     assert not (tmp_path / "store").exists()
+
+
+def test_a_build_that_does_not_load_fails_the_stage_and_stores_nothing(tmp_path, tone_copy, write_config):
+    """The real builder trap: int8 LM head on a tied-embedding model exits cleanly but writes
+    a model that onnxruntime-genai cannot load. Grove must fail build_onnx, never store it."""
+    from tasks.models import make_tiny_model
+
+    tied = make_tiny_model(tmp_path / "tied", "llama", tie_embeddings=True)
+    raw = tiny_config(tied, tone_copy, tmp_path / "store", tmp_path / "out")
+    raw["passes"]["builder"]["config"]["extra_options"] = {"matmul_mixed_precision": "last_matmul:int8"}
+    config = write_config(raw)
+    result = runner.invoke(app, ["run", "--config", str(config)])
+    assert result.exit_code == 1
+    assert "stage build_onnx failed" in result.output and "does not load or generate" in result.output
+    assert list((tmp_path / "store" / "entries" / "merge_adapters").glob("*/MANIFEST.json"))
+    assert not (tmp_path / "store" / "entries" / "build_onnx").exists() or \
+        not list((tmp_path / "store" / "entries" / "build_onnx").glob("*/MANIFEST.json"))
