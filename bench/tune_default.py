@@ -35,11 +35,15 @@ VARIANTS = {
                        {"learning_rate": 2e-4, "num_train_epochs": 3}, {"completion_only_loss": False,
                                                                          "lora_top_layers": None}),
     "default": ({}, {}, {}, {}),
-    "all-layers-3-epochs": ({}, {}, {"num_train_epochs": 3, "learning_rate": 3e-4}, {"lora_top_layers": None}),
+    "all-layers-3-epochs-lr3e-4": ({}, {}, {"num_train_epochs": 3, "learning_rate": 3e-4},
+                                   {"lora_top_layers": None}),
     "no-completion-only": ({}, {}, {}, {"completion_only_loss": False}),
     "join-completion-only": ({"corpus_strategy": "join", "source_max_len": 256}, {}, {}, {}),
     "lr3e-4": ({}, {}, {"learning_rate": 3e-4}, {}),
     "1-epoch": ({}, {}, {"num_train_epochs": 1}, {}),
+    "all-layers-2-epochs-lr5e-4": ({}, {}, {}, {"lora_top_layers": None}),
+    "top10-2-epochs": ({}, {}, {}, {"lora_top_layers": 10}),
+    "top15-3-epochs": ({}, {}, {"num_train_epochs": 3, "learning_rate": 3e-4}, {"lora_top_layers": 15}),
 }
 
 

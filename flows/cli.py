@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import time
@@ -23,9 +22,16 @@ FROM_STAGE = typer.Option(None, "--from-stage", help="Reuse stages before this o
 
 
 def _quiet_libraries() -> None:
-    """Keep the terminal to Grove's progress; Prefect still records everything for the UI."""
+    """Keep the terminal to Grove's progress; Prefect still records everything for the UI.
+
+    Environment variables rather than library calls: importing transformers here would
+    cost seconds on every run, cached reruns included.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight-loading bars
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     # A temporary Prefect server starts in ~5-11 s, slower on a busy 2-core machine: wait longer
     # than Prefect's default 20 s before giving up.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -33,14 +39,26 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_FLOW_RUNS_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_TASK_RUNS_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
+    _skip_tls_setup_for_plain_http()
+
+
+def _skip_tls_setup_for_plain_http() -> None:
+    """Prefect builds a TLS context (loading the whole CA bundle) for every API client it
+    creates, several per task run: ~1 s per cached stage here. Against a plain-http API
+    (a local server, or the temporary one Prefect starts) no TLS is ever used, so skip it."""
+    if "PREFECT_API_TLS_INSECURE_SKIP_VERIFY" in os.environ:
+        return
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    if url is None or url.startswith("http://"):
+        os.environ["PREFECT_API_TLS_INSECURE_SKIP_VERIFY"] = "true"
+
+
+@app.callback()
+def _setup() -> None:
+    _quiet_libraries()
 
 
 def _fail(error: Exception) -> None:
@@ -90,7 +108,6 @@ def stages(config: Path = CONFIG, from_stage: Optional[str] = FROM_STAGE) -> Non
 @app.command()
 def run(config: Path = CONFIG, from_stage: Optional[str] = FROM_STAGE) -> None:
     """Run the recipe: seven cached stages, progress per stage, then a summary table."""
-    _quiet_libraries()
     from flows.config import ConfigError, load_config
     from flows.optimize import check_from_stage, observers, optimize
     from flows.report import key_result

@@ -48,7 +48,7 @@ def check_from_stage(from_stage: str | None) -> None:
         raise ConfigError("from_stage", f"unknown stage {from_stage!r}; stages are: {', '.join(STAGES)}")
 
 
-@flow(name="grove-optimize", log_prints=True)
+@flow(name="grove-optimize")
 def optimize(config: str, from_stage: str | None = None) -> dict[str, Any]:
     """Run an Olive run config (JSON/YAML path) as Grove's seven cached stages."""
     check_from_stage(from_stage)

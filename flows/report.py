@@ -96,6 +96,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         for label in labels:
             cells = [f"{(table or {}).get(label, {}).get('accuracy', '-')}" for table in per_model.values()]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    bench = next((s["summary"] for s in report["stages"] if s["stage"] == "benchmark"), {})
+    engines = {name: m for name, m in bench.items() if isinstance(m, dict)}
+    if engines:
+        columns = ("latency_ms", "time_to_first_token_ms", "decode_tokens_per_s", "peak_rss_mb", "size_mb")
+        lines += ["", "## Benchmark (medians)", "", "| engine | " + " | ".join(columns) + " |",
+                  "|---|" + "---|" * len(columns)]
+        for name, metrics in engines.items():
+            lines.append(f"| {name} | " + " | ".join(str(metrics.get(c, "-")) for c in columns) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -11,18 +11,19 @@ import math
 
 from tasks.engines import HfEngine, eos_ids_of
 from tasks.models import load_causal_lm, load_tokenizer, model_folder, resolve_device
-from tasks.scoring import task_accuracy
+from tasks.scoring import prompts_and_labels, task_accuracy
 from tasks.settings import EvalSettings, ModelSettings
 from tasks.stage import ArtifactRef, current_run, grove_stage, open_artifact, output_dir
-from tasks.textdata import read_jsonl
+from tasks.textdata import first_line, read_jsonl
 
 
-def eval_loss(model, examples: list[dict], batch_size: int) -> float | None:
-    """Token-weighted mean loss over the eval examples (labels as in the training corpus)."""
+def forward_pass(model, examples: list[dict], batch_size: int) -> tuple[float | None, list[list[int]]]:
+    """Token-weighted mean loss over the eval examples (labels as in the training corpus), and
+    the greedy (argmax) next-token prediction at every position of every example."""
     import torch
 
     device = next(model.parameters()).device
-    total_loss, total_tokens = 0.0, 0
+    total_loss, total_tokens, argmax = 0.0, 0, []
     for start in range(0, len(examples), batch_size):
         batch = examples[start: start + batch_size]
         width = max(len(e["input_ids"]) for e in batch)
@@ -37,20 +38,43 @@ def eval_loss(model, examples: list[dict], batch_size: int) -> float | None:
                                                    ignore_index=-100, reduction="sum")
         total_loss += losses.item()
         total_tokens += int((shifted != -100).sum())
-    return total_loss / total_tokens if total_tokens else None
+        argmax += [row[: len(e["input_ids"])].tolist() for row, e in zip(logits.argmax(-1), batch)]
+    return (total_loss / total_tokens if total_tokens else None), argmax
+
+
+def proven_by_forward_pass(rows, examples, argmax, prompts, labels, tokenizer, eos_ids) -> dict[int, str]:
+    """Rows whose greedy answer the forward pass already proves correct.
+
+    If the argmax after the prompt reproduces every answer token and then eos, greedy
+    generation would emit exactly the label and stop: no need to generate it again.
+    Every other row is generated for real.
+    """
+    proven = {}
+    for index, (example, prompt, label) in enumerate(zip(examples, prompts, labels)):
+        ids, n = example["input_ids"], len(prompt)
+        if ids[:n] != prompt or not ids or ids[-1] not in eos_ids:
+            continue
+        if argmax[index][n - 1: len(ids) - 1] == ids[n:] and \
+                first_line(tokenizer.decode(ids[n:-1], skip_special_tokens=True)) == label:
+            proven[index] = label
+    return proven
 
 
 def measure(model, tokenizer, rows, examples, settings: EvalSettings, label: str) -> dict:
-    loss = eval_loss(model, examples, settings.batch_size)
+    loss, argmax = forward_pass(model, examples, settings.batch_size)
     result = {"eval_loss": round(loss, 4) if loss is not None else None,
               "perplexity": round(math.exp(loss), 3) if loss is not None and loss < 50 else None}
     if settings.label_col:
-        engine = HfEngine(model, tokenizer.pad_token_id, eos_ids_of(tokenizer, model.config))
+        eos_ids = eos_ids_of(tokenizer, model.config)
+        engine = HfEngine(model, tokenizer.pad_token_id, eos_ids)
+        prompts, labels = prompts_and_labels(rows, settings.text_template, settings.label_col, tokenizer)
+        proven = proven_by_forward_pass(rows, examples, argmax, prompts, labels, tokenizer, eos_ids)
         run = current_run()
         progress = (lambda done, total: run.on_progress("evaluate", done, total, {"model": label})) \
             if run.on_progress else None
         result.update(task_accuracy(engine, tokenizer, rows, settings.text_template, settings.label_col,
-                                    settings.max_new_tokens, settings.batch_size, progress))
+                                    settings.max_new_tokens, settings.batch_size, progress, known=proven))
+        result["rows_proven_by_forward_pass"] = len(proven)
     return result
 
 

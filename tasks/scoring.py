@@ -23,16 +23,24 @@ def prompts_and_labels(rows: list[dict], template: str, label_col: str, tokenize
 
 
 def task_accuracy(engine, tokenizer, rows: list[dict], template: str, label_col: str,
-                  max_new_tokens: int, batch_size: int, progress=None) -> dict[str, Any]:
-    """Accuracy overall and per label, plus a few predictions to look at."""
+                  max_new_tokens: int, batch_size: int, progress=None,
+                  known: dict[int, str] | None = None) -> dict[str, Any]:
+    """Accuracy overall and per label, plus a few predictions to look at.
+
+    `known` maps row indexes to answers already established (see evaluate's forward-pass
+    proof); every other row is generated greedily.
+    """
     prompts, labels = prompts_and_labels(rows, template, label_col, tokenizer)
-    predictions: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        batch = engine.generate_batch(prompts[start: start + batch_size], max_new_tokens)
-        predictions += [first_line(tokenizer.decode(t, skip_special_tokens=True)) for t in batch]
+    predictions: dict[int, str] = dict(known or {})
+    todo = [i for i in range(len(prompts)) if i not in predictions]
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start: start + batch_size]
+        batch = engine.generate_batch([prompts[i] for i in chunk], max_new_tokens)
+        for index, tokens in zip(chunk, batch):
+            predictions[index] = first_line(tokenizer.decode(tokens, skip_special_tokens=True))
         if progress:
-            progress(min(start + batch_size, len(prompts)), len(prompts))
-    return summarize(predictions, labels)
+            progress(len(predictions), len(prompts))
+    return summarize([predictions[i] for i in range(len(prompts))], labels)
 
 
 def summarize(predictions: list[str], labels: list[str]) -> dict[str, Any]:

@@ -184,8 +184,8 @@ def grove_stage(name: str, retries: int = 0, retry_delay_seconds: float = 10, ta
             if not run.forced(name):
                 entry = run.store.lookup(name, key)
                 if entry is not None:  # stored already (e.g. by a run with another Prefect database)
-                    return _ref(entry, run.store).model_copy(update={"summary": {**_ref(entry, run.store).summary,
-                                                                                   "_reused": True}})
+                    ref = _ref(entry, run.store)
+                    return ref.model_copy(update={"summary": {**ref.summary, "_reused": True}})
             out = Path(tempfile.mkdtemp(prefix=f"grove-{name}-"))
             token = _output.set(out)
             try:

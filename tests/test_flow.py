@@ -118,3 +118,18 @@ def test_a_build_that_does_not_load_fails_the_stage_and_stores_nothing(tmp_path,
     assert list((tmp_path / "store" / "entries" / "merge_adapters").glob("*/MANIFEST.json"))
     assert not (tmp_path / "store" / "entries" / "build_onnx").exists() or \
         not list((tmp_path / "store" / "entries" / "build_onnx").glob("*/MANIFEST.json"))
+
+
+def test_qlora_pass_trains_merges_into_the_unquantized_base_and_builds(setup, write_config):
+    raw, config, out = setup
+    lora = raw["passes"].pop("lora")
+    raw["passes"] = {"qlora": {**lora, "type": "QLoRA"}, **raw["passes"]}
+    raw["passes"]["qlora"]["config"].update(double_quant=True, quant_type="nf4")
+    write_config(raw)
+    grove("run", "--config", str(config))
+    report = json.loads((out / "tiny" / "report.json").read_text())
+    summaries = {s["stage"]: s["summary"] for s in report["stages"]}
+    assert summaries["train"]["method"] == "qlora" and summaries["train"]["steps"] == 3
+    merged = json.loads((out / "tiny" / "model" / "genai_config.json").read_text())
+    assert merged["model"]["type"] == "llama"
+    assert summaries["build_onnx"]["precision"] == "int4"

@@ -80,3 +80,40 @@ def test_prompt_is_the_template_up_to_the_label():
     prompt, answer = prompt_and_answer(TEMPLATE, "tone", {"phrase": "I won!", "tone": "joy"})
     assert prompt == "### Text: I won!\n### The tone is:\n" and answer == "joy"
     assert first_line(" joy\n### Text: more") == "joy"
+
+
+def test_forward_pass_argmax_is_what_greedy_generation_emits_first(tiny_model):
+    """The forward-pass proof of a correct answer relies on this alignment."""
+    from tasks.engines import HfEngine, eos_ids_of
+    from tasks.evaluate import forward_pass
+    from tasks.models import load_causal_lm
+    from tasks.scoring import prompts_and_labels
+
+    tokenizer = load_tokenizer(tiny_model)
+    model = load_causal_lm(tiny_model, "cpu").eval()
+    sample = rows()[:6]
+    prompts, _ = prompts_and_labels(sample, TEMPLATE, "tone", tokenizer)
+    pairs = examples(sample, corpus(corpus_strategy="line-by-line"), tokenizer)
+    _, argmax = forward_pass(model, line_examples(pairs, 64, False, tokenizer.pad_token_id), 4)
+    engine = HfEngine(model, tokenizer.pad_token_id, set())
+    for prompt, predicted in zip(prompts, argmax):
+        first = engine.generate_batch([prompt], 1)[0][0]
+        assert predicted[len(prompt) - 1] == first
+
+
+def test_forward_pass_proof_accepts_only_exact_answers_followed_by_eos(tiny_model):
+    from tasks.evaluate import proven_by_forward_pass
+    from tasks.scoring import prompts_and_labels
+
+    tokenizer = load_tokenizer(tiny_model)
+    sample = rows()[:3]
+    prompts, labels = prompts_and_labels(sample, TEMPLATE, "tone", tokenizer)
+    pairs = examples(sample, corpus(corpus_strategy="line-by-line"), tokenizer)
+    exact = [ids[1:] + [0] for ids, _ in pairs]  # argmax at position t = token t+1: the gold answer
+    wrong = [list(a) for a in exact]
+    wrong[1][len(prompts[1]) - 1] = (wrong[1][len(prompts[1]) - 1] + 1) % 300  # first answer token differs
+    eos = {tokenizer.eos_token_id}
+    examples_ = [{"input_ids": ids} for ids, _ in pairs]
+    assert proven_by_forward_pass(sample, examples_, exact, prompts, labels, tokenizer, eos) == \
+        {0: labels[0], 1: labels[1], 2: labels[2]}
+    assert set(proven_by_forward_pass(sample, examples_, wrong, prompts, labels, tokenizer, eos)) == {0, 2}

