@@ -111,6 +111,7 @@ def run(config: Path = CONFIG, from_stage: Optional[str] = FROM_STAGE) -> None:
     from flows.config import ConfigError, load_config
     from flows.optimize import check_from_stage, observers, optimize
     from flows.report import key_result
+    from tasks.stage import MissingStageError
     from tasks.store import StoreError
 
     try:
@@ -143,7 +144,7 @@ def run(config: Path = CONFIG, from_stage: Optional[str] = FROM_STAGE) -> None:
     try:
         with progress:
             result = optimize(str(config), from_stage)
-    except (ConfigError, StoreError) as exc:
+    except (ConfigError, StoreError, MissingStageError) as exc:
         _fail(exc)
     except Exception as exc:  # noqa: BLE001 - a failed stage: say which, keep the stored ones
         failed = next((s for s in reversed(bars) if s not in finished), "?")

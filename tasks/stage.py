@@ -35,6 +35,10 @@ from tasks.store import ArtifactStore, Entry
 STAGES = ("load_data", "template_corpus", "train", "evaluate", "merge_adapters", "build_onnx", "benchmark")
 
 
+class MissingStageError(RuntimeError):
+    """--from-stage S needs every stage before S stored already."""
+
+
 class ArtifactRef(BaseModel):
     """What a stage returns: where its output is stored and what it found, never the model."""
 
@@ -219,6 +223,10 @@ def grove_stage(name: str, retries: int = 0, retry_delay_seconds: float = 10, ta
             key = stage_key(name, version, params_of(args, kwargs))
             upstream = [v for v in params_of(args, kwargs).values() if isinstance(v, ArtifactRef) and v.pending]
             entry = None if run.forced(name) or upstream else run.store.lookup(name, key)
+            if run.from_stage and not run.forced(name) and entry is None and not run.dry_run:
+                raise MissingStageError(
+                    f"--from-stage {run.from_stage} reuses the stages before it, but {name} has no stored "
+                    f"entry for this config in {run.store.root}; run without --from-stage (or from {name})")
             if run.dry_run:
                 return _plan(run, name, key, entry, upstream)
             if run.on_stage_start:
