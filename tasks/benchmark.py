@@ -16,11 +16,8 @@ from pathlib import Path
 from tasks.models import model_folder
 from tasks.settings import BenchmarkSettings, EvalSettings, ModelSettings
 from tasks.stage import ArtifactRef, current_run, grove_stage, open_artifact, output_dir
+from tasks.store import folder_bytes
 from tasks.textdata import encode, prompt_and_answer, read_jsonl
-
-
-def folder_size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
 def measure_engine(engine: str, folder: Path, tokenizer_folder: Path, prompts: list[list[int]],
@@ -34,7 +31,7 @@ def measure_engine(engine: str, folder: Path, tokenizer_folder: Path, prompts: l
     if done.returncode != 0:
         raise RuntimeError(f"benchmark of the {engine} engine failed:\n{done.stderr[-3000:]}")
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    report["size_mb"] = round(folder_size(folder) / 2**20, 1)
+    report["size_mb"] = round(folder_bytes(folder) / 2**20, 1)
     return report
 
 

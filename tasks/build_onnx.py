@@ -20,6 +20,7 @@ from tasks.models import load_tokenizer, model_folder
 from tasks.scoring import task_accuracy
 from tasks.settings import BuildSettings, EvalSettings, ModelSettings
 from tasks.stage import ArtifactRef, current_run, grove_stage, open_artifact, output_dir
+from tasks.store import folder_bytes
 from tasks.textdata import read_jsonl
 
 log = logging.getLogger("grove.build_onnx")
@@ -82,7 +83,7 @@ def build_onnx(build: BuildSettings, evaluation: EvalSettings, model: ModelSetti
     summary = {"precision": build.precision, "block_size": build.block_size,
                "accuracy_level": build.accuracy_level, "execution_provider": build.execution_provider,
                "build_seconds": round(build_seconds, 2), "sample": sample,
-               "size_bytes": sum(p.stat().st_size for p in target.rglob("*") if p.is_file())}
+               "size_bytes": folder_bytes(target)}
     if evaluation.label_col:
         rows = read_jsonl(open_artifact(data), "eval")[: evaluation.max_rows]
         run = current_run()

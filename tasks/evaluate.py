@@ -11,7 +11,7 @@ import math
 
 from tasks.engines import HfEngine, eos_ids_of
 from tasks.models import load_causal_lm, load_tokenizer, model_folder, resolve_device
-from tasks.scoring import prompts_and_labels, task_accuracy
+from tasks.scoring import prompts_and_labels, score_prompts
 from tasks.settings import EvalSettings, ModelSettings
 from tasks.stage import ArtifactRef, current_run, grove_stage, open_artifact, output_dir
 from tasks.textdata import first_line, read_jsonl
@@ -42,7 +42,7 @@ def forward_pass(model, examples: list[dict], batch_size: int) -> tuple[float | 
     return (total_loss / total_tokens if total_tokens else None), argmax
 
 
-def proven_by_forward_pass(rows, examples, argmax, prompts, labels, tokenizer, eos_ids) -> dict[int, str]:
+def proven_by_forward_pass(examples, argmax, prompts, labels, tokenizer, eos_ids) -> dict[int, str]:
     """Rows whose greedy answer the forward pass already proves correct.
 
     If the argmax after the prompt reproduces every answer token and then eos, greedy
@@ -68,12 +68,12 @@ def measure(model, tokenizer, rows, examples, settings: EvalSettings, label: str
         eos_ids = eos_ids_of(tokenizer, model.config)
         engine = HfEngine(model, tokenizer.pad_token_id, eos_ids)
         prompts, labels = prompts_and_labels(rows, settings.text_template, settings.label_col, tokenizer)
-        proven = proven_by_forward_pass(rows, examples, argmax, prompts, labels, tokenizer, eos_ids)
+        proven = proven_by_forward_pass(examples, argmax, prompts, labels, tokenizer, eos_ids)
         run = current_run()
         progress = (lambda done, total: run.on_progress("evaluate", done, total, {"model": label})) \
             if run.on_progress else None
-        result.update(task_accuracy(engine, tokenizer, rows, settings.text_template, settings.label_col,
-                                    settings.max_new_tokens, settings.batch_size, progress, known=proven))
+        result.update(score_prompts(engine, tokenizer, prompts, labels, settings.max_new_tokens,
+                                    settings.batch_size, progress, known=proven))
         result["rows_proven_by_forward_pass"] = len(proven)
     return result
 

@@ -37,10 +37,15 @@ def split_rows(rows: list[dict], eval_size: float, seed: int) -> tuple[list[dict
     return train, held_out
 
 
+def row_text(row: dict, columns: list[str]) -> str:
+    """What makes two rows the same: their text columns."""
+    return json.dumps([row.get(c) for c in columns])
+
+
 def dedupe(rows: list[dict], columns: list[str]) -> tuple[list[dict], int]:
     seen, unique = set(), []
     for row in rows:
-        marker = json.dumps([row.get(c) for c in columns])
+        marker = row_text(row, columns)
         if marker not in seen:
             seen.add(marker)
             unique.append(row)
@@ -62,8 +67,8 @@ def load_data(data: DataSettings) -> dict:
         eval_rows, eval_dups = dedupe(read_rows(data.eval_files, data.format, data.split), data.text_cols)
         duplicates += eval_dups
         # never evaluate on text that was trained on
-        train_text = {json.dumps([r.get(c) for c in data.text_cols]) for r in train}
-        eval_rows = [r for r in eval_rows if json.dumps([r.get(c) for c in data.text_cols]) not in train_text]
+        train_text = {row_text(r, data.text_cols) for r in train}
+        eval_rows = [r for r in eval_rows if row_text(r, data.text_cols) not in train_text]
     else:
         if len(unique) < 2:
             raise ValueError(f"{data.files[0]}: need at least 2 distinct rows to split train/eval, got {len(unique)}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from tasks.models import load_causal_lm, load_tokenizer, model_folder
 from tasks.settings import ModelSettings
 from tasks.stage import ArtifactRef, grove_stage, open_artifact, output_dir
+from tasks.store import folder_bytes
 
 
 @grove_stage("merge_adapters")
@@ -22,5 +23,4 @@ def merge_adapters(model: ModelSettings, adapter: ArtifactRef) -> dict:
     out = output_dir()
     merged.save_pretrained(out)
     load_tokenizer(folder, model.trust_remote_code).save_pretrained(out)
-    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    return {"parameters": sum(p.numel() for p in merged.parameters()), "size_bytes": size}
+    return {"parameters": sum(p.numel() for p in merged.parameters()), "size_bytes": folder_bytes(out)}

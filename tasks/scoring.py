@@ -23,14 +23,19 @@ def prompts_and_labels(rows: list[dict], template: str, label_col: str, tokenize
 
 
 def task_accuracy(engine, tokenizer, rows: list[dict], template: str, label_col: str,
-                  max_new_tokens: int, batch_size: int, progress=None,
-                  known: dict[int, str] | None = None) -> dict[str, Any]:
-    """Accuracy overall and per label, plus a few predictions to look at.
+                  max_new_tokens: int, batch_size: int, progress=None) -> dict[str, Any]:
+    """Accuracy overall and per label, plus a few predictions to look at."""
+    prompts, labels = prompts_and_labels(rows, template, label_col, tokenizer)
+    return score_prompts(engine, tokenizer, prompts, labels, max_new_tokens, batch_size, progress)
+
+
+def score_prompts(engine, tokenizer, prompts: list[list[int]], labels: list[str], max_new_tokens: int,
+                  batch_size: int, progress=None, known: dict[int, str] | None = None) -> dict[str, Any]:
+    """Greedy answers for tokenized prompts, scored against their labels.
 
     `known` maps row indexes to answers already established (see evaluate's forward-pass
     proof); every other row is generated greedily.
     """
-    prompts, labels = prompts_and_labels(rows, template, label_col, tokenizer)
     predictions: dict[int, str] = dict(known or {})
     todo = [i for i in range(len(prompts)) if i not in predictions]
     for start in range(0, len(todo), batch_size):

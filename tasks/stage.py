@@ -220,8 +220,9 @@ def grove_stage(name: str, retries: int = 0, retry_delay_seconds: float = 10, ta
         @functools.wraps(fn)
         def call(*args, **kwargs) -> ArtifactRef:
             run = current_run()
-            key = stage_key(name, version, params_of(args, kwargs))
-            upstream = [v for v in params_of(args, kwargs).values() if isinstance(v, ArtifactRef) and v.pending]
+            params = params_of(args, kwargs)
+            key = stage_key(name, version, params)
+            upstream = [v for v in params.values() if isinstance(v, ArtifactRef) and v.pending]
             entry = None if run.forced(name) or upstream else run.store.lookup(name, key)
             if run.from_stage and not run.forced(name) and entry is None and not run.dry_run:
                 raise MissingStageError(

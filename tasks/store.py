@@ -221,6 +221,11 @@ class ArtifactStore:
         return found
 
 
+def folder_bytes(folder: str | Path) -> int:
+    """Size on disk of every file under a local folder."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
 def _ensure(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
