@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -160,7 +161,107 @@ def run(config: Path = CONFIG, from_stage: Optional[str] = FROM_STAGE) -> None:
         table.add_row(stage["stage"], stage["status"], f"{stage['seconds']:.1f}",
                       key_result(stage["stage"], stage["summary"]))
     console.print(table)
-    console.print(f"final model: {result['model_path']}\nreport:      {result['report_path']}")
+    console.print(f"final model: {result['model_path']}\nreport:      {result['report_path']}\n"
+                  f"run:         {result['run_id']} (grove show {result['run_id'][:8]} --config {config})")
+
+
+STORE_CONFIG = typer.Option(None, "--config", "-c", help="Run config whose artifact root to use.")
+STORE_URI = typer.Option(None, "--store", help="Artifact root (folder or s3://bucket/prefix) instead of --config.")
+
+
+def _open_store(config: Optional[Path], store: Optional[str]):
+    """The artifact store named directly or by a run config (keys from the environment or its block)."""
+    from flows.config import ConfigError, load_config
+    from tasks.store import ArtifactStore
+
+    if (config is None) == (store is None):
+        _fail(ValueError("give either --config or --store"))
+    if store is not None:
+        return ArtifactStore(store)
+    try:
+        cfg = load_config(config)
+    except ConfigError as exc:
+        _fail(exc)
+    return ArtifactStore(cfg.artifact_root, cfg.aws_credentials_block)
+
+
+def _mb(size: int) -> str:
+    return f"{size / 2**20:.1f} MB"
+
+
+@app.command()
+def runs(config: Optional[Path] = STORE_CONFIG, store: Optional[str] = STORE_URI,
+         as_json: bool = typer.Option(False, "--json", help="Print the run records as JSON.")) -> None:
+    """The runs recorded in an artifact store, newest first."""
+    from flows.runs import list_runs
+    from tasks.store import StoreError
+
+    artifacts = _open_store(config, store)
+    try:
+        recorded = list_runs(artifacts)
+    except StoreError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(recorded, indent=1))
+        return
+    table = Table(title=f"Runs in {artifacts.root}")
+    for column in ("run", "started", "name", "status", "ran", "cached", "produced"):
+        table.add_column(column)
+    for run in recorded:
+        ran = [s for s in run["stages"] if s["status"] == "ran"]
+        status = f"failed at {run['failed_stage']}" if run.get("failed_stage") else run["status"]
+        table.add_row(run["run_id"][:8], run["started"][:19], run["name"], status, str(len(ran)),
+                      str(len(run["stages"]) - len(ran)), _mb(sum(s["size_bytes"] for s in ran)))
+    console.print(table)
+
+
+@app.command()
+def show(run_id: str = typer.Argument(..., help="Run id (a unique prefix is enough)."),
+         config: Optional[Path] = STORE_CONFIG, store: Optional[str] = STORE_URI,
+         as_json: bool = typer.Option(False, "--json", help="Print the run record as JSON.")) -> None:
+    """The entries a run used or produced: stage, cached or ran, size, where they are."""
+    from flows.runs import find_run
+    from tasks.store import StoreError
+
+    artifacts = _open_store(config, store)
+    try:
+        run = find_run(artifacts, run_id)
+    except (LookupError, StoreError) as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(run, indent=1))
+        return
+    console.print(f"run {run['run_id']} ({run['name']}, {run['config']}): {run['status']}, started {run['started']}"
+                  + (f"\nerror: {run['error']}" if run.get("error") else ""), highlight=False)
+    table = Table()
+    for column in ("stage", "used or produced", "size"):
+        table.add_column(column)
+    table.add_column("stored at", overflow="fold")  # a URI is only useful whole
+    for stage in run["stages"]:
+        table.add_row(stage["stage"], "produced" if stage["status"] == "ran" else "used (cached)",
+                      _mb(stage["size_bytes"]), stage["uri"])
+    console.print(table)
+
+
+@app.command()
+def gc(keep: int = typer.Option(..., "--keep", min=0, help="Keep what the newest N runs used or produced."),
+       config: Optional[Path] = STORE_CONFIG, store: Optional[str] = STORE_URI,
+       grace_minutes: float = typer.Option(60, help="Leave files younger than this (runs in progress)."),
+       dry_run: bool = typer.Option(False, "--dry-run", help="Say what would go, remove nothing.")) -> None:
+    """Remove entries no recent run references, and files no entry refers to."""
+    from flows.runs import garbage_collect
+    from tasks.store import StoreError
+
+    artifacts = _open_store(config, store)
+    try:
+        report, runs_dropped = garbage_collect(artifacts, keep, grace_minutes, dry_run)
+    except StoreError as exc:
+        _fail(exc)
+    verb = "would remove" if dry_run else "removed"
+    console.print(f"{verb} {len(report.entries)} entries, {report.blobs} files ({_mb(report.bytes_freed)}), "
+                  f"{report.other} other records and {runs_dropped} run records from {artifacts.root}")
+    for name in report.entries:
+        console.print(f"  {name}", highlight=False)
 
 
 def main() -> None:

@@ -26,9 +26,11 @@ from tasks.settings import (
     DataSettings,
     EvalSettings,
     ModelSettings,
+    RetrySettings,
     RunConfig,
     TrainSettings,
 )
+from tasks.stage import STAGES
 
 SUPPORTED_PASSES = ("LoRA", "QLoRA", "MergeAdapterWeights", "ModelBuilder")
 DATA_FORMATS = {"json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet"}
@@ -193,9 +195,16 @@ class GroveBenchmark(Strict):
     repeats: int = Field(2, gt=0)
 
 
+class GroveRetry(Strict):
+    retries: int = Field(ge=0, le=20)
+    delay_seconds: float = Field(10, ge=0)
+
+
 class GroveSection(Strict):
     name: str | None = None
     artifact_root: str | None = None
+    aws_credentials_block: str | None = None
+    retries: dict[str, GroveRetry] = {}
     device: Literal["auto", "cpu", "cuda"] = "auto"
     completion_only_loss: bool = False
     lora_top_layers: int | None = Field(None, gt=0)
@@ -295,10 +304,17 @@ def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None) -> Ru
     name = grove.name or raw.get("workflow_id") or engine.output_name or "grove-model"
     artifact_root = grove.artifact_root or engine.cache_dir or ".grove-cache"
     output_dir = engine.output_dir or "grove-output"
+    unknown_stage = next((s for s in grove.retries if s not in STAGES), None)
+    if unknown_stage:
+        close = difflib.get_close_matches(unknown_stage, STAGES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"grove.retries.{unknown_stage}", f"unknown stage{hint}; stages are: {', '.join(STAGES)}")
     return RunConfig(
         name=name,
         artifact_root=paths.storage(artifact_root),
+        aws_credentials_block=grove.aws_credentials_block,
         output_dir=paths.storage(output_dir),
+        retries={stage: RetrySettings(**r.model_dump()) for stage, r in grove.retries.items()},
         device=grove.device,
         seed=grove.seed,
         model=model,

@@ -15,6 +15,7 @@ from prefect import flow
 
 from flows.config import ConfigError, load_config
 from flows.report import publish
+from flows.runs import RunLog
 from tasks.benchmark import benchmark
 from tasks.build_onnx import build_onnx
 from tasks.evaluate import evaluate
@@ -53,20 +54,41 @@ def optimize(config: str, from_stage: str | None = None) -> dict[str, Any]:
     """Run an Olive run config (JSON/YAML path) as Grove's seven cached stages."""
     check_from_stage(from_stage)
     cfg = load_config(config)
-    store = ArtifactStore(cfg.artifact_root)
+    store = ArtifactStore(cfg.artifact_root, cfg.aws_credentials_block)
     store.check_writable()
-    context = RunContext(store=store, device=cfg.device, from_stage=from_stage,
-                         result_storage=prefect_result_storage(store), **observers.get())
-    with stage_run(context):
-        refs = pipeline(cfg)
-    return publish(cfg, refs, context.records, store)
+    hooks = dict(observers.get())
+    run_log = RunLog(store, cfg.name, config, from_stage)
+    show_start, show_end = hooks.pop("on_stage_start", None), hooks.pop("on_stage_end", None)
+
+    def stage_started(stage: str) -> None:
+        run_log.started_stage(stage)
+        if show_start:
+            show_start(stage)
+
+    def stage_ended(record: StageRecord) -> None:
+        run_log.add(record)
+        if show_end:
+            show_end(record)
+
+    context = RunContext(store=store, device=cfg.device, from_stage=from_stage, retries=cfg.retries,
+                         result_storage=prefect_result_storage(store), on_stage_start=stage_started,
+                         on_stage_end=stage_ended, **hooks)
+    try:
+        with stage_run(context):
+            refs = pipeline(cfg)
+        result = publish(cfg, refs, context.records, store)
+    except BaseException as exc:
+        run_log.finish("failed", store.access.scrub(f"{type(exc).__name__}: {exc}"))
+        raise
+    run_log.finish("completed")
+    return {**result, "run_id": run_log.run_id}
 
 
 def plan(config: str, from_stage: str | None = None) -> list[StageRecord]:
     """Which stages a run would take from the cache, and why the others would run."""
     check_from_stage(from_stage)
     cfg = load_config(config)
-    context = RunContext(store=ArtifactStore(cfg.artifact_root), device=cfg.device,
+    context = RunContext(store=ArtifactStore(cfg.artifact_root, cfg.aws_credentials_block), device=cfg.device,
                          from_stage=from_stage, dry_run=True)
     with stage_run(context):
         pipeline(cfg)

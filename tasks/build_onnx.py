@@ -19,7 +19,7 @@ from tasks.engines import OnnxEngine, eos_ids_of
 from tasks.models import load_tokenizer, model_folder
 from tasks.scoring import task_accuracy
 from tasks.settings import BuildSettings, EvalSettings, ModelSettings
-from tasks.stage import ArtifactRef, current_run, grove_stage, open_artifact, output_dir
+from tasks.stage import ArtifactRef, StageFailed, current_run, grove_stage, open_artifact, output_dir
 from tasks.store import folder_bytes
 from tasks.textdata import read_jsonl
 
@@ -59,7 +59,7 @@ def smoke_test(engine: OnnxEngine, tokenizer) -> str:
         prompt = [tokenizer.bos_token_id] + prompt
     tokens = engine.generate_timed(prompt, 4).tokens
     if len(tokens) != 4:
-        raise RuntimeError(f"the built ONNX model generated {len(tokens)} tokens instead of 4")
+        raise StageFailed(f"the built ONNX model generated {len(tokens)} tokens instead of 4")
     return tokenizer.decode(tokens)
 
 
@@ -78,7 +78,7 @@ def build_onnx(build: BuildSettings, evaluation: EvalSettings, model: ModelSetti
         engine = OnnxEngine(target, eos_ids_of(tokenizer))
         sample = smoke_test(engine, tokenizer)
     except Exception as exc:  # noqa: BLE001 - any load/generate failure fails the build
-        raise RuntimeError(f"the builder wrote a model that does not load or generate ({exc}); "
+        raise StageFailed(f"the builder wrote a model that does not load or generate ({exc}); "
                            f"builder options: {builder_options(build, model.trust_remote_code)}") from exc
     summary = {"precision": build.precision, "block_size": build.block_size,
                "accuracy_level": build.accuracy_level, "execution_provider": build.execution_provider,

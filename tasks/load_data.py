@@ -52,7 +52,7 @@ def dedupe(rows: list[dict], columns: list[str]) -> tuple[list[dict], int]:
     return unique, len(rows) - len(unique)
 
 
-@grove_stage("load_data", retries=2, retry_delay_seconds=5)
+@grove_stage("load_data")
 def load_data(data: DataSettings) -> dict:
     """Load, deduplicate and split the data; stores train.jsonl and eval.jsonl."""
     rows = read_rows(data.files, data.format, data.split)

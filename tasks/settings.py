@@ -86,12 +86,21 @@ class BenchmarkSettings(Frozen):
     repeats: int = 2
 
 
+class RetrySettings(Frozen):
+    """How often a failed stage is tried again (transient errors only) and how long to wait."""
+
+    retries: int
+    delay_seconds: float
+
+
 class RunConfig(Frozen):
     """The whole validated run."""
 
     name: str
     artifact_root: str
+    aws_credentials_block: str | None = None  # prefect-aws AwsCredentials block for s3:// roots
     output_dir: str
+    retries: dict[str, RetrySettings] = {}
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 42
     model: ModelSettings

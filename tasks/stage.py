@@ -5,7 +5,7 @@ settings and references to upstream artifacts, writes its files into `output_dir
 returns a small summary dict. The decorator does the rest, once for all stages:
 
 - the cache key: sha256 of the stage name, the stage module's source, its settings and the
-  digests (never the paths) of its upstream artifacts;
+  content digests (never the paths or timestamps) of its upstream artifacts;
 - the store: a complete entry for that key is a hit; otherwise the stage runs and its
   folder is stored with the manifest written last;
 - Prefect: each stage is a task whose cache key is the same key and whose result is the
@@ -35,6 +35,28 @@ from tasks.store import ArtifactStore, Entry
 STAGES = ("load_data", "template_corpus", "train", "evaluate", "merge_adapters", "build_onnx", "benchmark")
 
 
+# Retries per stage unless the config's grove.retries says otherwise: (retries, delay seconds).
+# Every stage moves files through the store, so each gets at least one retry for a dropped
+# connection; training gets a longer pause (it resumes from its last checkpoint).
+DEFAULT_RETRIES = {"load_data": (2, 5), "template_corpus": (1, 5), "train": (1, 30), "evaluate": (1, 10),
+                   "merge_adapters": (1, 10), "build_onnx": (1, 10), "benchmark": (1, 10)}
+
+
+def worth_retrying(exc: BaseException) -> bool:
+    """Only errors another try can fix: not a bad config, a missing input, a denied store."""
+    from tasks.store import StoreError
+
+    if isinstance(exc, StoreError):
+        return exc.transient
+    return not isinstance(exc, (ValueError, TypeError, KeyError, AttributeError, NotImplementedError,
+                                MissingStageError, StageFailed, FileNotFoundError, PermissionError))
+
+
+class StageFailed(RuntimeError):
+    """A stage's own check failed (e.g. a built model that does not load): a retry gives
+    the same answer, so none is made."""
+
+
 class MissingStageError(RuntimeError):
     """--from-stage S needs every stage before S stored already."""
 
@@ -44,7 +66,8 @@ class ArtifactRef(BaseModel):
 
     stage: str
     key: str
-    digest: str
+    digest: str  # of the manifest: names exactly this stored artifact
+    content: str = ""  # of the files alone: what downstream cache keys depend on
     uri: str
     size_bytes: int = 0
     summary: dict[str, Any] = {}
@@ -74,6 +97,7 @@ class RunContext:
     dry_run: bool = False
     records: list[StageRecord] = field(default_factory=list)
     result_storage: str | None = None  # Prefect block slug; None when planning
+    retries: dict[str, Any] = field(default_factory=dict)  # stage -> RetrySettings from the config
     on_stage_start: Callable[[str], None] | None = None
     on_stage_end: Callable[[StageRecord], None] | None = None
     # progress inside a stage: (stage, done, total, details), e.g. training steps and loss
@@ -101,14 +125,27 @@ def prefect_result_storage(store: ArtifactStore) -> str:
 
     Then a cache hit needs only the store: a fresh Prefect database still hits. Prefect
     accepts only saved blocks as task result storage, so one is saved per artifact root.
+    For S3 it is a prefect-aws S3Bucket whose credentials are the named AwsCredentials
+    block (secrets stay encrypted in Prefect) or, without one, empty: boto3 then reads the
+    AWS_* variables of whichever process runs the flow, and nothing secret is saved.
     """
-    from prefect.filesystems import LocalFileSystem
+    name = "grove-results-" + hashlib.sha256(f"{store.root}/prefect-results".encode()).hexdigest()[:16]
+    if store.is_local:
+        from prefect.filesystems import LocalFileSystem
 
-    if not store.is_local:
-        raise NotImplementedError("Prefect results in remote stores come with s3:// support")
-    name = "grove-results-" + hashlib.sha256(store.results_path.encode()).hexdigest()[:16]
-    LocalFileSystem(basepath=store.results_path).save(name, overwrite=True)
-    return f"local-file-system/{name}"
+        LocalFileSystem(basepath=f"{store.root}/prefect-results").save(name, overwrite=True, _sync=True)
+        return f"local-file-system/{name}"
+    from prefect_aws import AwsCredentials, S3Bucket
+
+    bucket, _, prefix = store.root.split("://", 1)[1].partition("/")
+    if store.access.block:
+        credentials = AwsCredentials.load(store.access.block, _sync=True)
+    else:
+        endpoint = store.access.options.get("client_kwargs", {}).get("endpoint_url")
+        credentials = AwsCredentials(aws_client_parameters={"endpoint_url": endpoint} if endpoint else {})
+    S3Bucket(bucket_name=bucket, bucket_folder="/".join(p for p in (prefix, "prefect-results") if p),
+             credentials=credentials).save(name, overwrite=True, _sync=True)
+    return f"s3-bucket/{name}"
 
 
 def current_run() -> RunContext:
@@ -129,9 +166,9 @@ def output_dir() -> Path:
 def open_artifact(ref: ArtifactRef) -> Path:
     """A local folder with an upstream stage's files (read-only: they may be hard links)."""
     store = current_run().store
-    entry = store.lookup(ref.stage, ref.key)
-    if entry is None or entry.digest != ref.digest:
-        raise RuntimeError(f"artifact {ref.stage}/{ref.key} is missing or changed in {store.root}; "
+    entry = store.by_digest(ref.digest)  # exactly what the upstream stage returned
+    if entry is None:
+        raise RuntimeError(f"artifact {ref.stage}/{ref.key} is missing or damaged in {store.root}; "
                            f"rerun with --from-stage {ref.stage}")
     return store.materialize(entry)
 
@@ -139,7 +176,7 @@ def open_artifact(ref: ArtifactRef) -> Path:
 # ---- cache keys ----------------------------------------------------------------------------------
 def _canonical(value: Any) -> Any:
     if isinstance(value, ArtifactRef):
-        return {"artifact": value.stage, "digest": value.digest}  # contents, not location
+        return {"artifact": value.stage, "content": value.content}  # contents, not location or time
     if isinstance(value, BaseModel):
         return _canonical(value.model_dump(mode="json"))
     if isinstance(value, dict):
@@ -163,13 +200,13 @@ def code_version(fn: Callable) -> str:
 
 
 def _ref(entry: Entry, store: ArtifactStore) -> ArtifactRef:
-    return ArtifactRef(stage=entry.stage, key=entry.key, digest=entry.digest,
+    return ArtifactRef(stage=entry.stage, key=entry.key, digest=entry.digest, content=entry.content,
                        uri=store.entry_uri(entry.stage, entry.key), size_bytes=entry.size_bytes,
                        summary=entry.manifest["meta"].get("summary", {}))
 
 
 # ---- the decorator ---------------------------------------------------------------------------------
-def grove_stage(name: str, retries: int = 0, retry_delay_seconds: float = 10, tags: tuple[str, ...] = ()):
+def grove_stage(name: str, tags: tuple[str, ...] = ()):
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}")
 
@@ -211,9 +248,8 @@ def grove_stage(name: str, retries: int = 0, retry_delay_seconds: float = 10, ta
             cache_key_fn=lambda _context, parameters: stage_key(name, version, parameters),
             persist_result=True,
             result_serializer="json",
-            retries=retries,
-            retry_delay_seconds=retry_delay_seconds,
             retry_jitter_factor=0.5,
+            retry_condition_fn=lambda _task, _run, state: worth_retrying(_exception_of(state)),
             tags=["grove", f"stage:{name}", *tags],
         )
 
@@ -233,7 +269,9 @@ def grove_stage(name: str, retries: int = 0, retry_delay_seconds: float = 10, ta
             if run.on_stage_start:
                 run.on_stage_start(name)
             started = time.monotonic()
-            options = {"refresh_cache": entry is None}
+            retry = run.retries.get(name)
+            retries, delay = (retry.retries, retry.delay_seconds) if retry else DEFAULT_RETRIES[name]
+            options = {"refresh_cache": entry is None, "retries": retries, "retry_delay_seconds": delay}
             if run.result_storage:
                 options["result_storage"] = run.result_storage
             state = prefect_task.with_options(**options)(*args, return_state=True, **kwargs)
@@ -251,6 +289,14 @@ def grove_stage(name: str, retries: int = 0, retry_delay_seconds: float = 10, ta
         return call
 
     return decorate
+
+
+def _exception_of(state) -> BaseException:
+    try:
+        state.result(raise_on_failure=True)
+    except BaseException as exc:  # noqa: BLE001 - the failure we are asked about
+        return exc
+    return RuntimeError("no exception")
 
 
 def _plan(run: RunContext, name: str, key: str, entry: Entry | None, upstream: list[ArtifactRef]) -> ArtifactRef:

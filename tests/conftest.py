@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,34 @@ def prefect_api(tmp_path_factory):
     except subprocess.TimeoutExpired:
         os.killpg(server.pid, signal.SIGKILL)
     log.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS) for the session, with a bucket `grove-tests`."""
+    from seaweedfs import SeaweedServer
+
+    server = SeaweedServer(tmp_path_factory.mktemp("seaweedfs")).start()
+    server.make_bucket("grove-tests")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The S3 server's endpoint and keys in the environment, as a user would set them."""
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    return s3_server
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_root(request, tmp_path) -> str:
+    """Each test using it runs twice: on a local folder and on the S3 server."""
+    if request.param == "local":
+        return str(tmp_path / "store")
+    request.getfixturevalue("s3_env")
+    return f"s3://grove-tests/{request.node.name.replace('[', '-').rstrip(']')}-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture(scope="session")

@@ -44,8 +44,10 @@ def setup(tiny_model, tone_copy, tmp_path, write_config):
     return raw, write_config(raw), tmp_path / "out"
 
 
-def test_full_flow_then_cache_hits_and_targeted_reruns(setup, write_config, tone_copy):
-    raw, config, out = setup
+def test_full_flow_then_cache_hits_and_targeted_reruns(store_root, tiny_model, tone_copy, tmp_path, write_config):
+    """Once on a local folder, once on the S3 server."""
+    raw = tiny_config(tiny_model, tone_copy, store_root, tmp_path / "out")
+    config, out = write_config(raw), tmp_path / "out"
 
     output = grove("run", "--config", str(config))
     assert statuses(out) == dict.fromkeys(ALL, "ran")
@@ -60,8 +62,13 @@ def test_full_flow_then_cache_hits_and_targeted_reruns(setup, write_config, tone
     assert summaries["benchmark"]["onnx"]["decode_tokens_per_s"] > 0
     assert "final model:" in flat(output) and "Grove run finished" in flat(output)
 
-    grove("run", "--config", str(config))
+    rerun = grove("run", "--config", str(config))
     assert statuses(out) == dict.fromkeys(ALL, "cached")
+    run_id = re.search(r"run: +([0-9a-f-]{36})", rerun).group(1)
+    assert flat(grove("show", run_id[:8], "--config", str(config))).count("used (cached)") == 7
+    shown = json.loads(grove("show", run_id[:8], "--config", str(config), "--json"))
+    assert shown["status"] == "completed" and [s["status"] for s in shown["stages"]] == ["cached"] * 7
+    assert shown["stages"][5]["uri"].startswith(f"{store_root}/entries/build_onnx/")
     plan = grove("stages", "--config", str(config))
     assert len(re.findall(r"│ hit\s+│", plan)) == 7
 
@@ -123,6 +130,14 @@ def test_a_build_that_does_not_load_fails_the_stage_and_stores_nothing(tmp_path,
     assert list((tmp_path / "store" / "entries" / "merge_adapters").glob("*/MANIFEST.json"))
     assert not (tmp_path / "store" / "entries" / "build_onnx").exists() or \
         not list((tmp_path / "store" / "entries" / "build_onnx").glob("*/MANIFEST.json"))
+
+    # Started again unchanged, the run starts at the failed stage: everything before is cached.
+    assert runner.invoke(app, ["run", "--config", str(config)]).exit_code == 1
+    latest, first = json.loads(grove("runs", "--config", str(config), "--json"))[:2]
+    assert first["status"] == latest["status"] == "failed"
+    assert first["failed_stage"] == latest["failed_stage"] == "build_onnx"
+    assert [s["status"] for s in first["stages"]] == ["ran"] * 5
+    assert [s["status"] for s in latest["stages"]] == ["cached"] * 5
 
 
 def test_qlora_pass_trains_merges_into_the_unquantized_base_and_builds(setup, write_config):

@@ -1,0 +1,100 @@
+"""What each run used and produced, kept in the artifact store: `grove runs`, `grove show`, `grove gc`.
+
+A run writes runs/<started>-<id>.json when it starts and again after each stage, so a run
+in progress (or one that crashed) is visible too, and `gc` never removes what a recent or
+running run depends on.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from tasks.stage import StageRecord
+from tasks.store import ArtifactStore, GcReport, collect_garbage
+
+RUNS = "runs"
+# A run still marked running after this long crashed without saying so.
+RUNNING_FOR_AT_MOST = timedelta(days=1)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass
+class RunLog:
+    store: ArtifactStore
+    name: str
+    config: str
+    from_stage: str | None
+    run_id: str = ""
+    started: datetime = field(default_factory=_now)
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    current: str | None = None  # the stage running now: the failed one if the run fails
+
+    def __post_init__(self) -> None:
+        if not self.run_id:
+            from prefect.runtime import flow_run
+
+            self.run_id = flow_run.get_id() or uuid.uuid4().hex
+        self.path = f"{RUNS}/{self.started:%Y%m%dT%H%M%S%f}-{self.run_id[:8]}.json"
+        self._write("running")
+
+    def started_stage(self, stage: str) -> None:
+        self.current = stage
+
+    def add(self, record: StageRecord) -> None:
+        self.current = None
+        ref = record.ref
+        self.stages.append({"stage": record.stage, "status": record.status, "seconds": round(record.seconds, 2),
+                            "key": ref.key, "digest": ref.digest, "size_bytes": ref.size_bytes, "uri": ref.uri})
+        self._write("running")
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        self._write(status, error)
+
+    def _write(self, status: str, error: str | None = None) -> None:
+        self.store.put_json(self.path, {
+            "run_id": self.run_id, "record": self.path, "name": self.name, "config": self.config, "from_stage": self.from_stage,
+            "status": status, "started": self.started.isoformat(timespec="microseconds"),
+            "updated": _now().isoformat(timespec="seconds"), "error": error,
+            "failed_stage": self.current if status == "failed" else None, "stages": self.stages})
+
+
+def list_runs(store: ArtifactStore) -> list[dict[str, Any]]:
+    """Every recorded run, newest first."""
+    runs = [r for r in store.list_json(RUNS) if isinstance(r, dict) and "run_id" in r]
+    return sorted(runs, key=lambda r: r["started"], reverse=True)
+
+
+def find_run(store: ArtifactStore, run_id: str) -> dict[str, Any]:
+    matches = [r for r in list_runs(store) if r["run_id"].startswith(run_id)]
+    if len(matches) != 1:
+        known = ", ".join(r["run_id"][:8] for r in list_runs(store)[:10]) or "none"
+        what = "no run" if not matches else f"{len(matches)} runs"
+        raise LookupError(f"{what} with id {run_id!r} in {store.root} (recent: {known})")
+    return matches[0]
+
+
+def _still_running(run: dict[str, Any]) -> bool:
+    return run["status"] == "running" and _now() - datetime.fromisoformat(run["updated"]) < RUNNING_FOR_AT_MOST
+
+
+def garbage_collect(store: ArtifactStore, keep: int, grace_minutes: float = 60,
+                    dry_run: bool = False) -> tuple[GcReport, int]:
+    """Keep the entries of the newest `keep` runs (and of runs still going); remove the rest.
+
+    Returns the store's report and how many run records were dropped with them.
+    """
+    runs = list_runs(store)
+    kept = runs[:keep] + [r for r in runs[keep:] if _still_running(r)]
+    live = {(s["stage"], s["key"]) for r in kept for s in r["stages"]}
+    report = collect_garbage(store, live, grace_seconds=grace_minutes * 60, dry_run=dry_run)
+    dropped = [r for r in runs if r not in kept]
+    if not dry_run:
+        for run in dropped:
+            store.remove(run["record"])
+    return report, len(dropped)
