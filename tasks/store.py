@@ -260,8 +260,17 @@ class ArtifactStore:
         body = {"stage": stage, "key": key, "files": files, "meta": meta, "digest": manifest_digest(files, meta)}
         self._retry(f"writing the manifest of {stage}/{key}",
                     lambda: self._write_json(self._by_digest_path(body["digest"]), body))
-        self._retry(f"writing the manifest of {stage}/{key}",
-                    lambda: self._write_json(self._manifest_path(stage, key), body))
+        # Two runs of one config at once both compute the stage; the first to finish wins and
+        # the other adopts its entry, so both continue from the same files (and the same
+        # downstream keys) even where the stage is not bit-for-bit deterministic.
+        first = self.lookup(stage, key)
+        if first is None:
+            self._retry(f"writing the manifest of {stage}/{key}",
+                        lambda: self._write_json(self._manifest_path(stage, key), body))
+            first = self.lookup(stage, key)  # a run that wrote at the same moment may have won
+        if first is not None and first.digest != body["digest"]:
+            log.warning("entry %s/%s: another run stored it first; continuing with that entry", stage, key)
+            return first
         return Entry(stage, key, body)
 
     def put_json(self, relpath: str, body: Any) -> str:
