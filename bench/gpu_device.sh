@@ -68,7 +68,7 @@ case "${1:-}" in
     check) check ;;
     test) timeout 480 python3 -m pytest -m gpu tests/test_gpu.py -v -rA -p no:cacheprovider 2>&1 \
               | tee "$OUT/pytest_gpu.log" ;;
-    run) prefect_server && timeout 540 python3 bench/default_run.py --config "$2" >"$OUT/$3.json" 2>"$OUT/$3.log"
+    run) prefect_server && PYTHONPATH=$PWD:$SITE timeout 540 python3 bench/default_run.py --config "$2" >"$OUT/$3.json" 2>"$OUT/$3.log"
          status=$?; tail -5 "$OUT/$3.log"; cat "$OUT/$3.json"; exit $status ;;
     *) sed -n 2,13p "$0"; exit 2 ;;
 esac
