@@ -103,7 +103,7 @@ def main() -> None:
     cached_all = all(s["status"] == "cached" for s in report["stages"])
     print(json.dumps({
         "command": "python bench/default_run.py --config " + os.path.relpath(args.config, ROOT),
-        "machine": {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30)},
+        "machine": machine(),
         "prefect_api": os.environ.get("PREFECT_API_URL", "ephemeral"),
         "bundled_model_conversion_s": conversion_s,
         "cold_run_s": round(cold_s, 1),
@@ -111,7 +111,39 @@ def main() -> None:
         "cached_rerun_s": round(cached_s, 1),
         "cached_rerun_all_cached": cached_all,
         "targets": {"cold_run_s": 300, "cached_rerun_s": 10},
+        "results": key_results(report),
     }, indent=1))
+
+
+def machine() -> dict:
+    found = {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30)}
+    import torch
+
+    if torch.cuda.is_available():
+        found["gpu"] = torch.cuda.get_device_name(0)
+        found["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30)
+    return found
+
+
+def key_results(report: dict) -> dict:
+    """What the run produced: training, accuracy (base, fine-tuned, ONNX), the benchmark."""
+    s = {stage["stage"]: stage["summary"] for stage in report["stages"]}
+    train, evaluate, onnx, bench = (s.get(k) or {} for k in ("train", "evaluate", "build_onnx", "benchmark"))
+    keep = ("device", "dtype", "latency_ms", "time_to_first_token_ms", "decode_tokens_per_s", "peak_rss_mb",
+            "peak_gpu_mb", "size_mb")
+    return {
+        "train": {k: train.get(k) for k in ("method", "device", "base_dtype", "quantization", "steps",
+                                            "first_loss", "final_loss", "seconds", "peak_gpu_mb")},
+        "accuracy": {"base": (evaluate.get("base") or {}).get("accuracy"),
+                     "fine_tuned": (evaluate.get("fine_tuned") or {}).get("accuracy"),
+                     "onnx": onnx.get("accuracy")},
+        "eval_loss": {"base": (evaluate.get("base") or {}).get("eval_loss"),
+                      "fine_tuned": (evaluate.get("fine_tuned") or {}).get("eval_loss")},
+        "onnx": {k: onnx.get(k) for k in ("precision", "execution_provider", "device_type", "build_seconds",
+                                          "size_bytes")},
+        "benchmark": {engine: {k: v for k, v in (bench.get(engine) or {}).items() if k in keep}
+                      for engine in ("pytorch", "onnx")} | {"onnx_speedup": bench.get("onnx_speedup")},
+    }
 
 
 if __name__ == "__main__":

@@ -33,13 +33,16 @@ def key_result(stage: str, summary: dict[str, Any]) -> str:
         return f"{s.get('size_bytes', 0) / 2**20:.0f} MB safetensors"
     if stage == "build_onnx":
         acc = f", acc {s['accuracy']}" if s.get("accuracy") is not None else ""
-        return f"{s.get('precision')} {s.get('size_bytes', 0) / 2**20:.0f} MB{acc}"
+        return f"{s.get('precision')} {s.get('execution_provider', 'cpu')} {s.get('size_bytes', 0) / 2**20:.0f} MB{acc}"
     if stage == "benchmark":
-        torch_tps = (s.get("pytorch") or {}).get("decode_tokens_per_s")
-        onnx_tps = (s.get("onnx") or {}).get("decode_tokens_per_s")
+        torch_run, onnx_run = s.get("pytorch") or {}, s.get("onnx") or {}
+        torch_tps, onnx_tps = torch_run.get("decode_tokens_per_s"), onnx_run.get("decode_tokens_per_s")
+        torch_on = f" on {torch_run['device']}" if torch_run.get("device") else ""
+        onnx_on = f" on {onnx_run['device']}" if onnx_run.get("device") else ""
         if onnx_tps:
-            return f"decode {onnx_tps} tok/s ONNX vs {torch_tps} PyTorch ({s.get('onnx_speedup')}x)"
-        return f"decode {torch_tps} tok/s PyTorch"
+            return (f"decode {onnx_tps} tok/s ONNX{onnx_on} vs {torch_tps} PyTorch{torch_on} "
+                    f"({s.get('onnx_speedup')}x)")
+        return f"decode {torch_tps} tok/s PyTorch{torch_on}"
     return ""
 
 
@@ -99,7 +102,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     bench = next((s["summary"] for s in report["stages"] if s["stage"] == "benchmark"), {})
     engines = {name: m for name, m in bench.items() if isinstance(m, dict)}
     if engines:
-        columns = ("latency_ms", "time_to_first_token_ms", "decode_tokens_per_s", "peak_rss_mb", "size_mb")
+        columns = ("device", "latency_ms", "time_to_first_token_ms", "decode_tokens_per_s", "peak_rss_mb", "size_mb")
         lines += ["", "## Benchmark (medians)", "", "| engine | " + " | ".join(columns) + " |",
                   "|---|" + "---|" * len(columns)]
         for name, metrics in engines.items():

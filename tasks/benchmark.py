@@ -9,6 +9,7 @@ and size on disk.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,14 @@ from tasks.store import folder_bytes
 from tasks.textdata import encode, prompt_and_answer, read_jsonl
 
 
+def worker_environment() -> dict[str, str]:
+    """This process's environment (CUDA settings, library paths) with Grove's own source first
+    on the path, so the worker runs the same `tasks` package whatever the working directory."""
+    root = str(Path(__file__).resolve().parents[1])
+    path = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+
+
 def measure_engine(engine: str, folder: Path, tokenizer_folder: Path, prompts: list[list[int]],
                    settings: BenchmarkSettings, device: str) -> dict:
     """Runs one engine in a fresh Python process and returns its JSON report."""
@@ -27,7 +36,7 @@ def measure_engine(engine: str, folder: Path, tokenizer_folder: Path, prompts: l
                "prompts": prompts, "max_new_tokens": settings.max_new_tokens,
                "warmup": settings.warmup, "repeats": settings.repeats, "device": device}
     done = subprocess.run([sys.executable, "-m", "tasks.benchmark_worker"], input=json.dumps(request),
-                          capture_output=True, text=True, check=False)
+                          capture_output=True, text=True, check=False, env=worker_environment())
     if done.returncode != 0:
         raise RuntimeError(f"benchmark of the {engine} engine failed:\n{done.stderr[-3000:]}")
     report = json.loads(done.stdout.strip().splitlines()[-1])
@@ -47,7 +56,8 @@ def benchmark(settings: BenchmarkSettings, evaluation: EvalSettings, model: Mode
     prompts = [encode(tokenizer, prompt_and_answer(evaluation.text_template, evaluation.label_col, r)[0],
                       eos=False)[0] for r in rows]
     device = resolve_device(current_run().device)
-    results = {"pytorch": measure_engine("pytorch", pytorch_folder, pytorch_folder, prompts, settings, device)}
+    results = {"device": device,
+               "pytorch": measure_engine("pytorch", pytorch_folder, pytorch_folder, prompts, settings, device)}
     if onnx is not None:
         results["onnx"] = measure_engine("onnx", open_artifact(onnx) / "model", pytorch_folder, prompts,
                                          settings, device)

@@ -32,8 +32,11 @@ def measure(request: dict) -> dict:
     if request["engine"] == "pytorch":
         model = load_causal_lm(Path(request["folder"]), request["device"]).eval()
         engine = HfEngine(model, tokenizer.pad_token_id, eos_ids_of(tokenizer, model.config))
+        parameter = next(model.parameters())
+        device, dtype = parameter.device.type, str(parameter.dtype).removeprefix("torch.")
     else:
         engine = OnnxEngine(Path(request["folder"]), eos_ids_of(tokenizer))
+        device, dtype = engine.device_type, None
     prompts, new = request["prompts"], request["max_new_tokens"]
     for _ in range(request["warmup"]):
         engine.generate_timed(prompts[0], new)
@@ -45,7 +48,9 @@ def measure(request: dict) -> dict:
             first.append(run.first_token_seconds)
             if len(run.token_times) > 1:
                 decode.append((len(run.token_times) - 1) / (run.token_times[-1] - run.token_times[0]))
-    return {
+    report = {
+        "device": device,
+        "dtype": dtype,
         "prompt_tokens": round(statistics.mean(len(p) for p in prompts), 1),
         "new_tokens": new,
         "latency_ms": round(statistics.median(latency) * 1000, 2),
@@ -54,6 +59,11 @@ def measure(request: dict) -> dict:
         "peak_rss_mb": peak_rss_mb(),
         "runs": len(latency),
     }
+    if device == "cuda" and request["engine"] == "pytorch":
+        import torch
+
+        report["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return report
 
 
 if __name__ == "__main__":

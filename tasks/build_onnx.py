@@ -80,9 +80,12 @@ def build_onnx(build: BuildSettings, evaluation: EvalSettings, model: ModelSetti
     except Exception as exc:  # noqa: BLE001 - any load/generate failure fails the build
         raise StageFailed(f"the builder wrote a model that does not load or generate ({exc}); "
                            f"builder options: {builder_options(build, model.trust_remote_code)}") from exc
+    if build.execution_provider not in engine.device_type:
+        raise RuntimeError(f"the model was built for the {build.execution_provider} execution provider but "
+                           f"onnxruntime-genai runs it on {engine.device_type}")
     summary = {"precision": build.precision, "block_size": build.block_size,
                "accuracy_level": build.accuracy_level, "execution_provider": build.execution_provider,
-               "build_seconds": round(build_seconds, 2), "sample": sample,
+               "device_type": engine.device_type, "build_seconds": round(build_seconds, 2), "sample": sample,
                "size_bytes": folder_bytes(target)}
     if evaluation.label_col:
         rows = read_jsonl(open_artifact(data), "eval")[: evaluation.max_rows]

@@ -4,10 +4,15 @@ Both take the same prompt token ids (tokenized once by the HF tokenizer) and ret
 new token ids, so accuracy and speed are measured on identical inputs. Decoding always
 goes through the HF tokenizer: onnxruntime-genai's decode stops at the first invalid
 UTF-8 token.
+
+On a GPU: the PyTorch engine runs wherever the model's weights are; the ONNX engine runs
+on the execution provider the builder wrote into genai_config.json (`cuda` needs the
+onnxruntime-genai-cuda and onnxruntime-gpu packages, which replace the CPU builds).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,19 +62,44 @@ class HfEngine:
             out = self.model.generate(input_ids=torch.tensor([prompt]).to(device), max_new_tokens=max_new_tokens,
                                       min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.pad_id,
                                       logits_processor=LogitsProcessorList([Stamp()]))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # kernels run asynchronously: wait before stopping the clock
         ended = time.perf_counter()
         return Generation(out[0, len(prompt):].tolist(), stamps[0] - started if stamps else 0.0,
                           ended - started, [s - started for s in stamps])
 
 
+def onnx_providers(folder: Path) -> list[str]:
+    """The execution providers genai_config.json asks for (empty: onnxruntime's CPU provider)."""
+    config = json.loads((Path(folder) / "genai_config.json").read_text())
+    options = config["model"]["decoder"].get("session_options", {}).get("provider_options", [])
+    return [name for entry in options for name in entry]
+
+
 class OnnxEngine:
-    """onnxruntime-genai model from a builder output folder."""
+    """onnxruntime-genai model from a builder output folder, on the provider it was built for."""
 
     def __init__(self, folder: Path, eos_ids: set[int]):
+        cuda = "cuda" in onnx_providers(folder)
+        if cuda:
+            # onnxruntime's CUDA provider library needs the CUDA and cuDNN libraries already
+            # loaded (they are not on the loader's path in a pip install); importing torch
+            # loads the matching ones, as onnxruntime's own documentation recommends.
+            import torch  # noqa: F401
         import onnxruntime_genai as og
 
         self.og = og
-        self.model = og.Model(str(folder))
+        try:
+            self.model = og.Model(str(folder))
+        except Exception as exc:
+            if cuda and "cuda" in str(exc).lower():
+                raise RuntimeError(
+                    f"{folder} is built for CUDA but onnxruntime-genai could not use it ({exc}); a CUDA "
+                    f"model needs a GPU and the CUDA builds of the runtimes: pip uninstall -y onnxruntime "
+                    f"onnxruntime-genai && pip install onnxruntime-gpu==1.31.1 onnxruntime-genai-cuda==0.18.0"
+                ) from exc
+            raise
+        self.device_type = str(self.model.device_type).lower()  # "cpu" or "cuda": where it runs
         self.eos_ids = eos_ids
 
     def _generator(self, prompt: list[int], max_new_tokens: int, force: bool):

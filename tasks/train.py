@@ -37,6 +37,20 @@ def load_base_for_training(model: ModelSettings, settings: TrainSettings, device
     return base
 
 
+def quantization_of(model) -> dict | None:
+    """What the 4-bit layers really hold (read back from bitsandbytes, not from the request)."""
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    if not layers:
+        return None
+    state = layers[0].weight.quant_state
+    return {"layers_4bit": len(layers), "quant_type": state.quant_type,
+            "double_quant": bool(getattr(state, "nested", False)),
+            "compute_dtype": str(layers[0].compute_dtype).removeprefix("torch."),
+            "device": layers[0].weight.device.type}
+
+
 def disable_cpu_bf16_4bit_path(model) -> int:
     """Keep QLoRA gradients correct on CPUs with AVX512-BF16.
 
@@ -142,6 +156,8 @@ def train(settings: TrainSettings, corpus: ArtifactRef, model: ModelSettings) ->
 
     device = resolve_device(current_run().device)
     torch.manual_seed(settings.seed)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     folder = open_artifact(corpus)
     train_rows = read_jsonl(folder, "train")
     eval_rows = read_jsonl(folder, "eval")
@@ -162,9 +178,10 @@ def train(settings: TrainSettings, corpus: ArtifactRef, model: ModelSettings) ->
     history = trainer.state.log_history
     (out / "train_log.json").write_text(json.dumps(history, indent=1))
     losses = [h["loss"] for h in history if "loss" in h]
-    return {
+    summary = {
         "method": settings.method,
         "device": device,
+        "base_dtype": str(base.dtype).removeprefix("torch."),
         "steps": trainer.state.global_step,
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else result.training_loss,
@@ -172,3 +189,8 @@ def train(settings: TrainSettings, corpus: ArtifactRef, model: ModelSettings) ->
         "seconds": round(seconds, 2),
         "trainable_params": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
     }
+    if settings.method == "qlora":
+        summary["quantization"] = quantization_of(peft_model)
+    if device == "cuda":
+        summary["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return summary

@@ -1,0 +1,141 @@
+"""The CUDA path, on a GPU: QLoRA with bitsandbytes, a cuda ONNX build, the benchmark on the GPU.
+
+Marked `gpu` and deselected unless asked for (`pytest -m gpu`, see conftest.py): CI has no
+GPU. Asked for on a machine without CUDA they fail, never pass silently. They need the CUDA
+builds of the runtimes (onnxruntime-gpu, onnxruntime-genai-cuda) and bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import tiny_config
+from flows.cli import app
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def cuda():
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu tests need a CUDA GPU (torch.cuda.is_available() is False)")
+    return torch.device("cuda")
+
+
+def test_qlora_loads_nf4_double_quant_with_bf16_compute_and_trains_on_the_gpu(tiny_model):
+    import torch
+
+    from tasks.settings import ModelSettings, TrainSettings
+    from tasks.train import add_lora, load_base_for_training, quantization_of
+
+    settings = TrainSettings(method="qlora", r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    model = ModelSettings(name=str(tiny_model), path=str(tiny_model), content_sha256="x")
+    torch.manual_seed(0)
+    peft_model = add_lora(load_base_for_training(model, settings, "cuda"), settings)
+    # every linear layer of the 2 decoder layers is 4-bit (7 each); LoRA sits on q_proj and v_proj
+    assert quantization_of(peft_model) == {"layers_4bit": 14, "quant_type": "nf4", "double_quant": True,
+                                           "compute_dtype": "bfloat16", "device": "cuda"}
+    ids = torch.randint(5, 300, (4, 24), device="cuda")
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(12):
+        loss = peft_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
+    lora = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
+    assert lora and all(p.device.type == "cuda" and torch.isfinite(p).all() and p.abs().sum() > 0 for p in lora)
+
+
+def test_a_cuda_build_runs_in_onnxruntime_genai_cuda(tiny_model, tmp_path):
+    import onnxruntime_genai as og
+
+    from tasks.build_onnx import run_builder
+    from tasks.engines import OnnxEngine, onnx_providers
+    from tasks.settings import BuildSettings
+
+    assert getattr(og, "__id__", "") == "onnxruntime-genai-cuda", "the CPU build of onnxruntime-genai is installed"
+    run_builder(tiny_model, tmp_path / "model", BuildSettings(execution_provider="cuda"), False)
+    assert onnx_providers(tmp_path / "model") == ["cuda"]
+    engine = OnnxEngine(tmp_path / "model", set())
+    assert engine.device_type == "cuda"
+    assert len(engine.generate_timed([1, 20, 30, 40], 6).tokens) == 6
+
+
+def test_the_flow_on_cuda_qlora_then_a_cuda_onnx_model_benchmarked_on_the_gpu(tiny_model, tone_copy, tmp_path,
+                                                                              write_config):
+    """The same flow and config as on a CPU; device auto picks the GPU, CUDA EP targets it."""
+    raw = tiny_config(tiny_model, tone_copy, tmp_path / "store", tmp_path / "out", rows=120)
+    lora = raw["passes"].pop("lora")
+    raw["passes"] = {"qlora": {**lora, "type": "QLoRA"}, **raw["passes"]}
+    raw["passes"]["qlora"]["config"].update(double_quant=True, quant_type="nf4", target_modules=None)
+    raw["passes"]["qlora"]["config"]["training_args"].update(max_steps=24, learning_rate=5e-3)
+    raw["systems"]["local_system"]["accelerators"] = [{"device": "gpu",
+                                                       "execution_providers": ["CUDAExecutionProvider"]}]
+    assert raw["grove"].get("device", "auto") == "auto"
+    result = CliRunner().invoke(app, ["run", "--config", str(write_config(raw))], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+    report = json.loads((tmp_path / "out" / "tiny" / "report.json").read_text())
+    summary = {s["stage"]: s["summary"] for s in report["stages"]}
+    assert all(s["status"] == "ran" for s in report["stages"])
+
+    train = summary["train"]
+    assert train["device"] == "cuda" and train["method"] == "qlora" and train["steps"] == 24
+    assert train["quantization"]["quant_type"] == "nf4" and train["quantization"]["double_quant"]
+    assert train["quantization"]["compute_dtype"] == "bfloat16" and train["peak_gpu_mb"] > 0
+    losses = [row["loss"] for row in train_log(tmp_path / "store")]
+    assert len(losses) == 24 and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses
+    adapter = adapter_tensors(tmp_path / "store")
+    assert adapter and all(t.isfinite().all() for t in adapter.values())
+    assert any(t.abs().sum() > 0 for n, t in adapter.items() if "lora_B" in n), "the adapter did not train"
+
+    tuned = summary["evaluate"]["fine_tuned"]
+    assert tuned["eval_loss"] is not None and math.isfinite(tuned["eval_loss"])
+    assert tuned["eval_loss"] < summary["evaluate"]["base"]["eval_loss"]
+
+    onnx = summary["build_onnx"]
+    assert onnx["execution_provider"] == "cuda" and onnx["device_type"] == "cuda"
+    assert onnx["accuracy"] is not None and len(onnx["sample"]) > 0
+    genai = json.loads((tmp_path / "out" / "tiny" / "model" / "genai_config.json").read_text())
+    providers = genai["model"]["decoder"]["session_options"]["provider_options"]
+    assert any("cuda" in entry for entry in providers), providers
+
+    bench = summary["benchmark"]
+    assert bench["device"] == "cuda"
+    assert bench["pytorch"]["device"] == "cuda" and bench["pytorch"]["dtype"] == "bfloat16"
+    assert bench["onnx"]["device"] == "cuda"
+    assert bench["pytorch"]["decode_tokens_per_s"] > 0 and bench["onnx"]["decode_tokens_per_s"] > 0
+
+    from tasks.engines import OnnxEngine
+
+    engine = OnnxEngine(tmp_path / "out" / "tiny" / "model", set())
+    assert engine.device_type == "cuda" and len(engine.generate_timed([1, 20, 30], 5).tokens) == 5
+
+
+def _train_entry(store):
+    from tasks.store import ArtifactStore
+
+    artifacts = ArtifactStore(str(store))
+    entries = artifacts.entries("train")
+    assert len(entries) == 1, entries
+    return artifacts.materialize(entries[0])
+
+
+def train_log(store) -> list[dict]:
+    return [row for row in json.loads((_train_entry(store) / "train_log.json").read_text()) if "loss" in row]
+
+
+def adapter_tensors(store) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(_train_entry(store) / "adapter" / "adapter_model.safetensors"))
