@@ -106,6 +106,13 @@ def stages(config: Path = CONFIG, from_stage: Optional[str] = FROM_STAGE) -> Non
     console.print(table)
 
 
+def _stage_failed(bars: dict[str, int], finished: set[str], exc: Exception) -> None:
+    failed = next((s for s in reversed(bars) if s not in finished), "?")
+    console.print(f"[bold red]error:[/] stage {failed} failed: {exc}", highlight=False)
+    console.print("stages that finished are stored; run again to resume from the failed stage")
+    raise typer.Exit(1) from exc
+
+
 @app.command()
 def run(config: Path = CONFIG, from_stage: Optional[str] = FROM_STAGE) -> None:
     """Run the recipe: seven cached stages, progress per stage, then a summary table."""
@@ -145,13 +152,14 @@ def run(config: Path = CONFIG, from_stage: Optional[str] = FROM_STAGE) -> None:
     try:
         with progress:
             result = optimize(str(config), from_stage)
-    except (ConfigError, StoreError, MissingStageError) as exc:
+    except (ConfigError, MissingStageError) as exc:
         _fail(exc)
+    except StoreError as exc:
+        if not bars:  # the store could not be used at all: nothing ran
+            _fail(exc)
+        _stage_failed(bars, finished, exc)
     except Exception as exc:  # noqa: BLE001 - a failed stage: say which, keep the stored ones
-        failed = next((s for s in reversed(bars) if s not in finished), "?")
-        console.print(f"[bold red]error:[/] stage {failed} failed: {exc}", highlight=False)
-        console.print("stages that finished are stored; run again to resume from the failed stage")
-        raise typer.Exit(1) from exc
+        _stage_failed(bars, finished, exc)
     finally:
         observers.reset(token)
     table = Table(title=f"Grove run finished in {time.monotonic() - started:.1f}s")

@@ -274,6 +274,11 @@ def grove_stage(name: str, tags: tuple[str, ...] = ()):
             options = {"refresh_cache": entry is None, "retries": retries, "retry_delay_seconds": delay}
             if run.result_storage:
                 options["result_storage"] = run.result_storage
+            if entry is not None:
+                # A hit does no work: without tags Prefect skips its concurrency-slot calls (one
+                # API round trip each, most of a cached rerun's time), and a cached train never
+                # queues behind a GPU limit held by another run's training.
+                options["tags"] = set()
             state = prefect_task.with_options(**options)(*args, return_state=True, **kwargs)
             ref: ArtifactRef = state.result()
             cached = state.name == "Cached" or ref.summary.get("_reused", False)

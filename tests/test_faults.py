@@ -1,0 +1,113 @@
+"""Faults around the store, each with a clear message and nothing stored lost or corrupted."""
+
+from __future__ import annotations
+
+import errno
+import json
+import subprocess
+import uuid
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import tiny_config
+from flows.cli import app
+from seaweedfs import ACCESS_KEY, SECRET_KEY, free_port
+from tasks.store import ArtifactStore, StoreError
+
+runner = CliRunner()
+
+
+def flat(output: str) -> str:
+    return " ".join(output.split())
+
+
+def test_unreachable_store_fails_before_any_compute(tiny_model, tone_copy, tmp_path, write_config, monkeypatch):
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    config = write_config(tiny_config(tiny_model, tone_copy, "s3://grove-tests/unreachable", tmp_path / "out"))
+    result = runner.invoke(app, ["run", "--config", str(config)])
+    assert result.exit_code == 2, result.output
+    assert f"cannot reach the S3 endpoint {endpoint}" in flat(result.output)
+    assert SECRET_KEY not in result.output and ACCESS_KEY not in result.output
+    assert "load_data" not in result.output  # no stage started
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MB filesystem (tmpfs) to fill; needs the right to mount, as root in CI has."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.decode().strip()}); "
+                    "test_store_reports_a_full_disk_by_errno covers the message")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_fails_the_stage_clearly_and_keeps_earlier_entries(tiny_disk, tiny_model, tone_copy, tmp_path,
+                                                                      write_config):
+    root = tiny_disk / "store"
+    config = write_config(tiny_config(tiny_model, tone_copy, root, tmp_path / "out"))
+    result = runner.invoke(app, ["run", "--config", str(config)])
+    assert result.exit_code == 1, result.output
+    assert "the disk is full" in flat(result.output)
+    store = ArtifactStore(str(root))
+    failed = json.loads(runner.invoke(app, ["runs", "--store", str(root), "--json"]).output)[0]
+    assert failed["status"] == "failed" and failed["failed_stage"]
+    done = [s["stage"] for s in failed["stages"]]
+    assert done and failed["failed_stage"] not in done
+    for stage in done:  # what was stored before the disk filled is intact and still a hit
+        assert store.lookup(stage, next(s["key"] for s in failed["stages"] if s["stage"] == stage)) is not None
+    assert not list((root / "entries").glob(f"{failed['failed_stage']}/*/MANIFEST.json"))
+    assert not [p for p in (root / "blobs").rglob("*.tmp-*")]  # no half-written files left behind
+
+
+def test_store_reports_a_full_disk_by_errno(tmp_path, monkeypatch):
+    """The same message where mounting is not allowed: the write fails with ENOSPC (injected)."""
+    store = ArtifactStore(str(tmp_path / "store"))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.bin").write_bytes(b"x" * 100)
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store.fs, "put_file", full)
+    with pytest.raises(StoreError, match="the disk is full") as error:
+        store.put_dir("train", "k1", src, {})
+    assert not error.value.transient  # a full disk is not retried
+    assert store.lookup("train", "k1") is None
+
+
+def test_credentials_from_a_prefect_block_and_never_in_clear(s3_server, prefect_api, monkeypatch, tmp_path):
+    """Keys from a prefect-aws AwsCredentials block: the store works with no AWS_* variables,
+    and neither the saved result-storage block nor any message holds the secret."""
+    import httpx
+    from prefect_aws import AwsCredentials
+
+    from tasks.stage import prefect_result_storage
+
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    block = f"grove-test-{uuid.uuid4().hex[:6]}"
+    AwsCredentials(aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
+                   aws_client_parameters={"endpoint_url": s3_server.endpoint}).save(block, _sync=True)
+    store = ArtifactStore("s3://grove-tests/from-block", credentials_block=block)
+    store.check_writable()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("alpha")
+    assert store.lookup("train", store.put_dir("train", "k1", src, {}).key) is not None
+    assert SECRET_KEY not in repr(store) and SECRET_KEY not in store.location
+
+    slug = prefect_result_storage(store)
+    documents = httpx.post(f"{prefect_api}/block_documents/filter", json={}).text
+    assert slug.split("/")[1] in documents and SECRET_KEY not in documents
+
+    with pytest.raises(StoreError) as error:
+        ArtifactStore("s3://no-such-bucket/x", credentials_block=block).check_writable()
+    assert SECRET_KEY not in str(error.value) and "does not exist" in str(error.value)
