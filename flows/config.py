@@ -30,6 +30,7 @@ from tasks.settings import (
     RunConfig,
     TrainSettings,
 )
+from tasks.machine import machine_description
 from tasks.stage import STAGES
 
 SUPPORTED_PASSES = ("LoRA", "QLoRA", "MergeAdapterWeights", "ModelBuilder")
@@ -325,7 +326,7 @@ def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None) -> Ru
                               label_col=data.label_col),
         merge=bool(merges),
         build=build,
-        benchmark=BenchmarkSettings(**grove.benchmark.model_dump()),
+        benchmark=BenchmarkSettings(**grove.benchmark.model_dump(), machine=machine_description(grove.device)),
     )
 
 

@@ -80,6 +80,9 @@ class BuildSettings(Frozen):
 
 
 class BenchmarkSettings(Frozen):
+    # The hardware measured on (tasks/benchmark.py machine_description): timings from one
+    # machine are never a cache hit on another.
+    machine: str = ""
     prompts: int = 3
     max_new_tokens: int = 32
     warmup: int = 1

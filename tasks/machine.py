@@ -1,0 +1,30 @@
+"""A short description of the hardware a run measures on, cheap enough for every config load
+(no torch import): the CPU model and core count, and the GPUs when CUDA may be used."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+
+
+@functools.lru_cache(maxsize=None)
+def machine_description(device: str) -> str:
+    cpu = "unknown cpu"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    description = f"{cpu} x{os.cpu_count()}"
+    if device != "cpu" and shutil.which("nvidia-smi"):
+        try:
+            gpus = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                  text=True, timeout=10).stdout.split("\n")
+            gpus = [g.strip() for g in gpus if g.strip()]
+            if gpus:
+                description += f"; {len(gpus)}x {gpus[0]}"
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return description
