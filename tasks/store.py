@@ -251,18 +251,23 @@ class ArtifactStore:
 
     def put_dir(self, stage: str, key: str, local_dir: Path, meta: dict[str, Any]) -> Entry:
         """Store every file under local_dir as the entry (stage, key); manifest last."""
-        files: dict[str, dict[str, Any]] = {}
-        for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
-            rel = path.relative_to(local_dir).as_posix()
-            sha, size = sha256_file(path), path.stat().st_size
-            self._retry(f"storing {stage}/{rel}", lambda: self._put_blob(path, sha, size))
-            files[rel] = {"sha256": sha, "size": size}
+        files = self._put_files(local_dir, stage)
         body = {"stage": stage, "key": key, "files": files, "meta": meta, "digest": manifest_digest(files, meta)}
         self._retry(f"writing the manifest of {stage}/{key}",
                     lambda: self._write_json(self._by_digest_path(body["digest"]), body))
         self._retry(f"writing the manifest of {stage}/{key}",
                     lambda: self._write_json(self._manifest_path(stage, key), body))
         return Entry(stage, key, body)
+
+    def _put_files(self, local_dir: Path, label: str) -> dict[str, dict[str, Any]]:
+        """A blob for every file under local_dir; the manifest's `files` (path -> sha256, size)."""
+        files: dict[str, dict[str, Any]] = {}
+        for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
+            rel = path.relative_to(local_dir).as_posix()
+            sha, size = sha256_file(path), path.stat().st_size
+            self._retry(f"storing {label}/{rel}", lambda: self._put_blob(path, sha, size))
+            files[rel] = {"sha256": sha, "size": size}
+        return files
 
     def put_json(self, relpath: str, body: Any) -> str:
         """A small JSON document outside the entries (run records); returns its URI."""
