@@ -210,6 +210,7 @@ class GroveSection(Strict):
     completion_only_loss: bool = False
     lora_top_layers: int | None = Field(None, gt=0)
     seed: int = 42
+    checkpoint_steps: int = Field(25, ge=0, strict=True, description="training checkpoints every N steps; 0: none")
     evaluate: GroveEval = Field(default_factory=GroveEval)
     benchmark: GroveBenchmark = Field(default_factory=GroveBenchmark)
 
@@ -229,6 +230,8 @@ RENAMED_TRAINING_ARGS = {
 # Managed by Grove (storage, checkpoints, logging): accepted and ignored with a warning.
 GROVE_MANAGED_TRAINING_ARGS = {"output_dir", "overwrite_output_dir", "logging_dir", "report_to",
                                "push_to_hub", "hub_model_id", "hub_token", "resume_from_checkpoint"}
+# Checkpoints go to the artifact store every grove.checkpoint_steps steps (not part of the cache key).
+GROVE_CHECKPOINT_TRAINING_ARGS = {"save_strategy", "save_steps", "save_total_limit", "save_only_model"}
 
 
 # ---- loading and validation --------------------------------------------------------------------
@@ -318,6 +321,7 @@ def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None) -> Ru
         retries={stage: RetrySettings(**r.model_dump()) for stage, r in grove.retries.items()},
         device=grove.device,
         seed=grove.seed,
+        checkpoint_steps=grove.checkpoint_steps,
         model=model,
         data=data,
         corpus=corpus,
@@ -556,6 +560,9 @@ def _training_args(args: dict[str, Any], where: str, kind: str) -> dict[str, Any
     for key, value in args.items():
         if key in GROVE_MANAGED_TRAINING_ARGS:
             _warn(f"{where}.{key}: managed by Grove (artifact store, checkpoints); ignored")
+            continue
+        if key in GROVE_CHECKPOINT_TRAINING_ARGS:
+            _warn(f"{where}.{key}: checkpoints are managed by Grove (set grove.checkpoint_steps); ignored")
             continue
         if key == "group_by_length":
             if value:

@@ -70,7 +70,8 @@ def optimize(config: str, from_stage: str | None = None) -> dict[str, Any]:
         if show_end:
             show_end(record)
 
-    context = RunContext(store=store, device=cfg.device, from_stage=from_stage, retries=cfg.retries,
+    context = RunContext(store=store, device=cfg.device, checkpoint_steps=cfg.checkpoint_steps,
+                         from_stage=from_stage, retries=cfg.retries,
                          result_storage=prefect_result_storage(store), on_stage_start=stage_started,
                          on_stage_end=stage_ended, **hooks)
     try:

@@ -23,7 +23,8 @@ def key_result(stage: str, summary: dict[str, Any]) -> str:
     if stage == "train":
         first, final = s.get("first_loss"), s.get("final_loss")
         loss = f"loss {first:.3f} -> {final:.3f}" if first is not None and final is not None else ""
-        return f"{s.get('method')} {s.get('steps')} steps on {s.get('device')}, {loss}"
+        resumed = f" (resumed at step {s['resumed_from_step']})" if s.get("resumed_from_step") else ""
+        return f"{s.get('method')} {s.get('steps')} steps on {s.get('device')}{resumed}, {loss}"
     if stage == "evaluate":
         parts = [f"{name} acc {m.get('accuracy')}" for name, m in s.items() if isinstance(m, dict)
                  and m.get("accuracy") is not None]

@@ -106,6 +106,7 @@ class RunConfig(Frozen):
     retries: dict[str, RetrySettings] = {}
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 42
+    checkpoint_steps: int = 25  # training checkpoints every N steps (0: none); not part of any key
     model: ModelSettings
     data: DataSettings
     corpus: CorpusSettings

@@ -10,6 +10,8 @@ returns a small summary dict. The decorator does the rest, once for all stages:
   folder is stored with the manifest written last;
 - Prefect: each stage is a task whose cache key is the same key and whose result is the
   small `ArtifactRef`, so a cached rerun moves kilobytes.
+- checkpoints: a long stage (train) may store checkpoints under its own key
+  (`current_stage_key()`) while it runs; they are dropped once its entry is stored.
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ class RunContext:
 
     store: ArtifactStore
     device: str = "auto"
+    checkpoint_steps: int = 0  # a stage that checkpoints (train) does so every N steps; 0: never
     from_stage: str | None = None
     dry_run: bool = False
     records: list[StageRecord] = field(default_factory=list)
@@ -109,6 +112,7 @@ class RunContext:
 
 _run: ContextVar[RunContext | None] = ContextVar("grove_run", default=None)
 _output: ContextVar[Path | None] = ContextVar("grove_stage_output", default=None)
+_key: ContextVar[str | None] = ContextVar("grove_stage_key", default=None)
 
 
 @contextlib.contextmanager
@@ -161,6 +165,14 @@ def output_dir() -> Path:
     if path is None:
         raise RuntimeError("output_dir() is only available inside a running stage")
     return path
+
+
+def current_stage_key() -> str:
+    """The running stage's cache key (what its checkpoints are stored under)."""
+    key = _key.get()
+    if key is None:
+        raise RuntimeError("current_stage_key() is only available inside a running stage")
+    return key
 
 
 def open_artifact(ref: ArtifactRef) -> Path:
@@ -228,14 +240,17 @@ def grove_stage(name: str, tags: tuple[str, ...] = ()):
                     ref = _ref(entry, run.store)
                     return ref.model_copy(update={"summary": {**ref.summary, "_reused": True}})
             out = Path(tempfile.mkdtemp(prefix=f"grove-{name}-"))
-            token = _output.set(out)
+            token, key_token = _output.set(out), _key.set(key)
             try:
                 summary = fn(*args, **kwargs) or {}
                 meta = {"summary": summary, "code_version": version,
                         "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-                return _ref(run.store.put_dir(name, key, out, meta), run.store)
+                ref = _ref(run.store.put_dir(name, key, out, meta), run.store)
+                _drop_checkpoints(run.store, name, key)
+                return ref
             finally:
                 _output.reset(token)
+                _key.reset(key_token)
                 shutil.rmtree(out, ignore_errors=True)
 
         run_stage.__signature__ = signature  # Prefect reads parameters from it
@@ -302,6 +317,17 @@ def _exception_of(state) -> BaseException:
     except BaseException as exc:  # noqa: BLE001 - the failure we are asked about
         return exc
     return RuntimeError("no exception")
+
+
+def _drop_checkpoints(store: ArtifactStore, name: str, key: str) -> None:
+    """Once the stage's entry is stored its checkpoints are dead weight; failing to drop
+    them must not fail the stage."""
+    try:
+        store.drop_checkpoints(name, key)
+    except Exception as exc:  # noqa: BLE001 - clean-up only
+        import logging
+
+        logging.getLogger("grove.store").warning("could not drop the checkpoints of %s/%s: %s", name, key, exc)
 
 
 def _plan(run: RunContext, name: str, key: str, entry: Entry | None, upstream: list[ArtifactRef]) -> ArtifactRef:

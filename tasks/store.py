@@ -6,6 +6,8 @@ Layout under the artifact root (a local folder or s3://bucket/prefix, any fsspec
     manifests/<digest>.json              every manifest ever written, immutable, by digest
     entries/<stage>/<key>/MANIFEST.json  the entry for one stage's cache key (a manifest copy)
     runs/<run id>.json                   what each run used and produced (grove runs / gc)
+    checkpoints/<stage>/<key>/<step:08d>/MANIFEST.json
+                                         a running stage's checkpoint (training state)
 
 A manifest lists every file of the entry (relative path, size, sha256) and is written
 LAST, after all blobs are in place: an entry without a manifest is incomplete and never
@@ -13,6 +15,11 @@ counts as a cache hit. Downstream stages open an upstream artifact by its digest
 the immutable copy, so two runs racing on one key each read a consistent set of files
 whichever manifest ends up as the entry. The store knows nothing of stages beyond the
 names it is given.
+
+Checkpoints follow the same rules (blobs, manifest written last, verified when read). The
+newest two of a (stage, key) are kept while the stage runs and all are dropped once its
+entry is stored; dropping one deletes the blobs no other manifest lists, so optimizer
+states do not pile up between `grove gc` runs.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -84,6 +92,11 @@ class Entry:
     @property
     def size_bytes(self) -> int:
         return sum(f["size"] for f in self.files.values())
+
+    @property
+    def step(self) -> int | None:
+        """A checkpoint's training step (None for an entry)."""
+        return self.manifest["meta"].get("step")
 
     @property
     def content(self) -> str:
@@ -251,12 +264,7 @@ class ArtifactStore:
 
     def put_dir(self, stage: str, key: str, local_dir: Path, meta: dict[str, Any]) -> Entry:
         """Store every file under local_dir as the entry (stage, key); manifest last."""
-        files: dict[str, dict[str, Any]] = {}
-        for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
-            rel = path.relative_to(local_dir).as_posix()
-            sha, size = sha256_file(path), path.stat().st_size
-            self._retry(f"storing {stage}/{rel}", lambda: self._put_blob(path, sha, size))
-            files[rel] = {"sha256": sha, "size": size}
+        files = self._put_files(local_dir, stage)
         body = {"stage": stage, "key": key, "files": files, "meta": meta, "digest": manifest_digest(files, meta)}
         self._retry(f"writing the manifest of {stage}/{key}",
                     lambda: self._write_json(self._by_digest_path(body["digest"]), body))
@@ -272,6 +280,16 @@ class ArtifactStore:
             log.warning("entry %s/%s: another run stored it first; continuing with that entry", stage, key)
             return first
         return Entry(stage, key, body)
+
+    def _put_files(self, local_dir: Path, label: str) -> dict[str, dict[str, Any]]:
+        """A blob for every file under local_dir; the manifest's `files` (path -> sha256, size)."""
+        files: dict[str, dict[str, Any]] = {}
+        for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
+            rel = path.relative_to(local_dir).as_posix()
+            sha, size = sha256_file(path), path.stat().st_size
+            self._retry(f"storing {label}/{rel}", lambda: self._put_blob(path, sha, size))
+            files[rel] = {"sha256": sha, "size": size}
+        return files
 
     def put_json(self, relpath: str, body: Any) -> str:
         """A small JSON document outside the entries (run records); returns its URI."""
@@ -379,6 +397,106 @@ class ArtifactStore:
             except (FileNotFoundError, StoreError, ValueError) as exc:
                 log.warning("skipping %s: %s", path, exc)
         return documents
+
+    # ---- checkpoints -------------------------------------------------------------------
+    def put_checkpoint(self, stage: str, key: str, step: int, local_dir: Path, keep: int = 2) -> Entry:
+        """Store local_dir as the checkpoint at `step` of (stage, key), manifest last; then
+        drop all but the newest `keep` checkpoints of (stage, key) (0 keeps all)."""
+        label = f"checkpoint {stage}/{key}@{step}"
+        files = self._put_files(local_dir, label)
+        meta = {"step": step, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        body = {"stage": stage, "key": key, "files": files, "meta": meta, "digest": manifest_digest(files, meta)}
+        self._retry(f"writing the manifest of {label}",
+                    lambda: self._write_json(self._checkpoint_path(stage, key, step, MANIFEST), body))
+        if keep > 0:
+            self._drop_checkpoints(stage, key, self.checkpoint_steps(stage, key)[:-keep])
+        return Entry(stage, key, body)
+
+    def checkpoint_steps(self, stage: str, key: str) -> list[int]:
+        """Steps of (stage, key) that have a checkpoint manifest, oldest first (not verified)."""
+        paths = self._retry(f"listing the checkpoints of {stage}/{key}",
+                            lambda: self.fs.glob(self._checkpoint_path(stage, key, "*", MANIFEST)))
+        names = [path.rstrip("/").split("/")[-2] for path in paths]
+        return sorted(int(name) for name in names if name.isdigit())
+
+    def latest_checkpoint(self, stage: str, key: str) -> Entry | None:
+        """The newest complete, verified checkpoint of (stage, key); a damaged one is skipped
+        (with a warning) in favour of the one before it."""
+        skipped = []
+        for step in reversed(self.checkpoint_steps(stage, key)):
+            entry = self._load(self._checkpoint_path(stage, key, step, MANIFEST), f"{stage}/{key} checkpoint {step}")
+            if entry is not None:
+                if skipped:
+                    log.warning("checkpoint %s/%s: step %s unusable; falling back to step %d", stage, key,
+                                ", ".join(map(str, skipped)), step)
+                return entry
+            skipped.append(step)
+        return None
+
+    def drop_checkpoints(self, stage: str, key: str) -> int:
+        """Drop every checkpoint of (stage, key) (once its entry is stored); how many there were."""
+        folder = self._path("checkpoints", stage, key)
+        if not self._retry(f"listing the checkpoints of {stage}/{key}", lambda: self.fs.exists(folder)):
+            return 0
+        steps = self.checkpoint_steps(stage, key)
+        self._drop_checkpoints(stage, key, steps)
+        try:
+            self._retry(f"removing the checkpoints of {stage}/{key}", lambda: self.fs.rm(folder, recursive=True))
+        except FileNotFoundError:
+            pass
+        return len(steps)
+
+    def _checkpoint_path(self, stage: str, key: str, step: int | str, *parts: str) -> str:
+        return self._path(_checkpoint_rel(stage, key, step, *parts))
+
+    def _drop_checkpoints(self, stage: str, key: str, steps: list[int]) -> None:
+        """Manifests first (a half-dropped checkpoint never counts), then the blobs no other
+        manifest lists, then the local views."""
+        if not steps:
+            return
+        shas, digests = set(), []
+        for step in steps:
+            manifest = _checkpoint_rel(stage, key, step, MANIFEST)
+            try:
+                body = self._read_json(self._path(manifest), f"reading the manifest of {stage}/{key} checkpoint {step}")
+                shas |= {info["sha256"] for info in body["files"].values()}
+                digests.append(body["digest"])
+            except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
+                pass  # unreadable: its blobs stay for `grove gc`
+            self.remove(manifest)
+        live = self._listed_blobs()
+        if live is not None:
+            for sha in shas - live:
+                self.remove(f"blobs/{sha[:2]}/{sha}")
+        for digest in digests:
+            shutil.rmtree(self.materialized / digest, ignore_errors=True)
+        if self.is_local:  # the emptied step folders (S3 has no folders)
+            for step in steps:
+                shutil.rmtree(self._checkpoint_path(stage, key, step), ignore_errors=True)
+
+    def _listed_blobs(self) -> set[str] | None:
+        """Every blob a manifest (entry, by-digest copy or checkpoint) lists; None if one cannot
+        be read. The manifests are fetched in one batch (concurrently on S3)."""
+        patterns = (self._path("entries", "*", "*", MANIFEST), self._path("manifests", "*.json"),
+                    self._checkpoint_path("*", "*", "*", MANIFEST))
+        paths = [path for pattern in patterns
+                 for path in self._retry("listing manifests", lambda: self.fs.glob(pattern))]
+        if not paths:
+            return set()
+        bodies = self._retry("reading manifests", lambda: self.fs.cat(paths, on_error="return"))
+        shas: set[str] = set()
+        for data in bodies.values():
+            if isinstance(data, FileNotFoundError):
+                continue  # dropped meanwhile
+            try:
+                shas |= {info["sha256"] for info in json.loads(data)["files"].values()}
+            except (ValueError, KeyError, TypeError, AttributeError):
+                return None  # cannot tell what it lists: delete nothing (grove gc will)
+        return shas
+
+
+def _checkpoint_rel(stage: str, key: str, step: int | str, *parts: str) -> str:
+    return "/".join(["checkpoints", stage, key, f"{step:08d}" if isinstance(step, int) else step, *parts])
 
 
 def folder_bytes(folder: str | Path) -> int:

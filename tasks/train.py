@@ -3,17 +3,27 @@
 Stores the adapter (peft format) and the training log. Olive's training_args map onto
 transformers TrainingArguments (flows/config.py checks the names); Grove adjusts what
 cannot apply on the device (half precision and paged optimizers on a CPU) with a warning.
+
+Resumable: every `grove.checkpoint_steps` steps the Trainer writes its own checkpoint
+(adapter, optimizer, scheduler, RNG states, trainer state with the step) to a local work
+folder and Grove copies it to the artifact store under this stage's cache key. A run of
+the same key that finds a checkpoint there resumes from it: the Trainer reloads all of
+that, skips the batches already seen (the sampler is seeded by data_seed and the epoch)
+and restores the RNG, so the adapter is the one an uninterrupted run gives.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 from tasks.models import load_causal_lm, model_folder, resolve_device
 from tasks.settings import TrainSettings, ModelSettings
-from tasks.stage import ArtifactRef, current_run, grove_stage, open_artifact, output_dir
+from tasks.stage import ArtifactRef, current_run, current_stage_key, grove_stage, open_artifact, output_dir
 from tasks.textdata import read_jsonl
 
 log = logging.getLogger("grove.train")
@@ -86,7 +96,8 @@ def add_lora(base, settings: TrainSettings):
     return get_peft_model(base, config)
 
 
-def training_arguments(settings: TrainSettings, device: str, workdir: str, has_eval: bool):
+def training_arguments(settings: TrainSettings, device: str, workdir: str, has_eval: bool,
+                       checkpoint_steps: int = 0):
     from transformers import TrainingArguments
 
     args = {**DEFAULT_ARGS, **settings.training_args}
@@ -102,6 +113,10 @@ def training_arguments(settings: TrainSettings, device: str, workdir: str, has_e
     args.update(output_dir=workdir, report_to="none", save_strategy="no", disable_tqdm=True,
                 use_cpu=device == "cpu", seed=settings.seed, data_seed=args.get("data_seed", settings.seed),
                 remove_unused_columns=False)
+    if checkpoint_steps:
+        # The Trainer's full checkpoint (not save_only_model: resuming needs the optimizer,
+        # scheduler and RNG), only the newest kept in the work folder.
+        args.update(save_strategy="steps", save_steps=checkpoint_steps, save_total_limit=1, save_only_model=False)
     return TrainingArguments(**args)
 
 
@@ -147,6 +162,26 @@ def _progress_callback():
     return Progress()
 
 
+def _checkpoint_callback(key: str):
+    """Copies each checkpoint the Trainer writes to the artifact store (newest 2 kept there)."""
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    store = current_run().store
+
+    class StoreCheckpoints(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                return  # the end of training: the stage's own entry is stored next
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            started = time.monotonic()
+            entry = store.put_checkpoint("train", key, state.global_step, folder)
+            log.info("checkpoint step %d stored (%.1f MB in %.1f s)", state.global_step,
+                     entry.size_bytes / 2**20, time.monotonic() - started)
+
+    return StoreCheckpoints()
+
+
 @grove_stage("train", tags=("gpu",))
 def train(settings: TrainSettings, corpus: ArtifactRef, model: ModelSettings) -> dict:
     """Fine-tune LoRA/QLoRA adapters on the templated corpus; stores adapter/ and train_log.json."""
@@ -154,7 +189,8 @@ def train(settings: TrainSettings, corpus: ArtifactRef, model: ModelSettings) ->
     from datasets import Dataset
     from transformers import PrinterCallback, Trainer
 
-    device = resolve_device(current_run().device)
+    run = current_run()
+    device = resolve_device(run.device)
     torch.manual_seed(settings.seed)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -164,15 +200,28 @@ def train(settings: TrainSettings, corpus: ArtifactRef, model: ModelSettings) ->
     base = load_base_for_training(model, settings, device)
     peft_model = add_lora(base, settings)
     out = output_dir()
-    args = training_arguments(settings, device, str(out / ".trainer"),
-                              has_eval=settings.training_args.get("eval_strategy", "no") != "no")
+    key = current_stage_key()
+    checkpoint = run.store.latest_checkpoint("train", key)  # left by an interrupted run of this key
+    workdir = Path(tempfile.mkdtemp(prefix="grove-train-work-"))
+    args = training_arguments(settings, device, str(workdir),
+                              has_eval=settings.training_args.get("eval_strategy", "no") != "no",
+                              checkpoint_steps=run.checkpoint_steps)
     pad_id = base.config.pad_token_id if base.config.pad_token_id is not None else 0
+    callbacks = [_progress_callback()] + ([_checkpoint_callback(key)] if run.checkpoint_steps else [])
     trainer = Trainer(model=peft_model, args=args, train_dataset=Dataset.from_list(train_rows),
                       eval_dataset=Dataset.from_list(eval_rows) if args.eval_strategy != "no" else None,
-                      data_collator=_Collator(pad_id), callbacks=[_progress_callback()])
+                      data_collator=_Collator(pad_id), callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # progress goes through Grove's callback, not print()
     started = time.monotonic()
-    result = trainer.train()
+    try:
+        resume = None
+        if checkpoint is not None:
+            resume = str(run.store.materialize(checkpoint))
+            log.warning("train: resuming from step %d (checkpoint stored %s)", checkpoint.step,
+                        checkpoint.manifest["meta"].get("created"))
+        result = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     seconds = time.monotonic() - started
     peft_model.save_pretrained(out / "adapter")
     history = trainer.state.log_history
@@ -185,8 +234,9 @@ def train(settings: TrainSettings, corpus: ArtifactRef, model: ModelSettings) ->
         "steps": trainer.state.global_step,
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else result.training_loss,
-        "train_loss": result.training_loss,
-        "seconds": round(seconds, 2),
+        "train_loss": result.training_loss,  # after a resume, transformers averages the resumed steps only
+        "seconds": round(seconds, 2),  # of this run (after a resume: the resumed part)
+        "resumed_from_step": checkpoint.step if checkpoint is not None else 0,
         "trainable_params": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
     }
     if settings.method == "qlora":

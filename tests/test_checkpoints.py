@@ -1,0 +1,209 @@
+"""Resumable training: checkpoints in the artifact store, and a SIGKILLed run that resumes.
+
+Store level: a checkpoint counts only with its manifest, a damaged newest one falls back to
+the one before it, only the newest K are kept, and dropping them deletes the blobs nothing
+else lists. End to end: `grove run` killed mid-training resumes from its last checkpoint
+and ends with the adapter of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, tiny_config
+from tasks.store import ArtifactStore
+
+
+def blob(root: Path, sha: str) -> Path:
+    return root / "blobs" / sha[:2] / sha
+
+
+def has_blob(store: ArtifactStore, sha: str) -> bool:
+    return store.fs.exists(store._blob_path(sha))
+
+
+def checkpoint_dir(tmp_path: Path, step: int) -> Path:
+    """What a Trainer checkpoint looks like to the store: per-step weights and optimizer
+    state, plus a file that is the same at every step (the adapter config)."""
+    folder = tmp_path / f"checkpoint-{step}"
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").write_bytes(os.urandom(2000))
+    (folder / "optimizer.pt").write_bytes(os.urandom(4000))
+    (folder / "adapter_config.json").write_text('{"r": 4}')
+    (folder / "trainer_state.json").write_text(f'{{"global_step": {step}}}')
+    return folder
+
+
+@pytest.fixture
+def store(tmp_path) -> ArtifactStore:
+    return ArtifactStore(str(tmp_path / "root"))
+
+
+def test_latest_checkpoint_is_the_newest_and_only_the_newest_two_are_kept(store_root, tmp_path):
+    """On a local folder and on the S3 server."""
+    store = ArtifactStore(store_root)
+    assert store.latest_checkpoint("train", "k1") is None
+    first = store.put_checkpoint("train", "k1", 2, checkpoint_dir(tmp_path, 2))
+    store.put_checkpoint("train", "k1", 4, checkpoint_dir(tmp_path, 4))
+    assert store.checkpoint_steps("train", "k1") == [2, 4]
+    latest = store.latest_checkpoint("train", "k1")
+    assert latest.step == 4 and (store.materialize(latest) / "trainer_state.json").read_text() == '{"global_step": 4}'
+
+    store.put_checkpoint("train", "k1", 6, checkpoint_dir(tmp_path, 6))
+    assert store.checkpoint_steps("train", "k1") == [4, 6]
+    assert not has_blob(store, first.files["optimizer.pt"]["sha256"]), "a pruned checkpoint's blobs go"
+    assert has_blob(store, first.files["adapter_config.json"]["sha256"]), "a blob still listed stays"
+    assert store.lookup("train", "k1") is None and store.entries() == [], "checkpoints are not entries"
+
+
+def test_checkpoint_without_manifest_never_counts(store, tmp_path):
+    store.put_checkpoint("train", "k1", 2, checkpoint_dir(tmp_path, 2))
+    store.put_checkpoint("train", "k1", 4, checkpoint_dir(tmp_path, 4))
+    os.remove(tmp_path / "root" / "checkpoints" / "train" / "k1" / "00000004" / "MANIFEST.json")
+    assert store.latest_checkpoint("train", "k1").step == 2
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_one_before(store, tmp_path, caplog):
+    store.put_checkpoint("train", "k1", 2, checkpoint_dir(tmp_path, 2))
+    newest = store.put_checkpoint("train", "k1", 4, checkpoint_dir(tmp_path, 4))
+    path = blob(tmp_path / "root", newest.files["optimizer.pt"]["sha256"])
+    os.chmod(path, 0o644)
+    path.write_bytes(path.read_bytes()[:100])  # a truncated upload
+    assert store.latest_checkpoint("train", "k1").step == 2
+    assert "optimizer.pt" in caplog.text and "falling back to step 2" in caplog.text
+
+
+def test_dropping_checkpoints_keeps_what_the_entry_shares(store_root, tmp_path):
+    """On a local folder and on the S3 server."""
+    store = ArtifactStore(store_root)
+    checkpoint = store.put_checkpoint("train", "k1", 2, checkpoint_dir(tmp_path, 2))
+    view = store.materialize(store.latest_checkpoint("train", "k1"))
+    output = tmp_path / "output"
+    output.mkdir()
+    (output / "adapter_config.json").write_text('{"r": 4}')  # the same file as in the checkpoint
+    entry = store.put_dir("train", "k1", output, {})
+    assert store.drop_checkpoints("train", "k1") == 1
+    assert store.latest_checkpoint("train", "k1") is None and store.checkpoint_steps("train", "k1") == []
+    assert not has_blob(store, checkpoint.files["optimizer.pt"]["sha256"])
+    assert has_blob(store, checkpoint.files["adapter_config.json"]["sha256"])
+    assert not view.exists(), "the local view of a dropped checkpoint goes too"
+    assert store.lookup("train", "k1").digest == entry.digest
+    assert store.drop_checkpoints("train", "k1") == 0
+
+
+# ---- config: grove.checkpoint_steps ----------------------------------------------------------------
+@pytest.mark.parametrize("value", [-1, "2", True, 2.5, None])
+def test_checkpoint_steps_must_be_a_non_negative_whole_number(tiny_model, tmp_path, value):
+    from flows.config import ConfigError, parse_config
+
+    raw = tiny_config(tiny_model, tmp_path / "data.jsonl", tmp_path / "store", tmp_path / "out")
+    raw["grove"]["checkpoint_steps"] = value
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw, base_dir=ROOT)
+    assert caught.value.path == "grove.checkpoint_steps"
+
+
+def test_checkpoint_steps_is_no_part_of_the_train_settings(tiny_model, tmp_path, caplog):
+    from conftest import TONE_DATA
+    from flows.config import parse_config
+
+    raw = tiny_config(tiny_model, TONE_DATA, tmp_path / "store", tmp_path / "out")
+    default = parse_config(raw, base_dir=tmp_path)
+    raw["grove"]["checkpoint_steps"] = 0
+    raw["passes"]["lora"]["config"]["training_args"]["save_steps"] = 7  # Grove's to set
+    off = parse_config(raw, base_dir=tmp_path)
+    assert (default.checkpoint_steps, off.checkpoint_steps) == (25, 0)
+    assert off.train == default.train, "the adapter does not depend on the checkpoint interval"
+    assert "training_args.save_steps" in caplog.text and "grove.checkpoint_steps" in caplog.text
+
+
+# ---- end to end: SIGKILL mid-training, run again, same adapter ------------------------------------
+def adapter_of(root: Path) -> dict:
+    from safetensors.torch import load_file
+
+    store = ArtifactStore(str(root))
+    [entry] = store.entries("train")
+    return load_file(store.materialize(entry) / "adapter" / "adapter_model.safetensors")
+
+
+def uninterrupted_adapter(config: Path) -> dict:
+    """The pipeline's first three stages in this process (evaluate and benchmark add nothing here)."""
+    from flows.config import load_config
+    from tasks.load_data import load_data
+    from tasks.stage import RunContext, stage_run
+    from tasks.template_corpus import template_corpus
+    from tasks.train import train
+
+    cfg = load_config(config)
+    with stage_run(RunContext(store=ArtifactStore(cfg.artifact_root), checkpoint_steps=cfg.checkpoint_steps)):
+        train(cfg.train, template_corpus(cfg.corpus, load_data(cfg.data), cfg.model), cfg.model)
+    return adapter_of(Path(cfg.artifact_root))
+
+
+def grove_process(config: Path, log: Path) -> subprocess.Popen:
+    """`grove run` in its own process group (so the kill takes everything it started)."""
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--config", str(config)], cwd=ROOT,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_killed_training_resumes_from_its_last_checkpoint_with_the_same_adapter(tiny_model, tone_copy, tmp_path,
+                                                                                write_config):
+    import torch
+
+    raw = tiny_config(tiny_model, tone_copy, tmp_path / "store", tmp_path / "out")
+    del raw["passes"]["merge"], raw["passes"]["builder"]  # train is what this is about
+    raw["passes"]["lora"]["config"]["training_args"].update(max_steps=12, logging_steps=4)
+    raw["passes"]["lora"]["config"]["lora_dropout"] = 0.1  # resuming must restore the dropout RNG too
+    raw["grove"]["checkpoint_steps"] = 2
+    config = write_config(raw, "killed.json")
+    checkpoints = tmp_path / "store" / "checkpoints" / "train"
+
+    # 1. kill -9 once a checkpoint past step 2 is stored
+    proc = grove_process(config, tmp_path / "killed.log")
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            stored = sorted(checkpoints.glob("*/*/MANIFEST.json"))
+            if stored and int(stored[-1].parent.name) > 2:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+    assert not list((tmp_path / "store" / "entries").glob("train/*/MANIFEST.json")), "killed before the end"
+    last = json.loads(sorted(checkpoints.glob("*/*/MANIFEST.json"))[-1].read_text())
+    optimizer_blob = tmp_path / "store" / "blobs" / last["files"]["optimizer.pt"]["sha256"][:2] / \
+        last["files"]["optimizer.pt"]["sha256"]
+    assert optimizer_blob.exists() and {"rng_state.pth", "scheduler.pt", "trainer_state.json",
+                                        "adapter_model.safetensors"} <= set(last["files"])
+
+    # 2. the same command again: resumes, finishes, drops the checkpoints
+    proc = grove_process(config, tmp_path / "resumed.log")
+    assert proc.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    output = " ".join((tmp_path / "resumed.log").read_text().split())
+    resumed = json.loads((tmp_path / "out" / "tiny" / "report.json").read_text())
+    summary = next(s["summary"] for s in resumed["stages"] if s["stage"] == "train")
+    assert summary["resumed_from_step"] == last["meta"]["step"] > 0 and summary["steps"] == 12
+    assert f"resuming from step {last['meta']['step']}" in output
+    assert not list(checkpoints.glob("*/*/MANIFEST.json")) and not optimizer_blob.exists()
+
+    # 3. the adapter of an uninterrupted run of the same config (checkpoints off) in another root
+    raw["engine"] = {"cache_dir": str(tmp_path / "store2"), "output_dir": str(tmp_path / "out2")}
+    raw["grove"]["checkpoint_steps"] = 0
+    expected = uninterrupted_adapter(write_config(raw, "uninterrupted.json"))
+    assert not (tmp_path / "store2" / "checkpoints").exists()
+    got = adapter_of(tmp_path / "store")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.allclose(expected[name], got[name], rtol=0, atol=1e-6), name
