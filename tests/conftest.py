@@ -180,6 +180,16 @@ def tone_copy(tmp_path) -> Path:
 
 
 @pytest.fixture
+def folder(tmp_path) -> Path:
+    """A small folder to store: a text file and a random binary one in a subfolder."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("alpha")
+    (src / "sub" / "b.bin").write_bytes(os.urandom(100_000))
+    return src
+
+
+@pytest.fixture
 def write_config(tmp_path):
     def write(raw: dict, name: str = "run.json") -> Path:
         path = tmp_path / name

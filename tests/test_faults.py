@@ -111,3 +111,38 @@ def test_credentials_from_a_prefect_block_and_never_in_clear(s3_server, prefect_
     with pytest.raises(StoreError) as error:
         ArtifactStore("s3://no-such-bucket/x", credentials_block=block).check_writable()
     assert SECRET_KEY not in str(error.value) and "does not exist" in str(error.value)
+
+
+def test_a_transient_stage_failure_is_retried_and_a_bad_input_is_not(tiny_model, tone_copy, tmp_path, write_config,
+                                                                      monkeypatch):
+    """Injected faults (a dropped connection, then a data error) in load_data's reader: the
+    first is retried per grove.retries and the run completes; the second fails at once."""
+    import tasks.load_data
+
+    raw = tiny_config(tiny_model, tone_copy, tmp_path / "store", tmp_path / "out")
+    del raw["passes"]["merge"], raw["passes"]["builder"]
+    raw["grove"]["retries"] = {"load_data": {"retries": 2, "delay_seconds": 0}}
+    config = write_config(raw)
+    real_read, calls = tasks.load_data.read_rows, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionError("connection reset by peer")
+        return real_read(*args, **kwargs)
+
+    monkeypatch.setattr(tasks.load_data, "read_rows", flaky)
+    result = runner.invoke(app, ["run", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 2
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise ValueError("configs/data/tone.jsonl: line 3 is not JSON")
+
+    calls.clear()
+    tone_copy.write_text(tone_copy.read_text() + "\n")  # new data: load_data must run again
+    monkeypatch.setattr(tasks.load_data, "read_rows", broken)
+    result = runner.invoke(app, ["run", "--config", str(config)])
+    assert result.exit_code == 1 and "line 3 is not JSON" in flat(result.output)
+    assert len(calls) == 1  # never retried

@@ -15,15 +15,6 @@ from seaweedfs import SECRET_KEY, SeaweedServer
 from tasks.store import ArtifactStore, StoreError
 
 
-@pytest.fixture
-def folder(tmp_path):
-    src = tmp_path / "src"
-    (src / "sub").mkdir(parents=True)
-    (src / "a.txt").write_text("alpha")
-    (src / "sub" / "b.bin").write_bytes(os.urandom(100_000))
-    return src
-
-
 def fresh_root() -> str:
     return f"s3://grove-tests/store-{uuid.uuid4().hex[:8]}"
 

@@ -10,15 +10,6 @@ import pytest
 from tasks.store import ArtifactStore, StoreError
 
 
-@pytest.fixture
-def folder(tmp_path):
-    src = tmp_path / "src"
-    (src / "sub").mkdir(parents=True)
-    (src / "a.txt").write_text("alpha")
-    (src / "sub" / "b.bin").write_bytes(os.urandom(1000))
-    return src
-
-
 def test_stored_entry_reads_back_identically(tmp_path, folder):
     store = ArtifactStore(str(tmp_path / "root"))
     entry = store.put_dir("train", "k1", folder, {"summary": {"loss": 1.0}})
