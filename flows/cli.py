@@ -272,6 +272,51 @@ def gc(keep: int = typer.Option(..., "--keep", min=0, help="Keep what the newest
         console.print(f"  {name}", highlight=False)
 
 
+@app.command()
+def serve(config: str = typer.Option(..., "--config", "-c", help="Run config (path or URL) the schedule runs."),
+          cron: str = typer.Option("0 2 * * *", help="When to run (cron, five fields)."),
+          timezone: str = typer.Option("UTC", help="Timezone of the cron schedule."),
+          name: str = typer.Option("grove-nightly", help="Deployment name."),
+          from_stage: Optional[str] = FROM_STAGE) -> None:
+    """Serve the flow on a schedule from this process (no work pool needed); Ctrl-C stops it."""
+    from flows.config import ConfigError
+    from flows.deployments import serve as serve_flow
+
+    try:
+        serve_flow(config, cron, timezone, name, from_stage)
+    except ConfigError as exc:
+        _fail(exc)
+
+
+@app.command()
+def deploy(prefect_yaml: Path = typer.Option(Path("prefect.yaml"), "--file", help="The deployments file."),
+           pool: str = typer.Option("grove-process", help="Process work pool to create if missing.")) -> None:
+    """Check prefect.yaml, create the process work pool if missing, then `prefect deploy --all`."""
+    import subprocess
+
+    from flows.config import ConfigError
+    from flows.deployments import check_prefect_yaml
+
+    try:
+        deployments = check_prefect_yaml(prefect_yaml)
+    except ConfigError as exc:
+        _fail(exc)
+    prefect = [sys.executable, "-m", "prefect", "--no-prompt"]
+    env = {**os.environ, "GROVE_PROJECT_DIR": str(prefect_yaml.resolve().parent)}
+    pools = subprocess.run(prefect + ["work-pool", "inspect", pool], capture_output=True, text=True, env=env)
+    if pools.returncode != 0:
+        console.print(f"creating process work pool {pool}")
+        subprocess.run(prefect + ["work-pool", "create", pool, "--type", "process"], check=True, env=env,
+                       capture_output=True)
+    done = subprocess.run(prefect + ["deploy", "--all", "--prefect-file", str(prefect_yaml.resolve())],
+                          cwd=prefect_yaml.resolve().parent, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        console.print(done.stdout[-3000:] + done.stderr[-3000:], highlight=False, markup=False)
+        raise typer.Exit(1)
+    names = ", ".join(d["name"] for d in deployments)
+    console.print(f"deployed {names}; start a worker: prefect worker start --pool {pool}")
+
+
 def main() -> None:
     app()
 

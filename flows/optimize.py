@@ -31,6 +31,12 @@ from tasks.train import train
 observers: ContextVar[dict[str, Any]] = ContextVar("grove_observers", default={})
 
 
+def display_hooks() -> dict[str, Any]:
+    """The CLI's hooks. The flow reads them through this function, never the ContextVar itself:
+    a served flow is pickled by value, and a ContextVar cannot be pickled."""
+    return dict(observers.get())
+
+
 def pipeline(cfg: RunConfig) -> dict[str, ArtifactRef | None]:
     """load -> template -> train -> evaluate -> merge -> build ONNX -> benchmark."""
     data = load_data(cfg.data)
@@ -56,7 +62,7 @@ def optimize(config: str, from_stage: str | None = None) -> dict[str, Any]:
     cfg = load_config(config)
     store = ArtifactStore(cfg.artifact_root, cfg.aws_credentials_block)
     store.check_writable()
-    hooks = dict(observers.get())
+    hooks = display_hooks()
     run_log = RunLog(store, cfg.name, config, from_stage)
     show_start, show_end = hooks.pop("on_stage_start", None), hooks.pop("on_stage_end", None)
 
