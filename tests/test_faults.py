@@ -104,9 +104,9 @@ def test_credentials_from_a_prefect_block_and_never_in_clear(s3_server, prefect_
     assert store.lookup("train", store.put_dir("train", "k1", src, {}).key) is not None
     assert SECRET_KEY not in repr(store) and SECRET_KEY not in store.location
 
-    slug = prefect_result_storage(store)
+    results_block = prefect_result_storage(store)
     documents = httpx.post(f"{prefect_api}/block_documents/filter", json={}).text
-    assert slug.split("/")[1] in documents and SECRET_KEY not in documents
+    assert results_block._block_document_name in documents and SECRET_KEY not in documents
 
     with pytest.raises(StoreError) as error:
         ArtifactStore("s3://no-such-bucket/x", credentials_block=block).check_writable()
