@@ -81,7 +81,7 @@ def measure(model, tokenizer, rows, examples, settings: EvalSettings, label: str
     return result
 
 
-@grove_stage("evaluate")
+@grove_stage("evaluate", tags=("gpu",))
 def evaluate(settings: EvalSettings, data: ArtifactRef, corpus: ArtifactRef, model: ModelSettings,
              adapter: ArtifactRef | None = None) -> dict:
     """Scores the base model and (when there is an adapter) the fine-tuned one; stores metrics.json."""

@@ -10,16 +10,20 @@ import json
 import random
 from collections import Counter
 
+from tasks.credentials import s3_access
 from tasks.settings import DataSettings
-from tasks.stage import grove_stage, output_dir
+from tasks.stage import current_run, grove_stage, output_dir
 
 
 def read_rows(files: list[str], fmt: str, split: str) -> list[dict]:
     """Rows as dicts, through `datasets` (local paths or any fsspec URL)."""
     from datasets import load_dataset
 
+    options = None
+    if any(f.startswith("s3://") for f in files):  # the artifact root's keys (env or named block)
+        options = s3_access(current_run().credentials_block).options
     try:
-        dataset = load_dataset(fmt, data_files=files, split=split)
+        dataset = load_dataset(fmt, data_files=files, split=split, storage_options=options)
     except Exception as exc:  # noqa: BLE001 - surface the file, not a datasets traceback
         raise ValueError(f"could not read {', '.join(files)} as {fmt}: {exc}") from exc
     return [dict(row) for row in dataset]
