@@ -494,7 +494,7 @@ def _data_configs(raw: Any, paths: _Paths) -> dict[str, "_Data"]:
             load = _validate(LoadParams, load_raw, load_where)
             pre = _validate(PreProcessParams, pre_raw or {}, pre_where)
         files = _data_files(load, load_where, paths)
-        found[spec.name] = _Data(spec.name, where, files, load.split, pre, pre_where)
+        found[spec.name] = _Data(spec.name, where, files, load.split, pre, pre_where, DATA_FORMATS[load.data_name])
     return found
 
 
@@ -548,8 +548,9 @@ def _list_location(location: str, at: str, paths: _Paths) -> list[str]:
 
 
 class _Data:
-    def __init__(self, name, where, files, split, pre: PreProcessParams, pre_where):
+    def __init__(self, name, where, files, split, pre: PreProcessParams, pre_where, data_format: str):
         self.name, self.where, self.files, self.split, self.pre, self.pre_where = name, where, files, split, pre, pre_where
+        self.format = data_format  # from data_name; each listed file's suffix must agree
 
 
 def _first_data(configs: dict[str, _Data]) -> _Data | None:
@@ -705,7 +706,9 @@ def _data_settings(train: _Data, eval_data: _Data | None, eval_size: float, seed
     match = re.search(r"\{(\w+)\}\s*$", template)
     if match and template[: match.start()].strip():
         label_col = match.group(1)
-    formats = {_format_of(f, train.where) for f in train.files + (eval_data.files if eval_data else [])}
+    # a remote location not listed yet (deploy-time checks) has no suffix to check: data_name says
+    listed = [f for f in train.files + (eval_data.files if eval_data else []) if paths.list_remote_data or "://" not in f]
+    formats = {_format_of(f, train.where) for f in listed} or {train.format}
     if len(formats) > 1:
         raise ConfigError(f"{train.where}.load_dataset_config", f"the data files mix formats {sorted(formats)}; "
                                                                 f"one location must hold one format")
@@ -713,7 +716,7 @@ def _data_settings(train: _Data, eval_data: _Data | None, eval_size: float, seed
     return DataSettings(
         name=train.name,
         files=train.files,
-        format=_format_of(train.files[0], f"{train.where}"),
+        format=formats.pop(),
         split=train.split,
         eval_files=eval_data.files if eval_data else None,
         eval_size=eval_size,

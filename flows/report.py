@@ -126,9 +126,16 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def log_promotion(promotion: dict[str, Any]) -> None:
+    """In the flow run's log (the UI shows it), or Grove's own log outside a run."""
     import logging
 
-    logger = logging.getLogger("grove.promote")
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        logger = get_run_logger()
+    except MissingContextError:
+        logger = logging.getLogger("grove.promote")
     if promotion["decision"] == "not_promoted":
         logger.warning("not promoted: %s", promotion["reason"])
     else:

@@ -57,8 +57,22 @@ def _list_local(pattern: str) -> list[str]:
     return [str(path.resolve())] if path.is_file() else []
 
 
+def remote_fs(url: str, options: dict[str, Any] | None = None):
+    """A fresh filesystem with no listings cache: new data must be seen the moment it lands
+    (a cached listing from the last run would hide it, or make a new file look missing)."""
+    extra = {"use_listings_cache": False} if url.startswith(("s3://", "s3a://")) else {}
+    return fsspec.url_to_fs(url, skip_instance_cache=True, **extra, **(options or {}))
+
+
+def open_data(url: str, options: dict[str, Any] | None = None):
+    if not is_remote(url):
+        return open(url, "rb")
+    fs, path = remote_fs(url, options)
+    return fs.open(path, "rb")
+
+
 def _list_remote(location: str, options: dict[str, Any]) -> list[str]:
-    fs, path = fsspec.url_to_fs(location, **options)
+    fs, path = remote_fs(location, options)
     protocol = location.split("://", 1)[0]
     if any(c in path for c in GLOB_CHARS):
         found = [p for p in fs.glob(path) if fs.isfile(p)]
@@ -81,7 +95,7 @@ def _is_data(name: str) -> bool:
 
 def content_digest(url: str, options: dict[str, Any] | None = None) -> str:
     digest = hashlib.sha256()
-    with fsspec.open(url, "rb", **(options if is_remote(url) and options else {})) as handle:
+    with open_data(url, options) as handle:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()

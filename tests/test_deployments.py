@@ -39,7 +39,7 @@ def test_prefect_yaml_creates_both_deployments_and_the_nightly_cron(prefect_api)
     nightly = found["grove-nightly"]
     schedule = nightly["schedules"][0]["schedule"]
     assert schedule["cron"] == "0 2 * * *" and schedule["timezone"] == "UTC" and nightly["schedules"][0]["active"]
-    assert nightly["parameters"]["config"] == "configs/smollm2-tone.json"
+    assert nightly["parameters"]["config"] == "configs/smollm2-tone-nightly.json"
     assert nightly["work_pool_name"] == "grove-process"
     assert not found["grove-optimize"]["schedules"]
 
