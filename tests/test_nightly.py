@@ -166,7 +166,7 @@ def test_nights_without_new_data_rerun_nothing_new_data_retrains_and_a_worse_mod
     assert new_data["promotion"]["decision"] == "promoted", new_data["promotion"]
 
     def worse(config):  # barely trained; the absolute floor off, so only the drop can stop it
-        config["passes"]["lora"]["config"]["training_args"]["learning_rate"] = 1e-6
+        config["passes"]["lora"]["config"]["training_args"]["max_steps"] = 2
         config["grove"]["promotion"]["min"] = 0.0
 
     rejected = run(worse)
