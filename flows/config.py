@@ -205,7 +205,8 @@ class GroveRetry(Strict):
 class GrovePromotion(Strict):
     enabled: bool = Field(True, description="after benchmark, make the new model current if it passes the gate")
     model_name: str | None = Field(None, description="the name models are promoted under (default: grove.name)")
-    metric: str = Field("onnx_accuracy", description="gate metric (tasks/promote.py METRICS)")
+    metric: str = Field("onnx_accuracy", description="gate metric (tasks/promote.py METRICS); without a "
+                                                     "ModelBuilder pass the default is fine_tuned_accuracy")
     min: float = Field(0.0, description="the new model's metric must be at least this")
     max_drop: float = Field(0.02, ge=0, description="and not more than this below the current model's")
 
@@ -359,6 +360,11 @@ def _promotion_settings(section: GrovePromotion, name: str, has_builder: bool,
     where = "grove.promotion"
     if not section.enabled:
         return None
+    if not section.model_fields_set:  # defaults only: fit them to the passes instead of refusing
+        if not (has_builder or has_merge):
+            return None
+        if not has_builder:
+            section = section.model_copy(update={"metric": "fine_tuned_accuracy"})
     if section.metric not in METRICS:
         close = difflib.get_close_matches(section.metric, list(METRICS), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""

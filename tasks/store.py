@@ -222,8 +222,11 @@ class ArtifactStore:
     # ---- writing -----------------------------------------------------------------------
     def _put_blob(self, local_file: Path, sha: str, size: int) -> None:
         target = self._blob_path(sha)
-        if self.fs.exists(target) and self.fs.size(target) == size:
-            return  # identical content is stored once
+        try:
+            if self.fs.info(target).get("size") == size:
+                return  # identical content is stored once (one HEAD request on S3)
+        except FileNotFoundError:
+            pass
         if not self.is_local:
             # An S3 PUT appears whole or not at all: no temporary name needed.
             self.fs.put_file(str(local_file), target)
@@ -488,18 +491,29 @@ class ArtifactStore:
                     self._checkpoint_path("*", "*", "*", MANIFEST))
         paths = [path for pattern in patterns
                  for path in self._retry("listing manifests", lambda: self.fs.glob(pattern))]
-        if not paths:
-            return set()
-        bodies = self._retry("reading manifests", lambda: self.fs.cat(paths, on_error="return"))
         shas: set[str] = set()
-        for data in bodies.values():
+        for body in self.read_manifests(paths).values():
+            if body is None:
+                return None  # cannot tell what it lists: delete nothing (grove gc will)
+            shas |= {info["sha256"] for info in body["files"].values()}
+        return shas
+
+    def read_manifests(self, paths: list[str]) -> dict[str, dict | None]:
+        """Manifests fetched in one batch (concurrently on S3): path -> body, None for one that
+        cannot be parsed; those removed meanwhile are left out."""
+        if not paths:
+            return {}
+        raw = self._retry("reading manifests", lambda: self.fs.cat(paths, on_error="return"))
+        bodies: dict[str, dict | None] = {}
+        for path, data in raw.items():
             if isinstance(data, FileNotFoundError):
                 continue  # dropped meanwhile
             try:
-                shas |= {info["sha256"] for info in json.loads(data)["files"].values()}
-            except (ValueError, KeyError, TypeError, AttributeError):
-                return None  # cannot tell what it lists: delete nothing (grove gc will)
-        return shas
+                body = json.loads(data) if not isinstance(data, Exception) else None
+                bodies[path] = body if isinstance(body, dict) and isinstance(body.get("files"), dict) else None
+            except ValueError:
+                bodies[path] = None
+        return bodies
 
 
 def _checkpoint_rel(stage: str, key: str, step: int | str, *parts: str) -> str:
@@ -544,18 +558,18 @@ def collect_garbage(store: ArtifactStore, keep: set[tuple[str, str]], grace_seco
     removed, remove_paths = [], []
     live_shas: set[str] = set()
     live_digests: set[str] = set()
-    for manifest in fs.glob(path("entries", "*", "*", MANIFEST)) + fs.glob(path("checkpoints", "**", MANIFEST)):
+    manifests = store._retry("listing manifests", lambda: fs.glob(path("entries", "*", "*", MANIFEST))
+                             + fs.glob(path("checkpoints", "**", MANIFEST)))
+    for manifest, body in store.read_manifests(manifests).items():
         parts = manifest.rstrip("/").split("/")
-        try:
-            body = json.loads(fs.cat_file(manifest))
-        except (OSError, ValueError):
-            body = {}
         if parts[-4] == "entries" and (parts[-3], parts[-2]) not in keep:
             removed.append(f"{parts[-3]}/{parts[-2]}")
             remove_paths.append(manifest)
             continue
+        if body is None:  # a kept manifest we cannot read: its files cannot be told apart from garbage
+            raise StoreError(f"cannot read {manifest}; gc removed nothing (fix or remove that entry first)")
         live_digests.add(body.get("digest", ""))
-        live_shas.update(f["sha256"] for f in body.get("files", {}).values())
+        live_shas.update(f["sha256"] for f in body["files"].values())
     blob_bytes, blobs, other = 0, 0, 0
     for blob, info in fs.find(path("blobs"), detail=True).items():
         name = blob.rstrip("/").split("/")[-1]
