@@ -292,6 +292,8 @@ def main() -> int:
 
             traceback.print_exc()
             runs[name] = {"name": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        if opts.out:  # partial results survive a run that is killed later
+            Path(opts.out).write_text(json.dumps(report, indent=1))
         return runs[name]
 
     # --- 1: with the fp32 upcast (the recipe, the anchor and the plain loss curve) --------------
