@@ -223,6 +223,106 @@ def remove_liger(model, originals: dict) -> None:
         setattr(modeling_phi3, key, value)
 
 
+def join_suite(opts, base, device, blocks512, blocks1024, examples, pad, pack, steps, warmup, do, report):
+    """The recipe's layout (join blocks): the plain setup and Grove's, 50 steps each, same blocks."""
+    import torch
+
+    n = opts.compare_steps
+    do("recipe_upcast_b1x512_join", blocks512, pad, 1, 24 if not opts.tiny else 3, 6 if not opts.tiny else 1,
+       device, upcast=True)
+    do("plain_upcast_b8x1024_join", blocks1024, pad, 8, n, 5, device, upcast=True, dropout=0.0,
+       record_losses=True, need=40)
+    compute = torch.bfloat16 if device == "cuda" else torch.float32
+    report["downcast_params"] = downcast(base, compute)
+    do("noupcast_b8x1024_join", blocks1024, pad, 8, steps, warmup, device, upcast=False)
+    do("noupcast_4x2048_join", join_blocks(examples, 2 * len(blocks1024[0]["input_ids"])), pad, 4, steps, warmup,
+       device, upcast=False)
+    if device != "cuda" or not liger_available():
+        report["liger"] = "not available" if device == "cuda" else "cpu run"
+        do("grove_b8x1024_join", blocks1024, pad, 8, n, 5, device, upcast=False, dropout=0.0, record_losses=True)
+        return
+    from transformers.models.phi3 import modeling_phi3
+
+    originals = {"apply_rotary_pos_emb": modeling_phi3.apply_rotary_pos_emb}
+    apply_liger(base, fused_cross_entropy=True, rms_norm=False, swiglu=False, rope=False)
+    do("liger_flce_b8x1024_join", blocks1024, pad, 8, steps, warmup, device, upcast=False)
+    remove_liger(base, originals)
+    apply_liger(base)
+    do("grove_b8x1024_join", blocks1024, pad, 8, n, 5, device, upcast=False, dropout=0.0, record_losses=True)
+    do("liger_dropout0.1_b8x1024_join", blocks1024, pad, 8, steps, warmup, device, upcast=False)
+    do("liger_b12x1024_join", blocks1024, pad, 12, steps, warmup, device, upcast=False)
+    do("liger_4x2048_join", join_blocks(examples, 2 * len(blocks1024[0]["input_ids"])), pad, 4, steps, warmup,
+       device, upcast=False)
+    # packed line-by-line examples through flex attention (block-sparse document mask) instead of SDPA's dense mask
+    try:
+        base.set_attn_implementation("flex_attention")
+        do("liger_packed_b16_flex", examples, pack, 16, steps + 4, warmup + 4, device, upcast=False, need=90)
+    except Exception as exc:  # noqa: BLE001
+        report["runs"]["liger_packed_b16_flex"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    finally:
+        base.set_attn_implementation("sdpa")
+    compile_layers(base)
+    do("liger_compile_b8x1024_join", blocks1024, pad, 8, steps + 4, warmup + 4, device, upcast=False, need=100)
+    uncompile_layers(base)
+    torch._dynamo.reset()
+    remove_liger(base, originals)
+    compile_layers(base)
+    do("noupcast_compile_b8x1024_join", blocks1024, pad, 8, steps + 4, warmup + 4, device, upcast=False, need=100)
+    uncompile_layers(base)
+
+
+def packed_suite(opts, base, device, blocks512, blocks1024, examples, pad, pack, steps, warmup, do, report, skip):
+    import torch
+
+    # --- 1: with the fp32 upcast (the recipe, the anchor and the plain loss curve) --------------
+    do("recipe_upcast_b1x512_join", blocks512, pad, 1, 24 if not opts.tiny else 3, 6 if not opts.tiny else 1,
+       device, upcast=True)
+    do("upcast_b8x1024_join", blocks1024, pad, 8, steps, warmup, device, upcast=True)
+    do("plain_upcast_padded_b8", examples, pad, 8, opts.compare_steps, 3, device, upcast=True, dropout=0.0,
+       record_losses=True, need=60)
+    compute = torch.bfloat16 if device == "cuda" else torch.float32
+    report["downcast_params"] = downcast(base, compute)
+
+    # --- 2: no upcast, one lever at a time ------------------------------------------------------
+    do("noupcast_b8x1024_join", blocks1024, pad, 8, steps, warmup, device, upcast=False)
+    do("noupcast_padded_b16", examples, pad, 16, steps, warmup, device, upcast=False)
+    do("noupcast_packed_b16", examples, pack, 16, steps, warmup, device, upcast=False)
+    do("noupcast_packed_b32", examples, pack, 32, steps, warmup, device, upcast=False)
+
+    # --- 3: Liger kernels, then torch.compile ------------------------------------------------------
+    if device == "cuda" and liger_available():
+        from transformers.models.phi3 import modeling_phi3
+
+        originals = {"apply_rotary_pos_emb": modeling_phi3.apply_rotary_pos_emb}
+        apply_liger(base, fused_cross_entropy=True, rms_norm=False, swiglu=False, rope=False)
+        do("packed_b16_liger_flce", examples, pack, 16, steps, warmup, device, upcast=False)
+        remove_liger(base, originals)
+        apply_liger(base)
+        do("grove_default_packed_b16_liger", examples, pack, 16, steps, warmup, device, upcast=False)
+        do("grove_compare_packed_b8_liger", examples, pack, 8, opts.compare_steps, 3, device, upcast=False,
+           dropout=0.0, record_losses=True, need=40)
+        do("packed_b32_liger", examples, pack, 32, steps, warmup, device, upcast=False)
+        do("packed_b48_liger", examples, pack, 48, steps, warmup, device, upcast=False)
+        do("b8x1024_join_liger", blocks1024, pad, 8, steps, warmup, device, upcast=False)
+        do("b16x1024_join_liger", blocks1024, pad, 16, steps, warmup, device, upcast=False)
+        if "compile" not in skip:
+            compile_layers(base)
+            do("packed_b16_liger_compile", examples, pack, 16, steps + 4, warmup + 4, device, upcast=False,
+               need=120)
+            uncompile_layers(base)
+            torch._dynamo.reset()
+        remove_liger(base, originals)
+    else:
+        report["liger"] = "not available" if device == "cuda" else "cpu run"
+        do("grove_compare_packed_b8", examples, pack, 8, opts.compare_steps, 3, device, upcast=False,
+           dropout=0.0, record_losses=True)
+    if device == "cuda" and "compile" not in skip:
+        compile_layers(base)
+        do("noupcast_packed_b16_compile", examples, pack, 16, steps + 4, warmup + 4, device, upcast=False,
+           need=120)
+        uncompile_layers(base)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
@@ -230,6 +330,9 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=540, help="stop starting runs after this")
     parser.add_argument("--compare-steps", type=int, default=50)
     parser.add_argument("--skip", default="", help="comma-separated run names to skip")
+    parser.add_argument("--suite", default="join", choices=["join", "packed"],
+                        help="join: Olive's join blocks (the recipe's data layout, Grove's default compared "
+                             "there); packed: line-by-line examples, padded vs packed")
     opts = parser.parse_args()
 
     import torch
@@ -296,58 +399,19 @@ def main() -> int:
             Path(opts.out).write_text(json.dumps(report, indent=1))
         return runs[name]
 
-    # --- 1: with the fp32 upcast (the recipe, the anchor and the plain loss curve) --------------
-    do("recipe_upcast_b1x512_join", blocks512, pad, 1, 24 if not opts.tiny else 3, 6 if not opts.tiny else 1,
-       device, upcast=True)
-    do("upcast_b8x1024_join", blocks1024, pad, 8, steps, warmup, device, upcast=True)
-    do("plain_upcast_padded_b8", examples, pad, 8, opts.compare_steps, 3, device, upcast=True, dropout=0.0,
-       record_losses=True, need=60)
-    compute = torch.bfloat16 if device == "cuda" else torch.float32
-    report["downcast_params"] = downcast(base, compute)
-
-    # --- 2: no upcast, one lever at a time ------------------------------------------------------
-    do("noupcast_b8x1024_join", blocks1024, pad, 8, steps, warmup, device, upcast=False)
-    do("noupcast_padded_b16", examples, pad, 16, steps, warmup, device, upcast=False)
-    do("noupcast_packed_b16", examples, pack, 16, steps, warmup, device, upcast=False)
-    do("noupcast_packed_b32", examples, pack, 32, steps, warmup, device, upcast=False)
-
-    # --- 3: Liger kernels, then torch.compile ------------------------------------------------------
-    if device == "cuda" and liger_available():
-        from transformers.models.phi3 import modeling_phi3
-
-        originals = {"apply_rotary_pos_emb": modeling_phi3.apply_rotary_pos_emb}
-        apply_liger(base, fused_cross_entropy=True, rms_norm=False, swiglu=False, rope=False)
-        do("packed_b16_liger_flce", examples, pack, 16, steps, warmup, device, upcast=False)
-        remove_liger(base, originals)
-        apply_liger(base)
-        do("grove_default_packed_b16_liger", examples, pack, 16, steps, warmup, device, upcast=False)
-        do("grove_compare_packed_b8_liger", examples, pack, 8, opts.compare_steps, 3, device, upcast=False,
-           dropout=0.0, record_losses=True, need=40)
-        do("packed_b32_liger", examples, pack, 32, steps, warmup, device, upcast=False)
-        do("packed_b48_liger", examples, pack, 48, steps, warmup, device, upcast=False)
-        do("b8x1024_join_liger", blocks1024, pad, 8, steps, warmup, device, upcast=False)
-        do("b16x1024_join_liger", blocks1024, pad, 16, steps, warmup, device, upcast=False)
-        if "compile" not in skip:
-            compile_layers(base)
-            do("packed_b16_liger_compile", examples, pack, 16, steps + 4, warmup + 4, device, upcast=False,
-               need=120)
-            uncompile_layers(base)
-            torch._dynamo.reset()
-        remove_liger(base, originals)
+    if opts.suite == "join":
+        join_suite(opts, base, device, blocks512, blocks1024, examples, pad, pack, steps, warmup, do, report)
     else:
-        report["liger"] = "not available" if device == "cuda" else "cpu run"
-        do("grove_compare_packed_b8", examples, pack, 8, opts.compare_steps, 3, device, upcast=False,
-           dropout=0.0, record_losses=True)
-    if device == "cuda" and "compile" not in skip:
-        compile_layers(base)
-        do("noupcast_packed_b16_compile", examples, pack, 16, steps + 4, warmup + 4, device, upcast=False,
-           need=120)
-        uncompile_layers(base)
-
+        packed_suite(opts, base, device, blocks512, blocks1024, examples, pad, pack, steps, warmup, do, report, skip)
+    runs = report["runs"]
     # --- summary ------------------------------------------------------------------------------------
-    plain = runs.get("plain_upcast_padded_b8", {})
-    compare = runs.get("grove_compare_packed_b8_liger") or runs.get("grove_compare_packed_b8") or {}
-    grove = runs.get("grove_default_packed_b16_liger") or runs.get("noupcast_packed_b16") or {}
+    if opts.suite == "join":
+        plain = compare = runs.get("plain_upcast_b8x1024_join", {})
+        compare = grove = runs.get("grove_b8x1024_join", {})
+    else:
+        plain = runs.get("plain_upcast_padded_b8", {})
+        compare = runs.get("grove_compare_packed_b8_liger") or runs.get("grove_compare_packed_b8") or {}
+        grove = runs.get("grove_default_packed_b16_liger") or runs.get("noupcast_packed_b16") or {}
     recipe = runs.get("recipe_upcast_b1x512_join", {})
     summary = {}
     if plain.get("losses") and compare.get("losses"):
