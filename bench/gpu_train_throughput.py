@@ -45,7 +45,7 @@ from tasks.train_setup import (  # noqa: E402
 PHI3_MINI = dict(hidden_size=3072, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                  intermediate_size=8192, vocab_size=32064, max_position_embeddings=4096)
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-            intermediate_size=128, vocab_size=512, max_position_embeddings=2048)
+            intermediate_size=128, vocab_size=512, max_position_embeddings=4096)
 STARTED = time.monotonic()
 
 

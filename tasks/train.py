@@ -10,6 +10,10 @@ folder and Grove copies it to the artifact store under this stage's cache key. A
 the same key that finds a checkpoint there resumes from it: the Trainer reloads all of
 that, skips the batches already seen (the sampler is seeded by data_seed and the epoch)
 and restores the RNG, so the adapter is the one an uninterrupted run gives.
+
+On CUDA, Grove's training setup (tasks/train_setup.py, `grove.train` in the config) adds
+Liger kernels, padding-free packing of line-by-line corpora and optionally torch.compile;
+the 4-bit base is never upcast to fp32. A CPU trains as before.
 """
 
 from __future__ import annotations
@@ -77,6 +81,25 @@ def disable_cpu_bf16_4bit_path(model) -> int:
             module.support_avx512bf16_for_cpu = False
             changed += 1
     return changed
+
+
+def apply_gpu_setup(base, settings: TrainSettings, device: str) -> dict:
+    """Grove's CUDA training setup on the loaded base (before LoRA); returns what was applied."""
+    setup = {"kernels": "none", "packing": False, "compile": False, "fp32_upcast": False}
+    if device != "cuda":
+        return setup
+    from tasks.train_setup import apply_liger, liger_available
+
+    base.config.use_cache = False  # no KV cache in training (a cache also hides packed sequences)
+    if settings.kernels == "liger":
+        if not liger_available():
+            log.warning("grove.train.kernels=liger but liger-kernel is not installed "
+                        "(pip install liger-kernel==0.8.5); training without it")
+        elif apply_liger(base):
+            setup["kernels"] = "liger"
+    setup["packing"] = settings.packing
+    setup["compile"] = settings.compile
+    return setup
 
 
 def add_lora(base, settings: TrainSettings):
@@ -233,7 +256,12 @@ def train(settings: TrainSettings, corpus: ArtifactRef, model: ModelSettings) ->
     train_rows = read_jsonl(folder, "train")
     eval_rows = read_jsonl(folder, "eval")
     base = load_base_for_training(model, settings, device)
+    setup = apply_gpu_setup(base, settings, device)
     peft_model = add_lora(base, settings)
+    if setup["compile"]:
+        from tasks.train_setup import compile_layers
+
+        compile_layers(peft_model)
     out = output_dir()
     key = current_stage_key()
     checkpoint = run.store.latest_checkpoint("train", key)  # left by an interrupted run of this key
@@ -242,11 +270,16 @@ def train(settings: TrainSettings, corpus: ArtifactRef, model: ModelSettings) ->
                               has_eval=settings.training_args.get("eval_strategy", "no") != "no",
                               checkpoint_steps=run.checkpoint_steps)
     pad_id = base.config.pad_token_id if base.config.pad_token_id is not None else 0
+    collator = _Collator(pad_id)
+    if setup["packing"]:
+        from tasks.train_setup import PackingCollator
+
+        collator = PackingCollator(pad_id, max(len(row["input_ids"]) for row in train_rows))
     callbacks = [_progress_callback()] + ([_checkpoint_callback(key)] if run.checkpoint_steps else [])
     trainer_class = _trainer_class()
     trainer = trainer_class(model=peft_model, args=args, train_dataset=Dataset.from_list(train_rows),
                             eval_dataset=Dataset.from_list(eval_rows) if args.eval_strategy != "no" else None,
-                            data_collator=_Collator(pad_id), callbacks=callbacks)
+                            data_collator=collator, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # progress goes through Grove's callback, not print()
     started = time.monotonic()
     try:
@@ -274,6 +307,7 @@ def train(settings: TrainSettings, corpus: ArtifactRef, model: ModelSettings) ->
         "seconds": round(seconds, 2),  # of this run (after a resume: the resumed part)
         "resumed_from_step": checkpoint.step if checkpoint is not None else 0,
         "trainable_params": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
+        "setup": setup,
     }
     if settings.method == "qlora":
         summary["quantization"] = quantization_of(peft_model)

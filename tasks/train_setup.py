@@ -57,15 +57,15 @@ class PackingCollator:
     def __call__(self, batch):
         import torch
 
-        rows = pack_examples(batch, self.capacity)
+        rows = pack_examples([{"input_ids": range(_length(e))} for e in batch], self.capacity)
         packed = []
         for row in rows:
             ids, labels, positions = [], [], []
             for index in row:
                 example = batch[index]
-                n = len(example["input_ids"])
-                ids += list(example["input_ids"])
-                example_labels = list(example.get("labels", example["input_ids"]))
+                n = _length(example)
+                ids += list(example["input_ids"][:n])
+                example_labels = list(example.get("labels", example["input_ids"]))[:n]
                 # the previous example's last token must not learn to predict this one's first
                 labels += [IGNORE] + example_labels[1:]
                 positions += list(range(n))
@@ -77,6 +77,12 @@ class PackingCollator:
             "labels": torch.tensor([p[1] + [IGNORE] * t for p, t in zip(packed, tail)]),
             "position_ids": torch.tensor([p[2] + list(range(t)) for p, t in zip(packed, tail)]),
         }
+
+
+def _length(example: dict) -> int:
+    """An example's real length: padding (attention_mask 0, at the right) is dropped."""
+    mask = example.get("attention_mask")
+    return sum(mask) if mask is not None else len(example["input_ids"])
 
 
 def prepare_quantized(base, upcast: bool, gradient_checkpointing: bool = False):
