@@ -240,7 +240,7 @@ def _checkpoint_callback(key: str):
     return StoreCheckpoints()
 
 
-@grove_stage("train", tags=("gpu",))
+@grove_stage("train", tags=("gpu",), also=("tasks.train_setup",))
 def train(settings: TrainSettings, corpus: ArtifactRef, model: ModelSettings) -> dict:
     """Fine-tune LoRA/QLoRA adapters on the templated corpus; stores adapter/ and train_log.json."""
     import torch
