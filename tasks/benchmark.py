@@ -57,7 +57,7 @@ def bandwidth_fraction(weight_bytes: int | None, tokens_per_s: float | None, ban
         return None
     return {"weight_bytes_per_token": int(weight_bytes), "peak_bandwidth_bytes_per_s": bandwidth,
             "bound_tokens_per_s": round(bandwidth / weight_bytes, 1),
-            "fraction": round(weight_bytes * tokens_per_s / bandwidth, 4)}
+            "fraction": round(weight_bytes * tokens_per_s / bandwidth, 6)}
 
 
 def safetensors_weight_bytes(folder: Path) -> int:
