@@ -30,7 +30,7 @@ from tasks.settings import (
     RunConfig,
     TrainSettings,
 )
-from tasks.machine import machine_description
+from tasks.machine import gpu_count, machine_description
 from tasks.stage import STAGES
 
 SUPPORTED_PASSES = ("LoRA", "QLoRA", "MergeAdapterWeights", "ModelBuilder")
@@ -205,6 +205,9 @@ class GroveTrain(Strict):
     packing: bool = Field(True, description="line-by-line corpora: pack each batch's examples into rows "
                                             "without cross-example attention instead of padding")
     compile: bool = Field(False, description="torch.compile each decoder layer")
+    processes: int | Literal["auto"] = Field(
+        "auto", description="data-parallel training processes (torchrun + DDP); auto: one per GPU when "
+                            "training on CUDA, else 1. Each process takes per_device_train_batch_size examples")
 
 
 class GroveBuild(Strict):
@@ -571,8 +574,19 @@ def _train_settings(kind, cfg, where, data_configs, grove: GroveSection):
         kernels=grove.train.kernels,
         packing=grove.train.packing,
         compile=grove.train.compile,
+        processes=_training_processes(grove, "grove.train.processes"),
     )
     return train, data_configs[train_name], eval_data, eval_size
+
+
+def _training_processes(grove: GroveSection, where: str) -> int:
+    """grove.train.processes resolved here, so the train key says how many processes trained."""
+    value = grove.train.processes
+    if value == "auto":
+        return max(gpu_count(), 1) if grove.device != "cpu" else 1
+    if isinstance(value, bool) or value < 1:
+        raise ConfigError(where, f"must be 'auto' or a whole number of at least 1, got {value!r}")
+    return value
 
 
 def _training_args(args: dict[str, Any], where: str, kind: str) -> dict[str, Any]:

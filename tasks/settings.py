@@ -65,6 +65,7 @@ class TrainSettings(Frozen):
     kernels: Literal["liger", "none"] = "liger"
     packing: bool = True
     compile: bool = False
+    processes: int = 1  # data-parallel training processes (torchrun + DDP), one per GPU
 
 
 class EvalSettings(Frozen):
