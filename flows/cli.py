@@ -171,6 +171,11 @@ def run(config: Path = CONFIG, from_stage: Optional[str] = FROM_STAGE) -> None:
     console.print(table)
     console.print(f"final model: {result['model_path']}\nreport:      {result['report_path']}\n"
                   f"run:         {result['run_id']} (grove show {result['run_id'][:8]} --config {config})")
+    promotion = result.get("promotion")
+    if promotion:
+        verdict = {"promoted": "[green]promoted[/]", "unchanged": "current model unchanged",
+                   "not_promoted": "[yellow]not promoted[/]"}[promotion["decision"]]
+        console.print(f"model:       {promotion.get('model_name')}: {verdict}: {promotion['reason']}")
 
 
 STORE_CONFIG = typer.Option(None, "--config", "-c", help="Run config whose artifact root to use.")
@@ -191,6 +196,42 @@ def _open_store(config: Optional[Path], store: Optional[str]):
     except ConfigError as exc:
         _fail(exc)
     return ArtifactStore(cfg.artifact_root, cfg.aws_credentials_block)
+
+
+@app.command()
+def models(config: Optional[Path] = STORE_CONFIG, store: Optional[str] = STORE_URI,
+           as_json: bool = typer.Option(False, "--json", help="Print current models and history as JSON.")) -> None:
+    """Current and past models of each name, with the metrics they were promoted on."""
+    from tasks.promote import METRICS, current_models, model_history
+    from tasks.store import StoreError
+
+    artifacts = _open_store(config, store)
+    try:
+        found = {model["name"]: (model, model_history(artifacts, model["name"])) for model in current_models(artifacts)}
+    except StoreError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps({name: {"current": current, "history": history}
+                          for name, (current, history) in found.items()}, indent=1))
+        return
+    if not found:
+        console.print(f"no promoted models in {artifacts.root}")
+        return
+    table = Table(title=f"Models in {artifacts.root}")
+    for column in ("name", "", "promoted", "run", *METRICS):
+        table.add_column(column)
+    table.add_column("model", overflow="fold")
+    for name, (current, history) in found.items():
+        past = [m for m in history if m["run_id"] != current["run_id"]]
+        for index, model in enumerate([current, *past]):
+            table.add_row(name if index == 0 else "", "current" if index == 0 else "past",
+                          model["promoted_at"][:19], model["run_id"][:8],
+                          *(_metric(model["metrics"].get(m)) for m in METRICS), model["model"]["uri"])
+    console.print(table)
+
+
+def _metric(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
 
 
 def _mb(size: int) -> str:

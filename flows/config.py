@@ -26,6 +26,7 @@ from tasks.settings import (
     DataSettings,
     EvalSettings,
     ModelSettings,
+    PromotionSettings,
     RetrySettings,
     RunConfig,
     TrainSettings,
@@ -220,6 +221,14 @@ class GroveRetry(Strict):
     delay_seconds: float = Field(10, ge=0)
 
 
+class GrovePromotion(Strict):
+    enabled: bool = Field(True, description="after benchmark, make the new model current if it passes the gate")
+    model_name: str | None = Field(None, description="the name models are promoted under (default: grove.name)")
+    metric: str = Field("onnx_accuracy", description="gate metric (tasks/promote.py METRICS)")
+    min: float = Field(0.0, description="the new model's metric must be at least this")
+    max_drop: float = Field(0.02, ge=0, description="and not more than this below the current model's")
+
+
 class GroveSection(Strict):
     name: str | None = None
     artifact_root: str | None = None
@@ -234,6 +243,7 @@ class GroveSection(Strict):
     benchmark: GroveBenchmark = Field(default_factory=GroveBenchmark)
     train: GroveTrain = Field(default_factory=GroveTrain)
     build: GroveBuild = Field(default_factory=GroveBuild)
+    promotion: GrovePromotion = Field(default_factory=GrovePromotion)
 
 
 ENGINE_KEYS = set(Engine.model_fields)
@@ -256,8 +266,12 @@ GROVE_CHECKPOINT_TRAINING_ARGS = {"save_strategy", "save_steps", "save_total_lim
 
 
 # ---- loading and validation --------------------------------------------------------------------
-def load_config(path: str | Path, base_dir: Path | None = None) -> RunConfig:
-    """Read a JSON or YAML run config and validate all of it."""
+def load_config(path: str | Path, base_dir: Path | None = None, list_remote_data: bool = True) -> RunConfig:
+    """Read a JSON or YAML run config and validate all of it.
+
+    Data locations are listed and their files hashed here, at the start of every run.
+    `list_remote_data=False` (deploy-time checks) leaves s3:// locations to the run: the
+    machine deploying may not hold the keys the worker has."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError("", f"config file not found: {path}")
@@ -270,14 +284,15 @@ def load_config(path: str | Path, base_dir: Path | None = None) -> RunConfig:
     except yaml.YAMLError as exc:
         raise ConfigError("", f"invalid YAML: {exc}", str(path)) from exc
     try:
-        return parse_config(raw, base_dir=base_dir or Path.cwd(), config_dir=path.parent.resolve())
+        return parse_config(raw, base_dir=base_dir or Path.cwd(), config_dir=path.parent.resolve(),
+                            list_remote_data=list_remote_data)
     except ConfigError as exc:
         if exc.source is None:
             raise ConfigError(exc.path, exc.message, str(path)) from None
         raise
 
 
-def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None) -> RunConfig:
+def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None, list_remote_data: bool = True) -> RunConfig:
     if not isinstance(raw, dict):
         raise ConfigError("", "the config must be a JSON object")
     raw = dict(raw)
@@ -288,7 +303,7 @@ def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None) -> Ru
         engine_raw.setdefault(key, raw.pop(key))
     engine = _validate(Engine, engine_raw, "engine")
     grove = _validate(GroveSection, raw.get("grove") or {}, "grove")
-    paths = _Paths(base_dir, config_dir or base_dir)
+    paths = _Paths(base_dir, config_dir or base_dir, grove.aws_credentials_block, list_remote_data)
 
     _check_systems(raw.get("systems") or {}, engine)
     model = _model_settings(raw.get("input_model"), paths)
@@ -309,15 +324,18 @@ def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None) -> Ru
     if lora and builders and not merges:
         raise ConfigError("passes", "a ModelBuilder after LoRA/QLoRA needs a MergeAdapterWeights pass between them")
 
+    name = grove.name or raw.get("workflow_id") or engine.output_name or "grove-model"
+    promotion = _promotion_settings(grove.promotion, name, bool(builders), bool(merges))
+
     train = None
     train_data, eval_data, eval_size = _first_data(data_configs), None, 0.3
     if lora:
-        name, (kind, cfg, where) = lora[0]
+        _, (kind, cfg, where) = lora[0]
         train, train_data, eval_data, eval_size = _train_settings(kind, cfg, where, data_configs, grove)
     elif not data_configs:
         raise ConfigError("data_configs", "at least one data config is needed (Grove evaluates on its eval split)")
 
-    data = _data_settings(train_data, eval_data, eval_size, grove.seed)
+    data = _data_settings(train_data, eval_data, eval_size, grove.seed, paths)
     corpus = CorpusSettings(
         text_template=data.text_template, text_cols=data.text_cols,
         corpus_strategy=train_data.pre.corpus_strategy, source_max_len=train_data.pre.source_max_len,
@@ -326,7 +344,6 @@ def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None) -> Ru
     )
     build = _build_settings(builders[0][1], engine, raw, grove) if builders else None
 
-    name = grove.name or raw.get("workflow_id") or engine.output_name or "grove-model"
     artifact_root = grove.artifact_root or engine.cache_dir or ".grove-cache"
     output_dir = engine.output_dir or "grove-output"
     unknown_stage = next((s for s in grove.retries if s not in STAGES), None)
@@ -352,15 +369,55 @@ def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None) -> Ru
         merge=bool(merges),
         build=build,
         benchmark=BenchmarkSettings(**grove.benchmark.model_dump(), machine=machine_description(grove.device)),
+        promotion=promotion,
     )
+
+
+def _promotion_settings(section: GrovePromotion, name: str, has_builder: bool,
+                        has_merge: bool) -> PromotionSettings | None:
+    from tasks.promote import METRICS
+
+    where = "grove.promotion"
+    if not section.enabled:
+        return None
+    if section.metric not in METRICS:
+        close = difflib.get_close_matches(section.metric, list(METRICS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{where}.metric", f"unknown gate metric {section.metric!r}{hint}; "
+                                             f"metrics are: {', '.join(METRICS)}")
+    stage = METRICS[section.metric][0]
+    if stage in ("build_onnx", "benchmark") and section.metric.startswith("onnx") and not has_builder:
+        raise ConfigError(f"{where}.metric", f"{section.metric} needs a ModelBuilder pass; use "
+                                             f"fine_tuned_accuracy or add one")
+    if not (has_builder or has_merge):
+        raise ConfigError(where, "promotion needs a model to promote (a MergeAdapterWeights or ModelBuilder "
+                                 "pass); set grove.promotion.enabled to false")
+    model_name = section.model_name or name
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", model_name):
+        at = f"{where}.model_name" if section.model_name else "grove.name"
+        raise ConfigError(at, f"{model_name!r} cannot name a model in the store: use letters, digits, '.', '_' "
+                              f"and '-' (set grove.promotion.model_name)")
+    return PromotionSettings(model_name=model_name, metric=section.metric, min=section.min,
+                             max_drop=section.max_drop)
 
 
 # ---- sections -----------------------------------------------------------------------------------
 class _Paths:
     """Relative paths resolve against the working directory (as Olive does), then the config's folder."""
 
-    def __init__(self, base_dir: Path, config_dir: Path):
+    def __init__(self, base_dir: Path, config_dir: Path, credentials_block: str | None = None,
+                 list_remote_data: bool = True):
         self.base_dir, self.config_dir = base_dir, config_dir
+        self.credentials_block, self.list_remote_data = credentials_block, list_remote_data
+        self._remote_access = None
+
+    def remote_access(self):
+        """Keys for s3:// data: the same source as the artifact root's (env or the named block)."""
+        if self._remote_access is None:
+            from tasks.credentials import s3_access
+
+            self._remote_access = s3_access(self.credentials_block)
+        return self._remote_access
 
     def existing(self, value: str) -> Path | None:
         for root in (self.base_dir, self.config_dir):
@@ -458,7 +515,7 @@ def _data_configs(raw: Any, paths: _Paths) -> dict[str, "_Data"]:
             load = _validate(LoadParams, load_raw, load_where)
             pre = _validate(PreProcessParams, pre_raw or {}, pre_where)
         files = _data_files(load, load_where, paths)
-        found[spec.name] = _Data(spec.name, where, files, load.split, pre, pre_where)
+        found[spec.name] = _Data(spec.name, where, files, load.split, pre, pre_where, DATA_FORMATS[load.data_name])
     return found
 
 
@@ -488,22 +545,33 @@ def _data_files(load: LoadParams, where: str, paths: _Paths) -> list[str]:
         raise ConfigError(f"{where}.data_files", "must be a path, URL or list of them")
     if not files:
         raise ConfigError(f"{where}.data_files", "is required")
-    resolved = []
-    for index, item in enumerate([files] if isinstance(files, str) else files):
+    resolved: list[str] = []
+    for index, location in enumerate([files] if isinstance(files, str) else files):
         at = f"{where}.data_files" + ("" if isinstance(files, str) else f"[{index}]")
-        if "://" in item:
-            resolved.append(item)  # remote: checked when the data stage opens it
-            continue
-        local = paths.existing(item)
-        if local is None or not local.is_file():
-            raise ConfigError(at, f"data file not found: {item} (looked in {paths.base_dir} and {paths.config_dir})")
-        resolved.append(str(local))
-    return resolved
+        resolved += _list_location(location, at, paths)
+    return list(dict.fromkeys(resolved))
+
+
+def _list_location(location: str, at: str, paths: _Paths) -> list[str]:
+    """A data file, glob or folder/prefix, listed now (each run lists it again)."""
+    from tasks.data_files import DataLocationError, is_remote, list_data_files
+
+    if is_remote(location) and not paths.list_remote_data:
+        return [location]
+    try:
+        options = paths.remote_access().options if location.startswith("s3://") else {}
+        return list_data_files(location, [paths.base_dir, paths.config_dir], options)
+    except DataLocationError as exc:
+        raise ConfigError(at, str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - a store we cannot read: say which and why
+        scrub = paths.remote_access().scrub if location.startswith("s3://") else str
+        raise ConfigError(at, scrub(f"cannot list {location}: {type(exc).__name__}: {exc}")) from None
 
 
 class _Data:
-    def __init__(self, name, where, files, split, pre: PreProcessParams, pre_where):
+    def __init__(self, name, where, files, split, pre: PreProcessParams, pre_where, data_format: str):
         self.name, self.where, self.files, self.split, self.pre, self.pre_where = name, where, files, split, pre, pre_where
+        self.format = data_format  # from data_name; each listed file's suffix must agree
 
 
 def _first_data(configs: dict[str, _Data]) -> _Data | None:
@@ -638,7 +706,7 @@ def training_argument_names() -> set[str]:
     raise RuntimeError(f"TrainingArguments not found in {source}")
 
 
-def _data_settings(train: _Data, eval_data: _Data | None, eval_size: float, seed: int) -> DataSettings:
+def _data_settings(train: _Data, eval_data: _Data | None, eval_size: float, seed: int, paths: _Paths) -> DataSettings:
     pre, where = train.pre, train.pre_where
     if pre.dataset_type != "corpus":
         raise ConfigError(f"{where}.dataset_type", f"unsupported dataset_type {pre.dataset_type!r}; Grove "
@@ -673,11 +741,17 @@ def _data_settings(train: _Data, eval_data: _Data | None, eval_size: float, seed
     match = re.search(r"\{(\w+)\}\s*$", template)
     if match and template[: match.start()].strip():
         label_col = match.group(1)
-    digests = [_file_digest(f) for f in train.files + (eval_data.files if eval_data else [])]
+    # a remote location not listed yet (deploy-time checks) has no suffix to check: data_name says
+    listed = [f for f in train.files + (eval_data.files if eval_data else []) if paths.list_remote_data or "://" not in f]
+    formats = {_format_of(f, train.where) for f in listed} or {train.format}
+    if len(formats) > 1:
+        raise ConfigError(f"{train.where}.load_dataset_config", f"the data files mix formats {sorted(formats)}; "
+                                                                f"one location must hold one format")
+    digests = [_file_digest(f, paths) for f in train.files + (eval_data.files if eval_data else [])]
     return DataSettings(
         name=train.name,
         files=train.files,
-        format=_format_of(train.files[0], f"{train.where}"),
+        format=formats.pop(),
         split=train.split,
         eval_files=eval_data.files if eval_data else None,
         eval_size=eval_size,
@@ -723,10 +797,17 @@ def _file_columns(path: str) -> list[str] | None:
     return None
 
 
-def _file_digest(path: str) -> str:
-    from tasks.data_files import content_digest
+def _file_digest(path: str, paths: _Paths) -> str:
+    from tasks.data_files import content_digest, is_remote
 
-    return content_digest(path)
+    if is_remote(path) and not paths.list_remote_data:
+        return "listed-at-run-start"
+    options = paths.remote_access().options if path.startswith("s3://") else {}
+    try:
+        return content_digest(path, options)
+    except Exception as exc:  # noqa: BLE001 - name the file, never the keys
+        scrub = paths.remote_access().scrub if path.startswith("s3://") else str
+        raise ConfigError("data_files", scrub(f"cannot read {path}: {type(exc).__name__}: {exc}")) from None
 
 
 def _build_settings(entry, engine: Engine, raw: dict, grove: GroveSection) -> BuildSettings:

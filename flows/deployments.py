@@ -57,7 +57,8 @@ def check_parameters(parameters: dict[str, Any], where: str, source: str, base_d
         raise ConfigError(f"{where}.from_stage", f"unknown stage {from_stage!r}; stages are: {', '.join(STAGES)}",
                           source)
     config = Path(parameters["config"])
-    load_config(config if config.is_absolute() else base_dir / config)
+    # s3:// data is listed when each run starts, by the worker that holds the keys
+    load_config(config if config.is_absolute() else base_dir / config, list_remote_data=False)
 
 
 def check_prefect_yaml(path: Path) -> list[dict[str, Any]]:

@@ -21,6 +21,7 @@ from tasks.build_onnx import build_onnx
 from tasks.evaluate import evaluate
 from tasks.load_data import load_data
 from tasks.merge_adapters import merge_adapters
+from tasks.promote import promote
 from tasks.settings import RunConfig
 from tasks.stage import STAGES, ArtifactRef, RunContext, StageRecord, prefect_result_storage, stage_run
 from tasks.store import ArtifactStore
@@ -57,7 +58,8 @@ def check_from_stage(from_stage: str | None) -> None:
 
 @flow(name="grove-optimize")
 def optimize(config: str, from_stage: str | None = None) -> dict[str, Any]:
-    """Run an Olive run config (JSON/YAML path) as Grove's seven cached stages."""
+    """Run an Olive run config (JSON/YAML path) as Grove's seven cached stages, then promote
+    the new model if it passes the config's quality gate."""
     check_from_stage(from_stage)
     cfg = load_config(config)
     store = ArtifactStore(cfg.artifact_root, cfg.aws_credentials_block)
@@ -76,14 +78,20 @@ def optimize(config: str, from_stage: str | None = None) -> dict[str, Any]:
         if show_end:
             show_end(record)
 
-    context = RunContext(store=store, device=cfg.device, checkpoint_steps=cfg.checkpoint_steps,
+    context = RunContext(store=store, model_name=cfg.name, device=cfg.device, credentials_block=cfg.aws_credentials_block,
+                         checkpoint_steps=cfg.checkpoint_steps,
                          from_stage=from_stage, retries=cfg.retries,
                          result_storage=prefect_result_storage(store), on_stage_start=stage_started,
                          on_stage_end=stage_ended, **hooks)
     try:
         with stage_run(context):
             refs = pipeline(cfg)
-        result = publish(cfg, refs, context.records, store)
+            promotion = None
+            if cfg.promotion is not None:
+                promotion = promote.with_options(tags={"grove", "stage:promote", f"model:{cfg.name}"})(
+                    cfg.promotion, refs, run_log.run_id, config)
+        run_log.promotion = promotion
+        result = publish(cfg, refs, context.records, store, promotion, run_log.run_id)
     except BaseException as exc:
         run_log.finish("failed", store.access.scrub(f"{type(exc).__name__}: {exc}"))
         raise

@@ -48,7 +48,7 @@ def key_result(stage: str, summary: dict[str, Any]) -> str:
 
 
 def publish(cfg: RunConfig, refs: dict[str, ArtifactRef | None], records: list[StageRecord],
-            store: ArtifactStore) -> dict[str, Any]:
+            store: ArtifactStore, promotion: dict[str, Any] | None = None, run_id: str | None = None) -> dict[str, Any]:
     """Copies the final model (ONNX if built, else the merged model) and writes report.json/.md."""
     out = Path(cfg.output_dir) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
@@ -66,24 +66,38 @@ def publish(cfg: RunConfig, refs: dict[str, ArtifactRef | None], records: list[S
         staging.rename(model_path)
     report = {
         "name": cfg.name,
+        "run_id": run_id,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "artifact_root": cfg.artifact_root,
         "model_path": str(model_path) if model_path else None,
         "stages": [{"stage": r.stage, "status": r.status, "seconds": round(r.seconds, 2),
                     "key": r.ref.key if r.ref else None, "uri": r.ref.uri if r.ref else None,
                     "summary": r.ref.summary if r.ref else {}} for r in records],
+        "promotion": promotion,
     }
     report_json = out / "report.json"
     report_json.write_text(json.dumps(report, indent=1))
     markdown = render_markdown(report)
     (out / "report.md").write_text(markdown)
     _prefect_artifact(markdown, cfg.name)
-    return {"model_path": report["model_path"], "report_path": str(report_json), "stages": report["stages"]}
+    if promotion:
+        log_promotion(promotion)
+    return {"model_path": report["model_path"], "report_path": str(report_json), "stages": report["stages"],
+            "promotion": promotion}
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    lines = [f"# Grove run: {report['name']}", "", f"Finished {report['finished']}; "
-             f"final model: `{report['model_path']}`", "",
+    final = next((s for s in reversed(report["stages"]) if s["stage"] in ("build_onnx", "merge_adapters")), None)
+    lines = [f"# Grove run: {report['name']}", "", f"Run `{report.get('run_id')}`, finished {report['finished']}.", "",
+             f"- final model (stored): `{final['uri'] if final else None}`",
+             f"- final model (copied to): `{report['model_path']}`",
+             f"- artifact store: `{report['artifact_root']}`"]
+    promotion = report.get("promotion")
+    if promotion:
+        verdict = {"promoted": "**promoted**", "unchanged": "current model unchanged",
+                   "not_promoted": "**not promoted**"}[promotion["decision"]]
+        lines.append(f"- {promotion.get('model_name', report['name'])}: {verdict}: {promotion['reason']}")
+    lines += ["", "## Stages", "",
              "| stage | status | seconds | result | stored at |", "|---|---|---|---|---|"]
     for stage in report["stages"]:
         lines.append(f"| {stage['stage']} | {stage['status']} | {stage['seconds']} | "
@@ -111,10 +125,30 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def log_promotion(promotion: dict[str, Any]) -> None:
+    """In the flow run's log (the UI shows it), or Grove's own log outside a run."""
+    import logging
+
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        logger = get_run_logger()
+    except MissingContextError:
+        logger = logging.getLogger("grove.promote")
+    if promotion["decision"] == "not_promoted":
+        logger.warning("not promoted: %s", promotion["reason"])
+    else:
+        logger.info("%s: %s", promotion["decision"].replace("_", " "), promotion["reason"])
+
+
 def _prefect_artifact(markdown: str, name: str) -> None:
     """Shows the report in the Prefect UI when running inside a flow run."""
     from prefect.artifacts import create_markdown_artifact
     from prefect.context import FlowRunContext
 
+    from tasks.ui import artifact_key
+
     if FlowRunContext.get() is not None:
-        create_markdown_artifact(markdown=markdown, key="grove-report", description=f"Grove report for {name}")
+        create_markdown_artifact(markdown=markdown, key=artifact_key(name, "report"),
+                                 description=f"Grove report for {name}")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from tasks.promote import current_models
 from tasks.stage import StageRecord
 from tasks.store import ArtifactStore, GcReport, collect_garbage
 
@@ -34,6 +35,7 @@ class RunLog:
     started: datetime = field(default_factory=_now)
     stages: list[dict[str, Any]] = field(default_factory=list)
     current: str | None = None  # the stage running now: the failed one if the run fails
+    promotion: dict[str, Any] | None = None  # the promote step's decision and why
 
     def __post_init__(self) -> None:
         if not self.run_id:
@@ -61,7 +63,8 @@ class RunLog:
             "run_id": self.run_id, "record": self.path, "name": self.name, "config": self.config, "from_stage": self.from_stage,
             "status": status, "started": self.started.isoformat(timespec="microseconds"),
             "updated": _now().isoformat(timespec="seconds"), "error": error,
-            "failed_stage": self.current if status == "failed" else None, "stages": self.stages})
+            "failed_stage": self.current if status == "failed" else None, "stages": self.stages,
+            "promotion": self.promotion})
 
 
 def list_runs(store: ArtifactStore) -> list[dict[str, Any]]:
@@ -85,13 +88,15 @@ def _still_running(run: dict[str, Any]) -> bool:
 
 def garbage_collect(store: ArtifactStore, keep: int, grace_minutes: float = 60,
                     dry_run: bool = False) -> tuple[GcReport, int]:
-    """Keep the entries of the newest `keep` runs (and of runs still going); remove the rest.
+    """Keep the entries of the newest `keep` runs, of runs still going and of every name's
+    current model; remove the rest.
 
     Returns the store's report and how many run records were dropped with them.
     """
     runs = list_runs(store)
     kept = runs[:keep] + [r for r in runs[keep:] if _still_running(r)]
     live = {(s["stage"], s["key"]) for r in kept for s in r["stages"]}
+    live |= {(e["stage"], e["key"]) for model in current_models(store) for e in model["entries"]}
     report = collect_garbage(store, live, grace_seconds=grace_minutes * 60, dry_run=dry_run)
     dropped = [r for r in runs if r not in kept]
     if not dry_run:

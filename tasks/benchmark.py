@@ -148,7 +148,7 @@ def measure_engine(engine: str, folder: Path, tokenizer_folder: Path, prompts: l
     return report
 
 
-@grove_stage("benchmark")
+@grove_stage("benchmark", tags=("gpu",))
 def benchmark(settings: BenchmarkSettings, evaluation: EvalSettings, model: ModelSettings,
               merged: ArtifactRef | None, onnx: ArtifactRef | None, data: ArtifactRef) -> dict:
     """Stores benchmark.json: per engine latency, time to first token, decode tokens/s, memory, size."""

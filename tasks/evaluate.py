@@ -42,17 +42,19 @@ def forward_pass(model, examples: list[dict], batch_size: int) -> tuple[float | 
     return (total_loss / total_tokens if total_tokens else None), argmax
 
 
-def proven_by_forward_pass(examples, argmax, prompts, labels, tokenizer, eos_ids) -> dict[int, str]:
+def proven_by_forward_pass(examples, argmax, prompts, labels, tokenizer, eos_ids,
+                           max_new_tokens: int) -> dict[int, str]:
     """Rows whose greedy answer the forward pass already proves correct.
 
     If the argmax after the prompt reproduces every answer token and then eos, greedy
-    generation would emit exactly the label and stop: no need to generate it again.
-    Every other row is generated for real.
+    generation would emit exactly the label and stop: no need to generate it again, as
+    long as the answer fits in max_new_tokens (a longer one is cut short when generated,
+    as the ONNX model's is). Every other row is generated for real.
     """
     proven = {}
     for index, (example, prompt, label) in enumerate(zip(examples, prompts, labels)):
         ids, n = example["input_ids"], len(prompt)
-        if ids[:n] != prompt or not ids or ids[-1] not in eos_ids:
+        if ids[:n] != prompt or not ids or ids[-1] not in eos_ids or len(ids) - 1 - n > max_new_tokens:
             continue
         if argmax[index][n - 1: len(ids) - 1] == ids[n:] and \
                 first_line(tokenizer.decode(ids[n:-1], skip_special_tokens=True)) == label:
@@ -68,7 +70,8 @@ def measure(model, tokenizer, rows, examples, settings: EvalSettings, label: str
         eos_ids = eos_ids_of(tokenizer, model.config)
         engine = HfEngine(model, tokenizer.pad_token_id, eos_ids)
         prompts, labels = prompts_and_labels(rows, settings.text_template, settings.label_col, tokenizer)
-        proven = proven_by_forward_pass(examples, argmax, prompts, labels, tokenizer, eos_ids)
+        proven = proven_by_forward_pass(examples, argmax, prompts, labels, tokenizer, eos_ids,
+                                        settings.max_new_tokens)
         run = current_run()
         progress = (lambda done, total: run.on_progress("evaluate", done, total, {"model": label})) \
             if run.on_progress else None
@@ -78,7 +81,7 @@ def measure(model, tokenizer, rows, examples, settings: EvalSettings, label: str
     return result
 
 
-@grove_stage("evaluate")
+@grove_stage("evaluate", tags=("gpu",))
 def evaluate(settings: EvalSettings, data: ArtifactRef, corpus: ArtifactRef, model: ModelSettings,
              adapter: ArtifactRef | None = None) -> dict:
     """Scores the base model and (when there is an adapter) the fine-tuned one; stores metrics.json."""

@@ -6,16 +6,45 @@ after packing, so duplicated rows leaked eval text into training.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import shutil
+import tempfile
 from collections import Counter
+from pathlib import Path
 
+from tasks.data_files import content_digest, is_remote, open_data
+from tasks.credentials import s3_access
 from tasks.settings import DataSettings
-from tasks.stage import grove_stage, output_dir
+from tasks.stage import current_run, grove_stage, output_dir
+
+
+def fetch(files: list[str], folder: Path) -> list[str]:
+    """Local copies of remote data files (datasets refuses URLs when offline); local ones as they are."""
+    local = []
+    for index, url in enumerate(files):
+        if not is_remote(url):
+            local.append(url)
+            continue
+        options = s3_access(current_run().credentials_block).options if url.startswith("s3://") else {}
+        target = folder / f"{index:05d}-{url.rsplit('/', 1)[-1]}"
+        with open_data(url, options) as source, open(target, "wb") as handle:
+            shutil.copyfileobj(source, handle, 8 * 1024 * 1024)
+        local.append(str(target))
+    return local
+
+
+def check_unchanged(data: DataSettings, local: list[str]) -> None:
+    """The files read must be the bytes the cache key was made from (hashed at run start)."""
+    digest = hashlib.sha256("".join(content_digest(path) for path in local).encode()).hexdigest()
+    if digest != data.content_sha256:
+        raise ValueError(f"the data at {data.files[0]} changed after this run listed it; run again "
+                         f"to train on the new data")
 
 
 def read_rows(files: list[str], fmt: str, split: str) -> list[dict]:
-    """Rows as dicts, through `datasets` (local paths or any fsspec URL)."""
+    """Rows as dicts, through `datasets` (local files)."""
     from datasets import load_dataset
 
     try:
@@ -55,7 +84,17 @@ def dedupe(rows: list[dict], columns: list[str]) -> tuple[list[dict], int]:
 @grove_stage("load_data")
 def load_data(data: DataSettings) -> dict:
     """Load, deduplicate and split the data; stores train.jsonl and eval.jsonl."""
-    rows = read_rows(data.files, data.format, data.split)
+    download = Path(tempfile.mkdtemp(prefix="grove-data-"))
+    try:
+        local = fetch(data.files + (data.eval_files or []), download)
+        check_unchanged(data, local)
+        return _dedupe_split_store(data, local[: len(data.files)], local[len(data.files):])
+    finally:
+        shutil.rmtree(download, ignore_errors=True)
+
+
+def _dedupe_split_store(data: DataSettings, files: list[str], eval_files: list[str]) -> dict:
+    rows = read_rows(files, data.format, data.split)
     missing = [c for c in data.text_cols if rows and c not in rows[0]]
     if missing:
         raise ValueError(f"{data.files[0]}: columns {missing} are missing (has {sorted(rows[0])})")
@@ -64,7 +103,7 @@ def load_data(data: DataSettings) -> dict:
     unique, duplicates = dedupe(rows, data.text_cols)
     if data.eval_files:
         train = unique
-        eval_rows, eval_dups = dedupe(read_rows(data.eval_files, data.format, data.split), data.text_cols)
+        eval_rows, eval_dups = dedupe(read_rows(eval_files, data.format, data.split), data.text_cols)
         duplicates += eval_dups
         # never evaluate on text that was trained on
         train_text = {row_text(r, data.text_cols) for r in train}

@@ -94,6 +94,15 @@ class BenchmarkSettings(Frozen):
     repeats: int = 2
 
 
+class PromotionSettings(Frozen):
+    """The quality gate a new model passes to become its name's current model."""
+
+    model_name: str
+    metric: str = "onnx_accuracy"  # a name in tasks/promote.py METRICS; higher is better
+    min: float = 0.0  # the new model's metric must be at least this
+    max_drop: float = 0.02  # and not more than this below the current model's
+
+
 class RetrySettings(Frozen):
     """How often a failed stage is tried again (transient errors only) and how long to wait."""
 
@@ -120,3 +129,4 @@ class RunConfig(Frozen):
     merge: bool
     build: BuildSettings | None
     benchmark: BenchmarkSettings
+    promotion: PromotionSettings | None = None

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator
 from pydantic import BaseModel
 
 from tasks.store import ArtifactStore, Entry
+from tasks.ui import publish_stage
 
 STAGES = ("load_data", "template_corpus", "train", "evaluate", "merge_adapters", "build_onnx", "benchmark")
 
@@ -94,7 +95,9 @@ class RunContext:
     """Per-run state the stages need that is not part of any cache key."""
 
     store: ArtifactStore
+    model_name: str = "grove"  # in task tags and UI artifact keys
     device: str = "auto"
+    credentials_block: str | None = None  # where s3:// keys come from (env when None)
     checkpoint_steps: int = 0  # a stage that checkpoints (train) does so every N steps; 0: never
     from_stage: str | None = None
     dry_run: bool = False
@@ -258,6 +261,7 @@ def grove_stage(name: str, tags: tuple[str, ...] = (), also: tuple[str, ...] = (
             token, key_token = _output.set(out), _key.set(key)
             try:
                 summary = fn(*args, **kwargs) or {}
+                publish_stage(name, run.model_name, summary)
                 meta = {"summary": summary, "code_version": version,
                         "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
                 ref = _ref(run.store.put_dir(name, key, out, meta), run.store)
@@ -304,11 +308,12 @@ def grove_stage(name: str, tags: tuple[str, ...] = (), also: tuple[str, ...] = (
             options = {"refresh_cache": entry is None, "retries": retries, "retry_delay_seconds": delay}
             if run.result_storage:
                 options["result_storage"] = run.result_storage
-            if entry is not None:
-                # A hit does no work: without tags Prefect skips its concurrency-slot calls (one
-                # API round trip each, most of a cached rerun's time), and a cached train never
-                # queues behind a GPU limit held by another run's training.
-                options["tags"] = set()
+            # Tags make the graph readable (stage, model) and let a concurrency limit on `gpu`
+            # hold the model-heavy stages to one at a time. A hit does no work: without tags
+            # Prefect skips its concurrency-slot calls (one API round trip each, most of a cached
+            # rerun's time), and a cached train never queues behind another run's training.
+            options["tags"] = set() if entry is not None else \
+                {"grove", f"stage:{name}", f"model:{run.model_name}", *tags}
             state = prefect_task.with_options(**options)(*args, return_state=True, **kwargs)
             ref: ArtifactRef = state.result()
             cached = state.name == "Cached" or ref.summary.get("_reused", False)

@@ -387,9 +387,16 @@ class ArtifactStore:
         except FileNotFoundError:
             pass
 
-    def list_json(self, folder: str) -> list[Any]:
+    def get_json(self, relpath: str) -> Any | None:
+        """A small JSON document outside the entries, or None if there is none."""
+        try:
+            return self._read_json(self._path(relpath), f"reading {relpath}")
+        except FileNotFoundError:
+            return None
+
+    def list_json(self, folder: str, pattern: str = "*.json") -> list[Any]:
         """Every JSON document directly under a folder of the root (e.g. runs/)."""
-        paths = self._retry(f"listing {folder}", lambda: self.fs.glob(self._path(folder, "*.json")))
+        paths = self._retry(f"listing {folder}", lambda: self.fs.glob(self._path(folder, pattern)))
         documents = []
         for path in sorted(paths):
             try:

@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from tasks import ui
 from tasks.models import load_causal_lm, model_folder, resolve_device
 from tasks.settings import TrainSettings, ModelSettings
 from tasks.stage import ArtifactRef, current_run, current_stage_key, grove_stage, open_artifact, output_dir
@@ -169,9 +170,18 @@ def _progress_callback():
     run = current_run()
 
     class Progress(TrainerCallback):
+        """Shows steps and loss: in the CLI's progress bar and as Prefect artifacts."""
+
         def __init__(self):
             self.loss = None
             self.started = time.monotonic()
+            self.ui = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.ui = ui.TrainingProgress(run.model_name)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            ui.loss_table(run.model_name, state.log_history)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -179,6 +189,8 @@ def _progress_callback():
                 log.info("step %d/%d loss %.4f", state.global_step, state.max_steps, self.loss)
 
         def on_step_end(self, args, state, control, **kwargs):
+            if self.ui is not None:
+                self.ui.update(state.global_step, state.max_steps)
             if run.on_progress:
                 run.on_progress("train", state.global_step, state.max_steps, {"loss": self.loss})
 

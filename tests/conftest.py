@@ -61,11 +61,14 @@ def grove_home(tmp_path_factory):
 
 @pytest.fixture(scope="session", autouse=True)
 def prefect_api(tmp_path_factory):
-    """A real Prefect server for the whole session (one flow run costs ~1 s against it)."""
+    """A real Prefect server for the whole session (one flow run costs ~1 s against it), with its
+    UI (tests/test_nightly.py renders a flow-run page). A task held back by a tag concurrency
+    limit asks again every second instead of Prefect's default 30."""
     home = tmp_path_factory.mktemp("prefect-home")
     port = _free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "false"}
+           "PREFECT_UI_ENABLED": "true", "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
+           "PREFECT_SERVER_TASKS_TAG_CONCURRENCY_SLOT_WAIT_SECONDS": "1"}
     log = open(home / "server.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -39,7 +39,7 @@ def test_prefect_yaml_creates_both_deployments_and_the_nightly_cron(prefect_api)
     nightly = found["grove-nightly"]
     schedule = nightly["schedules"][0]["schedule"]
     assert schedule["cron"] == "0 2 * * *" and schedule["timezone"] == "UTC" and nightly["schedules"][0]["active"]
-    assert nightly["parameters"]["config"] == "configs/smollm2-tone.json"
+    assert nightly["parameters"]["config"] == "configs/smollm2-tone-nightly.json"
     assert nightly["work_pool_name"] == "grove-process"
     assert not found["grove-optimize"]["schedules"]
 
@@ -96,3 +96,22 @@ def test_served_flow_runs_when_triggered_with_s3_storage(s3_env, prefect_api, ti
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["data_configs"][0]["load_dataset_config"]["params"].update(data_files="incoming/*.jsonl"),
+     "data_configs.tone_train.load_dataset_config.params.data_files: no files match incoming/*.jsonl"),
+    (lambda c: c["grove"].update(promotion={"metric": "accuracy"}),
+     "grove.promotion.metric: unknown gate metric 'accuracy'"),
+])
+def test_a_deployed_config_with_no_data_or_an_unknown_gate_metric_is_refused(prefect_api, tmp_path, change, message):
+    raw = json.loads((ROOT / "configs" / "smollm2-tone.json").read_text())
+    raw["data_configs"][0]["load_dataset_config"]["params"]["data_files"] = str(ROOT / "configs" / "data" / "tone.jsonl")
+    change(raw)
+    (tmp_path / "nightly.json").write_text(json.dumps(raw))
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    spec["deployments"] = [spec["deployments"][1]]
+    spec["deployments"][0]["parameters"]["config"] = str(tmp_path / "nightly.json")
+    (tmp_path / "prefect.yaml").write_text(yaml.safe_dump(spec))
+    result = runner.invoke(app, ["deploy", "--file", str(tmp_path / "prefect.yaml")])
+    assert result.exit_code == 2 and message in flat(result.output), result.output

@@ -114,6 +114,11 @@ def test_forward_pass_proof_accepts_only_exact_answers_followed_by_eos(tiny_mode
     wrong[1][len(prompts[1]) - 1] = (wrong[1][len(prompts[1]) - 1] + 1) % 300  # first answer token differs
     eos = {tokenizer.eos_token_id}
     examples_ = [{"input_ids": ids} for ids, _ in pairs]
-    assert proven_by_forward_pass(examples_, exact, prompts, labels, tokenizer, eos) == \
+    assert proven_by_forward_pass(examples_, exact, prompts, labels, tokenizer, eos, 16) == \
         {0: labels[0], 1: labels[1], 2: labels[2]}
-    assert set(proven_by_forward_pass(examples_, wrong, prompts, labels, tokenizer, eos)) == {0, 2}
+    assert set(proven_by_forward_pass(examples_, wrong, prompts, labels, tokenizer, eos, 16)) == {0, 2}
+    # an answer longer than the generation budget would be cut short when generated: not proven
+    answer_tokens = [len(ids) - 1 - len(prompt) for (ids, _), prompt in zip(pairs, prompts)]
+    budget = max(answer_tokens) - 1
+    assert set(proven_by_forward_pass(examples_, exact, prompts, labels, tokenizer, eos, budget)) == \
+        {i for i, n in enumerate(answer_tokens) if n <= budget}

@@ -1,0 +1,121 @@
+"""What each stage shows in the Prefect UI: table and progress artifacts.
+
+A stage that runs publishes its artifacts from inside its task run, so the UI lists them
+under that task; a cached stage publishes nothing new (the run's report covers it).
+Artifact keys are per model name (`grove-<name>-<what>`), so the UI's Artifacts page keeps
+each table's history across nightly runs. Showing is never worth failing a stage for:
+an API error here is logged and the stage goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Callable
+
+log = logging.getLogger("grove.ui")
+
+
+def artifact_key(model_name: str, what: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", f"grove-{model_name}-{what}".lower())).strip("-")
+
+
+def _in_task_or_flow() -> bool:
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return TaskRunContext.get() is not None or FlowRunContext.get() is not None
+
+
+def _safely(what: str, publish: Callable[[], Any]) -> Any:
+    if not _in_task_or_flow():
+        return None
+    try:
+        return publish()
+    except Exception as exc:  # noqa: BLE001 - the UI is a view; the stage's work stands
+        log.warning("could not publish the %s artifact: %s", what, exc)
+        return None
+
+
+def _table(model_name: str, what: str, rows: list[dict[str, Any]], description: str) -> None:
+    from prefect.artifacts import create_table_artifact
+
+    _safely(what, lambda: create_table_artifact(table=rows, key=artifact_key(model_name, what),
+                                                description=description))
+
+
+# ---- per stage ------------------------------------------------------------------------------------
+def data_counts(model_name: str, summary: dict[str, Any]) -> None:
+    train, held_out = summary.get("train_labels") or {}, summary.get("eval_labels") or {}
+    rows = [{"label": label, "train": train.get(label, 0), "eval": held_out.get(label, 0)}
+            for label in sorted(set(train) | set(held_out))]
+    rows.append({"label": "(all)", "train": summary.get("train_rows"), "eval": summary.get("eval_rows")})
+    _table(model_name, "data", rows, f"Rows per label after removing {summary.get('duplicates_removed', 0)} "
+                                     f"exact duplicates ({summary.get('rows')} rows read)")
+
+
+def accuracy(model_name: str, what: str, results: dict[str, dict[str, Any]], description: str) -> None:
+    """results: model name (base, fine_tuned, onnx) -> its scores with per_label counts."""
+    labels = sorted({label for scores in results.values() for label in (scores.get("per_label") or {})})
+    rows = [{"label": "(all)", **{name: scores.get("accuracy") for name, scores in results.items()}}]
+    rows += [{"label": label, **{name: (scores.get("per_label") or {}).get(label, {}).get("accuracy")
+                                 for name, scores in results.items()}} for label in labels]
+    _table(model_name, what, rows, description)
+
+
+def evaluation(model_name: str, summary: dict[str, Any]) -> None:
+    results = {name: scores for name, scores in summary.items() if isinstance(scores, dict)}
+    accuracy(model_name, "evaluate", results, "Task accuracy (greedy exact match) on the eval split: "
+             + ", ".join(f"{name} eval loss {scores.get('eval_loss')}" for name, scores in results.items()))
+
+
+def onnx_accuracy(model_name: str, summary: dict[str, Any]) -> None:
+    if summary.get("accuracy") is None:
+        return
+    accuracy(model_name, "onnx-accuracy", {"onnx": summary},
+             f"Task accuracy of the {summary.get('precision')} ONNX model on the eval split "
+             f"({summary.get('execution_provider')}, {summary.get('size_bytes', 0) / 2**20:.1f} MB)")
+
+
+def benchmark_table(model_name: str, summary: dict[str, Any]) -> None:
+    columns = ("device", "latency_ms", "time_to_first_token_ms", "decode_tokens_per_s", "peak_rss_mb", "size_mb")
+    rows = [{"engine": name, **{c: metrics.get(c) for c in columns}}
+            for name, metrics in summary.items() if isinstance(metrics, dict)]
+    _table(model_name, "benchmark", rows, f"Same prompts on each engine (medians); ONNX speed-up "
+                                          f"{summary.get('onnx_speedup')}x")
+
+
+def loss_table(model_name: str, history: list[dict[str, Any]]) -> None:
+    rows = [{"step": h.get("step"), "loss": h.get("loss"), "learning_rate": h.get("learning_rate"),
+             "grad_norm": h.get("grad_norm")} for h in history if "loss" in h]
+    _table(model_name, "train-loss", rows, "Training loss per logged step")
+
+
+STAGE_TABLES: dict[str, Callable[[str, dict[str, Any]], None]] = {
+    "load_data": data_counts, "evaluate": evaluation, "build_onnx": onnx_accuracy, "benchmark": benchmark_table}
+
+
+def publish_stage(stage: str, model_name: str, summary: dict[str, Any]) -> None:
+    publisher = STAGE_TABLES.get(stage)
+    if publisher is not None:
+        _safely(stage, lambda: publisher(model_name, summary))
+
+
+class TrainingProgress:
+    """A progress artifact that follows training, updated at most every `every` percent."""
+
+    def __init__(self, model_name: str, every: float = 2.0):
+        from prefect.artifacts import create_progress_artifact
+
+        self.every, self.shown = every, -every
+        self.artifact_id = _safely("training progress", lambda: create_progress_artifact(
+            progress=0.0, key=artifact_key(model_name, "train-progress"), description="Training steps done (%)"))
+
+    def update(self, step: int, total: int) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        percent = 100.0 * step / total if total else 100.0
+        if self.artifact_id is None or (percent - self.shown < self.every and percent < 100.0):
+            return
+        self.shown = percent
+        _safely("training progress", lambda: update_progress_artifact(self.artifact_id, progress=percent))
