@@ -189,7 +189,7 @@ def test_data_parallel_training_runs_two_processes_through_torchrun(raw, tmp_pat
 
     raw["passes"] = {"lora": raw["passes"]["lora"]}  # train, evaluate, benchmark: no ONNX needed here
     raw["passes"]["lora"]["config"]["training_args"].update(max_steps=4, per_device_train_batch_size=4)
-    raw["grove"].update(device="cpu", checkpoint_steps=2, train={"processes": 2})
+    raw["grove"].update(device="cpu", checkpoint_steps=2, train={"processes": 2}, promotion={"enabled": False})
     result = CliRunner().invoke(app, ["run", "--config", str(write_config(raw))], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "out" / "tiny" / "report.json").read_text())
