@@ -59,10 +59,12 @@ def measure(request: dict) -> dict:
         "peak_rss_mb": peak_rss_mb(),
         "runs": len(latency),
     }
-    if device == "cuda" and request["engine"] == "pytorch":
+    if device == "cuda":
         import torch
 
-        report["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        report["gpu"] = torch.cuda.get_device_name(0)
+        if request["engine"] == "pytorch":
+            report["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return report
 
 

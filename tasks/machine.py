@@ -10,6 +10,19 @@ import subprocess
 
 
 @functools.lru_cache(maxsize=None)
+def gpu_count() -> int:
+    """NVIDIA GPUs nvidia-smi lists (0 without it), without importing torch."""
+    if not shutil.which("nvidia-smi"):
+        return 0
+    try:
+        listed = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in listed.splitlines() if line.strip())
+
+
+@functools.lru_cache(maxsize=None)
 def machine_description(device: str) -> str:
     cpu = "unknown cpu"
     try:

@@ -61,6 +61,11 @@ class TrainSettings(Frozen):
     training_args: dict[str, Any] = {}
     seed: int = 42
     top_layers: int | None = None  # LoRA only in the top N decoder layers (Grove option)
+    # Grove's training setup on CUDA (tasks/train_setup.py; a CPU trains as before)
+    kernels: Literal["liger", "none"] = "liger"
+    packing: bool = True
+    compile: bool = False
+    processes: int = 1  # data-parallel training processes (torchrun + DDP), one per GPU
 
 
 class EvalSettings(Frozen):

@@ -218,9 +218,14 @@ def stage_key(stage: str, code_version: str, params: dict[str, Any]) -> str:
     return hashlib.sha256(body.encode()).hexdigest()[:32]
 
 
-def code_version(fn: Callable) -> str:
-    """The stage module's source: any change to the stage's code invalidates its entries."""
+def code_version(fn: Callable, also: tuple[str, ...] = ()) -> str:
+    """The stage module's source (and that of the modules named in `also`, which the stage's
+    results depend on): any change to that code invalidates its entries."""
+    import importlib.util
+
     source = Path(inspect.getfile(fn)).read_bytes()
+    for module in also:
+        source += Path(importlib.util.find_spec(module).origin).read_bytes()
     return hashlib.sha256(source).hexdigest()[:16]
 
 
@@ -231,13 +236,13 @@ def _ref(entry: Entry, store: ArtifactStore) -> ArtifactRef:
 
 
 # ---- the decorator ---------------------------------------------------------------------------------
-def grove_stage(name: str, tags: tuple[str, ...] = ()):
+def grove_stage(name: str, tags: tuple[str, ...] = (), also: tuple[str, ...] = ()):
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}")
 
     def decorate(fn: Callable[..., dict[str, Any]]):
         signature = inspect.signature(fn)
-        version = code_version(fn)
+        version = code_version(fn, also)
 
         def params_of(args, kwargs) -> dict[str, Any]:
             bound = signature.bind(*args, **kwargs)

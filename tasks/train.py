@@ -10,6 +10,10 @@ folder and Grove copies it to the artifact store under this stage's cache key. A
 the same key that finds a checkpoint there resumes from it: the Trainer reloads all of
 that, skips the batches already seen (the sampler is seeded by data_seed and the epoch)
 and restores the RNG, so the adapter is the one an uninterrupted run gives.
+
+On CUDA, Grove's training setup (tasks/train_setup.py, `grove.train` in the config) adds
+Liger kernels, padding-free packing of line-by-line corpora and optionally torch.compile;
+the 4-bit base is never upcast to fp32. A CPU trains as before.
 """
 
 from __future__ import annotations
@@ -78,6 +82,25 @@ def disable_cpu_bf16_4bit_path(model) -> int:
             module.support_avx512bf16_for_cpu = False
             changed += 1
     return changed
+
+
+def apply_gpu_setup(base, settings: TrainSettings, device: str) -> dict:
+    """Grove's CUDA training setup on the loaded base (before LoRA); returns what was applied."""
+    setup = {"kernels": "none", "packing": False, "compile": False, "fp32_upcast": False}
+    if device != "cuda":
+        return setup
+    from tasks.train_setup import apply_liger, liger_available
+
+    base.config.use_cache = False  # no KV cache in training (a cache also hides packed sequences)
+    if settings.kernels == "liger":
+        if not liger_available():
+            log.warning("grove.train.kernels=liger but liger-kernel is not installed "
+                        "(pip install liger-kernel==0.8.5); training without it")
+        elif apply_liger(base):
+            setup["kernels"] = "liger"
+    setup["packing"] = settings.packing
+    setup["compile"] = settings.compile
+    return setup
 
 
 def add_lora(base, settings: TrainSettings):
@@ -229,51 +252,47 @@ def _checkpoint_callback(key: str):
     return StoreCheckpoints()
 
 
-@grove_stage("train", tags=("gpu",))
-def train(settings: TrainSettings, corpus: ArtifactRef, model: ModelSettings) -> dict:
-    """Fine-tune LoRA/QLoRA adapters on the templated corpus; stores adapter/ and train_log.json."""
+def fit(settings: TrainSettings, model: ModelSettings, corpus_folder: Path, device: str, out: Path,
+        workdir: Path, checkpoint_steps: int, resume: str | None, callbacks: list) -> dict:
+    """Load, adapt and train; the main process saves adapter/ and train_log.json into `out`.
+    Runs in the stage's process, or in each process of a data-parallel job (tasks/train_ddp.py)."""
     import torch
     from datasets import Dataset
     from transformers import PrinterCallback
 
-    run = current_run()
-    device = resolve_device(run.device)
     torch.manual_seed(settings.seed)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    folder = open_artifact(corpus)
-    train_rows = read_jsonl(folder, "train")
-    eval_rows = read_jsonl(folder, "eval")
+    train_rows = read_jsonl(corpus_folder, "train")
+    eval_rows = read_jsonl(corpus_folder, "eval")
     base = load_base_for_training(model, settings, device)
+    setup = apply_gpu_setup(base, settings, device)
     peft_model = add_lora(base, settings)
-    out = output_dir()
-    key = current_stage_key()
-    checkpoint = run.store.latest_checkpoint("train", key)  # left by an interrupted run of this key
-    workdir = Path(tempfile.mkdtemp(prefix="grove-train-work-"))
+    if setup["compile"]:
+        from tasks.train_setup import compile_layers
+
+        compile_layers(peft_model)
     args = training_arguments(settings, device, str(workdir),
                               has_eval=settings.training_args.get("eval_strategy", "no") != "no",
-                              checkpoint_steps=run.checkpoint_steps)
+                              checkpoint_steps=checkpoint_steps)
     pad_id = base.config.pad_token_id if base.config.pad_token_id is not None else 0
-    callbacks = [_progress_callback()] + ([_checkpoint_callback(key)] if run.checkpoint_steps else [])
+    collator = _Collator(pad_id)
+    if setup["packing"]:
+        from tasks.train_setup import PackingCollator
+
+        collator = PackingCollator(pad_id, max(len(row["input_ids"]) for row in train_rows))
     trainer_class = _trainer_class()
     trainer = trainer_class(model=peft_model, args=args, train_dataset=Dataset.from_list(train_rows),
                             eval_dataset=Dataset.from_list(eval_rows) if args.eval_strategy != "no" else None,
-                            data_collator=_Collator(pad_id), callbacks=callbacks)
+                            data_collator=collator, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # progress goes through Grove's callback, not print()
     started = time.monotonic()
-    try:
-        resume = None
-        if checkpoint is not None:
-            resume = str(run.store.materialize(checkpoint))
-            log.warning("train: resuming from step %d (checkpoint stored %s)", checkpoint.step,
-                        checkpoint.manifest["meta"].get("created"))
-        result = trainer.train(resume_from_checkpoint=resume)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.monotonic() - started
-    peft_model.save_pretrained(out / "adapter")
     history = trainer.state.log_history
-    (out / "train_log.json").write_text(json.dumps(history, indent=1))
+    if trainer.is_world_process_zero():
+        peft_model.save_pretrained(out / "adapter")
+        (out / "train_log.json").write_text(json.dumps(history, indent=1))
     losses = [h["loss"] for h in history if "loss" in h]
     summary = {
         "method": settings.method,
@@ -284,11 +303,78 @@ def train(settings: TrainSettings, corpus: ArtifactRef, model: ModelSettings) ->
         "final_loss": losses[-1] if losses else result.training_loss,
         "train_loss": result.training_loss,  # after a resume, transformers averages the resumed steps only
         "seconds": round(seconds, 2),  # of this run (after a resume: the resumed part)
-        "resumed_from_step": checkpoint.step if checkpoint is not None else 0,
         "trainable_params": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
+        "setup": setup,
+        "processes": settings.processes,
     }
     if settings.method == "qlora":
         summary["quantization"] = quantization_of(peft_model)
     if device == "cuda":
         summary["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return summary
+
+
+def _fit_distributed(settings: TrainSettings, model: ModelSettings, corpus_folder: Path, device: str, out: Path,
+                     workdir: Path, checkpoint_steps: int, resume: str | None, key: str) -> dict:
+    """`settings.processes` data-parallel processes through torchrun (DDP: NCCL on GPUs, gloo on
+    CPUs), each running fit(); checkpoints they write are stored here as they appear."""
+    import subprocess
+    import sys
+
+    from tasks.benchmark import worker_environment
+
+    request = {"settings": settings.model_dump(mode="json"), "model": model.model_dump(mode="json"),
+               "corpus": str(corpus_folder), "device": device, "out": str(out), "workdir": str(workdir),
+               "checkpoint_steps": checkpoint_steps, "resume": resume}
+    (workdir / "request.json").write_text(json.dumps(request))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={settings.processes}", "-m", "tasks.train_ddp", str(workdir / "request.json")]
+    log.info("train: %s", " ".join(command))
+    store, stored = current_run().store, set()
+    with open(workdir / "torchrun.log", "w") as output:
+        job = subprocess.Popen(command, env=worker_environment(), stdout=output, stderr=subprocess.STDOUT)
+        while job.poll() is None:
+            time.sleep(1)
+            for marker in sorted(workdir.glob("saved-*")):  # written by the main process after each save
+                step = int(marker.name.split("-")[1])
+                folder = workdir / f"checkpoint-{step}"
+                if step in stored or not folder.is_dir():
+                    continue
+                stored.add(step)
+                try:
+                    store.put_checkpoint("train", key, step, folder)
+                    log.info("checkpoint step %d stored", step)
+                except OSError as exc:  # rotated away meanwhile: the next one will do
+                    log.warning("checkpoint step %d not stored: %s", step, exc)
+    if job.returncode != 0:
+        tail = (workdir / "torchrun.log").read_text()[-3000:]
+        raise RuntimeError(f"the data-parallel training job failed (exit {job.returncode}):\n{tail}")
+    return json.loads((workdir / "summary.json").read_text())
+
+
+@grove_stage("train", tags=("gpu",), also=("tasks.train_setup",))
+def train(settings: TrainSettings, corpus: ArtifactRef, model: ModelSettings) -> dict:
+    """Fine-tune LoRA/QLoRA adapters on the templated corpus; stores adapter/ and train_log.json."""
+    run = current_run()
+    device = resolve_device(run.device)
+    folder = open_artifact(corpus)
+    out = output_dir()
+    key = current_stage_key()
+    checkpoint = run.store.latest_checkpoint("train", key)  # left by an interrupted run of this key
+    workdir = Path(tempfile.mkdtemp(prefix="grove-train-work-"))
+    try:
+        resume = None
+        if checkpoint is not None:
+            resume = str(run.store.materialize(checkpoint))
+            log.warning("train: resuming from step %d (checkpoint stored %s)", checkpoint.step,
+                        checkpoint.manifest["meta"].get("created"))
+        if settings.processes > 1:
+            summary = _fit_distributed(settings, model, folder, device, out, workdir, run.checkpoint_steps,
+                                       resume, key)
+        else:
+            callbacks = [_progress_callback()] + ([_checkpoint_callback(key)] if run.checkpoint_steps else [])
+            summary = fit(settings, model, folder, device, out, workdir, run.checkpoint_steps, resume, callbacks)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    summary["resumed_from_step"] = checkpoint.step if checkpoint is not None else 0
     return summary

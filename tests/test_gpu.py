@@ -55,6 +55,35 @@ def test_qlora_loads_nf4_double_quant_with_bf16_compute_and_trains_on_the_gpu(ti
     assert lora and all(p.device.type == "cuda" and torch.isfinite(p).all() and p.abs().sum() > 0 for p in lora)
 
 
+def test_grove_training_setup_on_cuda_liger_kernels_and_packing_keep_the_plain_loss(tiny_model):
+    """grove.train on CUDA: Liger kernels applied, packed rows; the loss is the plain padded one."""
+    import torch
+
+    from tasks.models import load_causal_lm
+    from tasks.settings import TrainSettings
+    from tasks.train import _Collator, apply_gpu_setup
+    from tasks.train_setup import PackingCollator
+
+    generator = torch.Generator().manual_seed(0)
+    batch = []
+    for n in (7, 19, 4, 12, 30, 9):
+        ids = torch.randint(5, 300, (n,), generator=generator).tolist()
+        batch.append({"input_ids": ids, "labels": list(ids)})
+    plain = load_causal_lm(tiny_model, "cuda").train()
+    padded = {k: v.cuda() for k, v in _Collator(0)(batch).items()}
+    grove = load_causal_lm(tiny_model, "cuda").train()
+    setup = apply_gpu_setup(grove, TrainSettings(method="lora"), "cuda")
+    assert setup == {"kernels": "liger", "packing": True, "compile": False, "fp32_upcast": False}
+    assert type(grove.model.norm).forward is not grove.model.norm.forward.__func__, "RMSNorm not patched"
+    packed = {k: v.cuda() for k, v in PackingCollator(0, 32)(batch).items()}
+    assert packed["input_ids"].numel() < padded["input_ids"].numel()
+    loss_plain = plain(**padded).loss
+    loss_grove = grove(**packed).loss
+    loss_grove.backward()  # Liger's fused linear cross-entropy computes the gradients in its forward
+    assert torch.isfinite(loss_grove) and abs(loss_plain.item() - loss_grove.item()) < 2e-2 * loss_plain.item(), \
+        (loss_plain.item(), loss_grove.item())
+
+
 def test_a_cuda_build_runs_in_onnxruntime_genai_cuda(tiny_model, tmp_path):
     import onnxruntime_genai as og
 
@@ -92,6 +121,7 @@ def test_the_flow_on_cuda_qlora_then_a_cuda_onnx_model_benchmarked_on_the_gpu(ti
     assert train["device"] == "cuda" and train["method"] == "qlora" and train["steps"] == 24
     assert train["quantization"]["quant_type"] == "nf4" and train["quantization"]["double_quant"]
     assert train["quantization"]["compute_dtype"] == "bfloat16" and train["peak_gpu_mb"] > 0
+    assert train["setup"] == {"kernels": "liger", "packing": True, "compile": False, "fp32_upcast": False}
     losses = [row["loss"] for row in train_log(tmp_path / "store")]
     assert len(losses) == 24 and all(math.isfinite(v) for v in losses)
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses
@@ -109,12 +139,20 @@ def test_the_flow_on_cuda_qlora_then_a_cuda_onnx_model_benchmarked_on_the_gpu(ti
     genai = json.loads((tmp_path / "out" / "tiny" / "model" / "genai_config.json").read_text())
     providers = genai["model"]["decoder"]["session_options"]["provider_options"]
     assert any("cuda" in entry for entry in providers), providers
+    cuda_options = next(entry["cuda"] for entry in providers if "cuda" in entry)
+    assert cuda_options.get("enable_cuda_graph") == "1", cuda_options  # grove.build.cuda_graph default
 
     bench = summary["benchmark"]
     assert bench["device"] == "cuda"
     assert bench["pytorch"]["device"] == "cuda" and bench["pytorch"]["dtype"] == "bfloat16"
     assert bench["onnx"]["device"] == "cuda"
     assert bench["pytorch"]["decode_tokens_per_s"] > 0 and bench["onnx"]["decode_tokens_per_s"] > 0
+    from tasks.benchmark import peak_bandwidth
+
+    if peak_bandwidth(bench["onnx"].get("gpu")):  # a GPU in the bandwidth table (the H200 is)
+        for engine in ("pytorch", "onnx"):
+            bound = bench[engine]["bandwidth"]
+            assert bound["weight_bytes_per_token"] > 0 and 0 < bound["fraction"] < 1, bound
 
     from tasks.engines import OnnxEngine
 

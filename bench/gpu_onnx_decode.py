@@ -1,0 +1,148 @@
+"""Batch-1 decode on one GPU: int4 ONNX (onnxruntime-genai-cuda) against PyTorch bf16 (HF generate).
+
+One process: builds a Phi-3-mini-shaped model with random weights (a word-level tokenizer made
+here: nothing can be downloaded), builds it int4 for CUDA with Grove's default build settings
+(flows/config.py: enable_cuda_graph on), and times both engines through the benchmark stage's
+own worker (tasks/benchmark.py measure_engine: a process per engine, same prompts, every new
+token forced, medians after a warm-up), including the fraction of the memory-bandwidth bound.
+Then the ONNX runtime settings one at a time (CUDA graphs off; other builds if time is left).
+
+    python3 bench/gpu_onnx_decode.py --out $OUT/onnx_decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from gpu_train_throughput import PHI3_MINI, TINY, build_random_model  # noqa: E402
+
+STARTED = time.monotonic()
+
+
+def say(*parts):
+    print(f"[{time.monotonic() - STARTED:7.1f}s]", *parts, file=sys.stderr, flush=True)
+
+
+def word_tokenizer(folder: Path, vocab: int) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="t1", eos_token="t2", pad_token="t0",
+                            unk_token="t0").save_pretrained(folder)
+
+
+def set_cuda_graph(model_dir: Path, on: bool) -> None:
+    path = model_dir / "genai_config.json"
+    config = json.loads(path.read_text())
+    for entry in config["model"]["decoder"]["session_options"]["provider_options"]:
+        if "cuda" in entry:
+            entry["cuda"]["enable_cuda_graph"] = "1" if on else "0"
+    path.write_text(json.dumps(config, indent=4))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--prompts", type=int, default=3)
+    parser.add_argument("--budget-s", type=float, default=400)
+    opts = parser.parse_args()
+
+    import torch
+
+    from flows.config import GroveSection, _build_settings  # noqa: F401 - Grove's own defaults
+    from tasks.benchmark import measure_engine
+    from tasks.build_onnx import builder_options, run_builder
+    from tasks.settings import BenchmarkSettings, BuildSettings
+
+    device = "cuda" if torch.cuda.is_available() and not opts.tiny else "cpu"
+    shape = TINY if opts.tiny else PHI3_MINI
+    folder = Path("/tmp/grove-phi3-decode" if not opts.tiny else "/tmp/grove-phi3-decode-tiny")
+    report: dict = {"command": " ".join(["python3"] + sys.argv), "device": device, "shape": shape, "runs": {}}
+    if not (folder / "config.json").exists():
+        say("building the random bf16 model")
+        build_random_model(folder, shape, device)
+        word_tokenizer(folder, shape["vocab_size"])
+    rng = random.Random(0)
+    prompts = [[1] + [rng.randrange(3, shape["vocab_size"] - 100) for _ in range(opts.prompt_tokens - 1)]
+               for _ in range(opts.prompts)]
+    settings = BenchmarkSettings(prompts=opts.prompts, max_new_tokens=opts.new_tokens, warmup=1, repeats=1)
+
+    def measure(name, engine, model_dir):
+        say(f"measure {name}")
+        try:
+            report["runs"][name] = measure_engine(engine, model_dir, folder, prompts, settings, device)
+        except Exception as exc:  # noqa: BLE001 - a failing variant is a result too
+            report["runs"][name] = {"error": f"{type(exc).__name__}: {str(exc)[-1500:]}"}
+        say(f"  -> {json.dumps(report['runs'][name])}")
+        if opts.out:
+            Path(opts.out).write_text(json.dumps(report, indent=1))
+
+    provider = "cuda" if device == "cuda" else "cpu"
+    # Grove's default build for this provider: what flows/config.py makes of a ModelBuilder int4 pass
+    raw = {"systems": {"s": {"type": "LocalSystem", "accelerators": [
+        {"device": "gpu", "execution_providers": ["CUDAExecutionProvider" if provider == "cuda"
+                                                  else "CPUExecutionProvider"]}]}}}
+    from flows.config import Engine
+
+    build = _build_settings(("builder", {"precision": "int4"}, "passes.builder"), Engine(), raw, GroveSection())
+    report["grove_build_settings"] = build.model_dump()
+    builds = {"grove_default": build}
+    if not opts.tiny:
+        builds["block_size_128"] = build.model_copy(update={"block_size": 128})
+    for name, settings_ in builds.items():
+        if name != "grove_default" and opts.budget_s - (time.monotonic() - STARTED) < 150:
+            report["runs"][name] = {"skipped": "time budget"}
+            continue
+        target = Path(f"/tmp/grove-onnx-{name}")
+        shutil.rmtree(target, ignore_errors=True)
+        say(f"build {name}: {builder_options(settings_, False)}")
+        started = time.monotonic()
+        run_builder(folder, target, settings_, False)
+        report.setdefault("build_seconds", {})[name] = round(time.monotonic() - started, 1)
+        measure(f"onnx_{name}", "onnx", target)
+        if name == "grove_default":
+            measure("pytorch_bf16", "pytorch", folder)
+            if provider == "cuda":
+                set_cuda_graph(target, False)
+                measure("onnx_grove_default_cuda_graph_off", "onnx", target)
+                set_cuda_graph(target, True)
+        shutil.rmtree(target, ignore_errors=True)
+
+    runs = report["runs"]
+    base = runs.get("pytorch_bf16", {}).get("decode_tokens_per_s")
+    summary = {}
+    for name, result in runs.items():
+        if name.startswith("onnx") and result.get("decode_tokens_per_s") and base:
+            summary[name] = {"decode_tokens_per_s": result["decode_tokens_per_s"],
+                             "ttft_ms": result.get("time_to_first_token_ms"),
+                             "speedup_vs_pytorch": round(result["decode_tokens_per_s"] / base, 2),
+                             "bandwidth_fraction": (result.get("bandwidth") or {}).get("fraction")}
+    summary["pytorch_bf16"] = {k: runs.get("pytorch_bf16", {}).get(k) for k in
+                               ("decode_tokens_per_s", "time_to_first_token_ms")}
+    summary["pytorch_bf16"]["bandwidth_fraction"] = (runs.get("pytorch_bf16", {}).get("bandwidth") or {}).get(
+        "fraction")
+    report["summary"] = summary
+    report["seconds"] = round(time.monotonic() - STARTED, 1)
+    text = json.dumps(report, indent=1)
+    print(text)
+    if opts.out:
+        Path(opts.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

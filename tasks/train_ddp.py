@@ -1,0 +1,46 @@
+"""One process of a data-parallel training job: `torchrun --nproc_per_node N -m tasks.train_ddp REQUEST`.
+
+Started by the train stage (tasks/train.py `_fit_distributed`) when `grove.train.processes` is
+above 1. Every process runs the same fit() on its share of each batch (the Trainer wraps the
+model in DistributedDataParallel: NCCL on GPUs, gloo on CPUs); the main process saves the
+adapter, the log and the summary, and marks each checkpoint it saved for the stage to store.
+No Prefect run here: the stage's process owns the artifact store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def main(request_file: str) -> int:
+    request = json.loads(Path(request_file).read_text())
+    from transformers import TrainerCallback
+
+    from tasks.settings import ModelSettings, TrainSettings
+    from tasks.train import fit
+
+    device = request["device"]
+    if device == "cuda":
+        import torch
+
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    workdir = Path(request["workdir"])
+
+    class MarkSaved(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                (workdir / f"saved-{state.global_step}").touch()
+
+    summary = fit(TrainSettings.model_validate(request["settings"]), ModelSettings.model_validate(request["model"]),
+                  Path(request["corpus"]), device, Path(request["out"]), workdir, request["checkpoint_steps"],
+                  request["resume"], [MarkSaved()])
+    if int(os.environ.get("RANK", "0")) == 0:
+        (workdir / "summary.json").write_text(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
