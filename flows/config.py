@@ -25,6 +25,7 @@ from tasks.settings import (
     CorpusSettings,
     DataSettings,
     EvalSettings,
+    PROMOTION_METRICS,
     ModelSettings,
     PromotionSettings,
     RetrySettings,
@@ -224,7 +225,7 @@ class GroveRetry(Strict):
 class GrovePromotion(Strict):
     enabled: bool = Field(True, description="after benchmark, make the new model current if it passes the gate")
     model_name: str | None = Field(None, description="the name models are promoted under (default: grove.name)")
-    metric: str = Field("onnx_accuracy", description="gate metric (tasks/promote.py METRICS); without a "
+    metric: str = Field("onnx_accuracy", description="gate metric (PROMOTION_METRICS); without a "
                                                      "ModelBuilder pass the default is fine_tuned_accuracy")
     min: float = Field(0.0, description="the new model's metric must be at least this")
     max_drop: float = Field(0.02, ge=0, description="and not more than this below the current model's")
@@ -376,8 +377,6 @@ def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None, list_
 
 def _promotion_settings(section: GrovePromotion, name: str, has_builder: bool,
                         has_merge: bool) -> PromotionSettings | None:
-    from tasks.promote import METRICS
-
     where = "grove.promotion"
     if not section.enabled:
         return None
@@ -386,12 +385,12 @@ def _promotion_settings(section: GrovePromotion, name: str, has_builder: bool,
             return None
         if not has_builder:
             section = section.model_copy(update={"metric": "fine_tuned_accuracy"})
-    if section.metric not in METRICS:
-        close = difflib.get_close_matches(section.metric, list(METRICS), n=1)
+    if section.metric not in PROMOTION_METRICS:
+        close = difflib.get_close_matches(section.metric, list(PROMOTION_METRICS), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"{where}.metric", f"unknown gate metric {section.metric!r}{hint}; "
-                                             f"metrics are: {', '.join(METRICS)}")
-    stage = METRICS[section.metric][0]
+                                             f"metrics are: {', '.join(PROMOTION_METRICS)}")
+    stage = PROMOTION_METRICS[section.metric][0]
     if stage in ("build_onnx", "benchmark") and section.metric.startswith("onnx") and not has_builder:
         raise ConfigError(f"{where}.metric", f"{section.metric} needs a ModelBuilder pass; use "
                                              f"fine_tuned_accuracy or add one")

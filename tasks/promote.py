@@ -17,16 +17,11 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.settings import PromotionSettings
+from tasks.settings import PROMOTION_METRICS, PromotionSettings
 from tasks.stage import ArtifactRef, current_run
 from tasks.store import ArtifactStore
 
-# Gate metrics: (stage, path in its summary). Higher is better for each.
-METRICS = {
-    "onnx_accuracy": ("build_onnx", "accuracy"),
-    "fine_tuned_accuracy": ("evaluate", "fine_tuned.accuracy"),
-    "onnx_decode_tokens_per_s": ("benchmark", "onnx.decode_tokens_per_s"),
-}
+METRICS = PROMOTION_METRICS
 MODELS = "models"
 
 

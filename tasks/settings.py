@@ -94,11 +94,19 @@ class BenchmarkSettings(Frozen):
     repeats: int = 2
 
 
+# Gate metrics a promotion can use: (stage, path in that stage's summary). Higher is better.
+PROMOTION_METRICS = {
+    "onnx_accuracy": ("build_onnx", "accuracy"),
+    "fine_tuned_accuracy": ("evaluate", "fine_tuned.accuracy"),
+    "onnx_decode_tokens_per_s": ("benchmark", "onnx.decode_tokens_per_s"),
+}
+
+
 class PromotionSettings(Frozen):
     """The quality gate a new model passes to become its name's current model."""
 
     model_name: str
-    metric: str = "onnx_accuracy"  # a name in tasks/promote.py METRICS; higher is better
+    metric: str = "onnx_accuracy"  # a name in PROMOTION_METRICS
     min: float = 0.0  # the new model's metric must be at least this
     max_drop: float = 0.02  # and not more than this below the current model's
 
