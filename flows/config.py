@@ -22,12 +22,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tasks.settings import (
     BenchmarkSettings,
     BuildSettings,
+    Candidate,
     CorpusSettings,
     DataSettings,
     EvalSettings,
     ModelSettings,
     RetrySettings,
     RunConfig,
+    SearchSettings,
     TrainSettings,
 )
 from tasks.machine import machine_description
@@ -162,8 +164,28 @@ class ModelBuilderPass(Strict):
     precision: Literal["int4", "int8", "fp16", "fp32", "bf16"] = "int4"
     int4_block_size: Literal[16, 32, 64, 128, 256] = 32
     int4_accuracy_level: Literal[0, 1, 2, 3, 4] | None = None
-    extra_options: dict[str, Any] = Field(default_factory=dict)
+    int4_is_symmetric: bool | None = None
+    int4_op_types_to_quantize: list[Literal["MatMul", "Gather"]] | None = None
+    extra_options: dict[str, Any] = Field(default_factory=dict)  # checked by tasks/quantization.py
     metadata_only: bool = False
+
+
+class GroveCandidate(Strict):
+    """One variant of a quantization search: the ModelBuilder keys it sets (the rest: defaults)."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    precision: Literal["int4", "int8", "fp16", "fp32", "bf16"] = "int4"
+    int4_block_size: Literal[16, 32, 64, 128, 256] = 32
+    int4_accuracy_level: Literal[0, 1, 2, 3, 4] | None = None
+    int4_is_symmetric: bool | None = None
+    int4_op_types_to_quantize: list[Literal["MatMul", "Gather"]] | None = None
+    extra_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class GroveSearch(Strict):
+    candidates: Literal["builtin"] | list[GroveCandidate] = Field(
+        "builtin", description="the variants to build, or 'builtin' for Grove's list")
+    tolerance_points: float = Field(2.0, ge=0, le=100, description="accuracy points below the merged PyTorch model")
 
 
 class Engine(Strict):
@@ -213,6 +235,7 @@ class GroveSection(Strict):
     checkpoint_steps: int = Field(25, ge=0, strict=True, description="training checkpoints every N steps; 0: none")
     evaluate: GroveEval = Field(default_factory=GroveEval)
     benchmark: GroveBenchmark = Field(default_factory=GroveBenchmark)
+    quantization_search: GroveSearch | None = None
 
 
 ENGINE_KEYS = set(Engine.model_fields)
@@ -303,7 +326,9 @@ def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None) -> Ru
         pad_to_max_len=train_data.pre.pad_to_max_len, completion_only_loss=grove.completion_only_loss,
         label_col=data.label_col,
     )
-    build = _build_settings(builders[0][1], engine, raw) if builders else None
+    build = _build_settings(builders[0][1], engine, raw, model) if builders else None
+    search = _search_settings(grove.quantization_search, build, builders, model, data) \
+        if grove.quantization_search is not None else None
 
     name = grove.name or raw.get("workflow_id") or engine.output_name or "grove-model"
     artifact_root = grove.artifact_root or engine.cache_dir or ".grove-cache"
@@ -330,6 +355,7 @@ def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None) -> Ru
                               label_col=data.label_col),
         merge=bool(merges),
         build=build,
+        search=search,
         benchmark=BenchmarkSettings(**grove.benchmark.model_dump(), machine=machine_description(grove.device)),
     )
 
@@ -694,13 +720,9 @@ def _file_digest(path: str) -> str:
     return content_digest(path)
 
 
-def _build_settings(entry, engine: Engine, raw: dict) -> BuildSettings:
+def _build_settings(entry, engine: Engine, raw: dict, model: ModelSettings) -> BuildSettings:
     kind, cfg, where = entry
     spec = _validate(ModelBuilderPass, cfg, where)
-    extra = {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in spec.extra_options.items()}
-    for reserved in ("hf_token", "hf_remote", "filename", "config_only"):
-        if reserved in extra:
-            raise ConfigError(f"{where}.extra_options.{reserved}", "is set by Grove; remove it")
     provider = "cpu"
     eps = engine.execution_providers or []
     for system in (raw.get("systems") or {}).values():
@@ -708,13 +730,50 @@ def _build_settings(entry, engine: Engine, raw: dict) -> BuildSettings:
             eps = eps or acc.get("execution_providers") or []
     if any("CUDA" in str(ep) for ep in eps):
         provider = "cuda"
-    return BuildSettings(
-        precision=spec.precision,
-        block_size=spec.int4_block_size,
-        accuracy_level=spec.int4_accuracy_level,
-        extra_options=extra,
-        execution_provider=provider,
-    )
+    return _parse_build(spec, provider, model, where)
+
+
+def _parse_build(spec: ModelBuilderPass | GroveCandidate, provider: str, model: ModelSettings, where: str,
+                 inherited: dict[str, str] | None = None) -> BuildSettings:
+    """The quantization keys, checked against the installed builder (tasks/quantization.py)."""
+    from tasks.models import model_config
+    from tasks.quantization import QuantOptionError, parse_build
+
+    raw = spec.model_dump()
+    raw["extra_options"] = {**(inherited or {}), **spec.extra_options}
+    try:
+        return parse_build(raw, set(spec.model_fields_set), provider, model_config(model))
+    except QuantOptionError as exc:
+        raise ConfigError(f"{where}.{exc.path}", exc.message) from None
+
+
+def _search_settings(search: GroveSearch, build: BuildSettings | None, builders, model: ModelSettings,
+                     data: DataSettings) -> SearchSettings:
+    """grove.quantization_search: the candidates, each checked like a ModelBuilder pass."""
+    where = "grove.quantization_search"
+    if build is None:
+        raise ConfigError(where, "needs a ModelBuilder pass (the candidates are its variants)")
+    if not data.label_col:
+        raise ConfigError(where, "needs task accuracy: the data's text_template must end with the label column "
+                                 "(e.g. '...{tone}') so each candidate can be scored on the eval split")
+    if search.candidates == "builtin":
+        from tasks.models import model_config
+        from tasks.quantization import builtin_candidates
+
+        pairs = builtin_candidates(build, model_config(model))
+    else:
+        pairs, seen = [], set()
+        for index, candidate in enumerate(search.candidates):
+            at = f"{where}.candidates[{index}]"
+            if candidate.name in seen:
+                raise ConfigError(f"{at}.name", f"duplicate candidate name {candidate.name!r}")
+            seen.add(candidate.name)
+            pairs.append((candidate.name, _parse_build(candidate, build.execution_provider, model, at,
+                                                       inherited=build.extra_options)))
+        if not pairs:
+            raise ConfigError(f"{where}.candidates", "lists no candidates; give some or write \"builtin\"")
+    return SearchSettings(candidates=[Candidate(name=n, build=b) for n, b in pairs],
+                          tolerance_points=search.tolerance_points)
 
 
 # ---- helpers --------------------------------------------------------------------------------------
