@@ -18,7 +18,8 @@ from pathlib import Path
 
 from tasks.engines import OnnxEngine, eos_ids_of
 from tasks.models import load_tokenizer, model_folder
-from tasks.quantization import builder_options, builder_precision, hqq_quantize
+from tasks import quantization
+from tasks.quantization import builder_options, builder_precision, calibration_quantize
 from tasks.scoring import task_accuracy
 from tasks.search import candidate_row, select_candidate
 from tasks.settings import BenchmarkSettings, BuildSettings, EvalSettings, ModelSettings, SearchSettings
@@ -30,8 +31,10 @@ from tasks.textdata import encode, prompt_and_answer, read_jsonl
 log = logging.getLogger("grove.build_onnx")
 
 
-def run_builder(source: Path, target: Path, build: BuildSettings, trust_remote_code: bool) -> str:
-    """Runs create_model in-process (then HQQ, for algo hqq); returns what the builder printed."""
+def run_builder(source: Path, target: Path, build: BuildSettings, trust_remote_code: bool,
+                calibration: list[list[int]] | None = None) -> str:
+    """Runs create_model in-process (then HQQ or GPTQ for those algorithms, GPTQ on the
+    `calibration` token ids); returns what the builder printed."""
     from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
     printed = io.StringIO()
@@ -43,8 +46,8 @@ def run_builder(source: Path, target: Path, build: BuildSettings, trust_remote_c
                                       builder_options(build, trust_remote_code))
         create_model(str(source), str(source), str(target), precision, build.execution_provider,
                      cache, **options)
-        if build.algo == "hqq":
-            hqq_quantize(target, build)
+        if build.algo in quantization.POST_BUILD:
+            calibration_quantize(target, build, calibration)
     return printed.getvalue()
 
 
@@ -81,7 +84,7 @@ def build_settings_summary(build: BuildSettings) -> dict:
             "shared_embeddings": build.shared_embeddings, "execution_provider": build.execution_provider}
 
 
-@grove_stage("build_onnx")
+@grove_stage("build_onnx", uses=(quantization,))
 def build_onnx(build: BuildSettings, evaluation: EvalSettings, model: ModelSettings,
                merged: ArtifactRef | None, data: ArtifactRef, speed: BenchmarkSettings | None = None,
                candidate: bool = False) -> dict:
@@ -95,9 +98,14 @@ def build_onnx(build: BuildSettings, evaluation: EvalSettings, model: ModelSetti
     target = output_dir() / "model"
     options = builder_options(build, model.trust_remote_code)
     summary = {**build_settings_summary(build), "builder_options": options[:-2]}
+    tokenizer = load_tokenizer(source, model.trust_remote_code)
+    calibration = None
+    if build.algo == "gptq":  # calibrated on training rows, never on the eval split it is scored on
+        calibration = [encode(tokenizer, *prompt_and_answer(evaluation.text_template, evaluation.label_col, r))[0]
+                       for r in read_jsonl(open_artifact(data), "train")[: quantization.CALIBRATION_ROWS]]
     started = time.monotonic()
     try:
-        printed = run_builder(source, target, build, model.trust_remote_code)
+        printed = run_builder(source, target, build, model.trust_remote_code, calibration)
     except Exception as exc:  # noqa: BLE001 - the builder's own rejection
         if not candidate:
             raise
@@ -107,7 +115,6 @@ def build_onnx(build: BuildSettings, evaluation: EvalSettings, model: ModelSetti
     build_seconds = time.monotonic() - started
     (output_dir() / "builder.log").write_text(printed)
     summary.update(build_seconds=round(build_seconds, 2), size_bytes=folder_bytes(target))
-    tokenizer = load_tokenizer(source, model.trust_remote_code)
     try:
         engine = OnnxEngine(target, eos_ids_of(tokenizer))
         sample = smoke_test(engine, tokenizer)

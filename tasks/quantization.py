@@ -16,8 +16,9 @@ builds each one and inspects the graph):
 - int8 precision never quantizes the embedding Gather (GatherBlockQuantized is 4-bit only).
 - `linear_attn` selects nothing on a model without linear attention.
 
-`hqq` is Grove's own algorithm choice: an fp32 build quantized afterwards with
-onnxruntime's MatMulNBitsQuantizer (HQQ, data-free), since the builder offers none.
+`hqq` and `gptq` are Grove's own algorithm choices: an fp32 build quantized afterwards with
+onnxruntime's MatMulNBitsQuantizer (HQQ: data-free; GPTQ: calibrated on training rows),
+since the builder offers neither.
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ from typing import Any
 from tasks.settings import BuildSettings
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)
-ALGOS = ("default", "rtn", "k_quant", "hqq")
+ALGOS = ("default", "rtn", "k_quant", "hqq", "gptq")
+POST_BUILD = ("hqq", "gptq")  # Grove's: an fp32 build quantized afterwards by onnxruntime
+# GPTQ calibrates on this many training rows (prompt and answer), never on the eval split.
+CALIBRATION_ROWS = 32
 # The builder's compound names: base method + mixed precision.
 ALGO_ALIASES = {
     "rtn_last": ("rtn", {"last_matmul": "int8"}),
@@ -240,15 +244,19 @@ def check_build(build: BuildSettings, origin: dict[str, str], model_config: dict
         raise QuantOptionError(origin["shared_embeddings"], "this model does not tie its embeddings "
                                                             "(tie_word_embeddings is false): sharing them would "
                                                             "export a broken model")
-    if build.algo == "hqq":
+    if build.algo in POST_BUILD:
+        algo = build.algo
         if build.precision != "int4":
-            raise QuantOptionError(origin["algo"], "hqq quantizes to int4: set precision int4")
+            raise QuantOptionError(origin["algo"], f"{algo} quantizes to int4: set precision int4")
         if build.mixed_precision:
-            raise QuantOptionError(origin["mixed_precision"], "hqq quantizes every MatMul to int4; mixed precision "
-                                                              "is a builder algorithm option (default/rtn/k_quant); "
-                                                              "keep layers unquantized with nodes_to_exclude")
-        if "is_symmetric" in origin and build.is_symmetric:
+            raise QuantOptionError(origin["mixed_precision"], f"{algo} quantizes every MatMul to int4; mixed "
+                                                              f"precision is a builder algorithm option "
+                                                              f"(default/rtn/k_quant); keep layers unquantized "
+                                                              f"with nodes_to_exclude")
+        if algo == "hqq" and "is_symmetric" in origin and build.is_symmetric:
             raise QuantOptionError(origin["is_symmetric"], "hqq is asymmetric (zero points); remove it")
+        if algo == "gptq" and "Gather" in (build.op_types_to_quantize or []):
+            raise QuantOptionError(origin["op_types_to_quantize"], "gptq quantizes MatMul weights only")
     if build.precision == "int8" and "Gather" in (build.op_types_to_quantize or []):
         raise QuantOptionError(origin["op_types_to_quantize"], "int8 precision never quantizes the embedding Gather "
                                                                "(GatherBlockQuantized is 4-bit only): the builder "
@@ -277,14 +285,14 @@ def _has_linear_attention(model_config: dict) -> bool:
 
 # ---- BuildSettings -> the builder ---------------------------------------------------------------
 def builder_precision(build: BuildSettings) -> str:
-    """hqq builds fp32 and quantizes afterwards."""
-    return "fp32" if build.algo == "hqq" else build.precision
+    """hqq and gptq build fp32 and quantize afterwards."""
+    return "fp32" if build.algo in POST_BUILD else build.precision
 
 
 def builder_options(build: BuildSettings, trust_remote_code: bool) -> list[str]:
     """KEY=VALUE options for the builder's parse_extra_options."""
     options: dict[str, str] = {}
-    if build.algo != "hqq" and build.precision in ("int4", "int8"):
+    if build.algo not in POST_BUILD and build.precision in ("int4", "int8"):
         options["block_size"] = str(build.block_size)
         if build.accuracy_level is not None:
             options["accuracy_level"] = str(build.accuracy_level)
@@ -306,16 +314,25 @@ def builder_options(build: BuildSettings, trust_remote_code: bool) -> list[str]:
     return [f"{k}={v}" for k, v in options.items()]
 
 
-def hqq_quantize(folder: Path, build: BuildSettings) -> None:
-    """Quantizes the fp32 model in `folder` to int4 MatMulNBits with onnxruntime's HQQ, in place."""
+def calibration_quantize(folder: Path, build: BuildSettings, calibration: list[list[int]] | None = None) -> None:
+    """Quantizes the fp32 model in `folder` to int4 MatMulNBits with onnxruntime's
+    MatMulNBitsQuantizer, in place: HQQ (data-free) or GPTQ (on the `calibration` token ids)."""
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    from onnxruntime.quantization.matmul_nbits_quantizer import (GPTQWeightOnlyQuantConfig,
+                                                                 HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer)
 
     path = folder / "model.onnx"
     model = onnx.load(str(path))  # with its external data
     ops = tuple(build.op_types_to_quantize or ["MatMul"])
-    config = HQQWeightOnlyQuantConfig(block_size=build.block_size, bits=4, op_types_to_quantize=ops)
-    quantizer = MatMulNBitsQuantizer(model, block_size=build.block_size, is_symmetric=False,
+    if build.algo == "hqq":
+        config = HQQWeightOnlyQuantConfig(block_size=build.block_size, bits=4, op_types_to_quantize=ops)
+        symmetric = False
+    else:
+        if not calibration:
+            raise ValueError("gptq needs calibration rows (the training split is empty)")
+        config = GPTQWeightOnlyQuantConfig(calibration_data_reader=_Calibration(model, folder, calibration))
+        symmetric = build.is_symmetric
+    quantizer = MatMulNBitsQuantizer(model, block_size=build.block_size, is_symmetric=symmetric,
                                      accuracy_level=build.accuracy_level, nodes_to_exclude=build.nodes_to_exclude,
                                      op_types_to_quantize=ops, algo_config=config)
     quantizer.process()
@@ -323,6 +340,40 @@ def hqq_quantize(folder: Path, build: BuildSettings) -> None:
         old.unlink()
     onnx.save_model(quantizer.model.model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="model.onnx.data", size_threshold=1024)
+
+
+class _Calibration:
+    """onnxruntime's CalibrationDataReader over token ids: one sequence per sample, empty KV cache."""
+
+    def __init__(self, model, folder: Path, sequences: list[list[int]]):
+        import json
+
+        self.sequences, self.index = sequences, 0
+        head_size = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]["head_size"]
+        self.past = {i.name: (i.type.tensor_type.shape.dim[1].dim_value, head_size) for i in model.graph.input
+                     if i.name.startswith("past_key_values")}
+
+    def get_next(self):
+        import numpy as np
+
+        if self.index >= len(self.sequences):
+            return None
+        ids = np.array([self.sequences[self.index]], dtype=np.int64)
+        self.index += 1
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        for name, (heads, head_size) in self.past.items():
+            feed[name] = np.zeros((1, heads, 0, head_size), dtype=np.float32)
+        return feed
+
+    def __iter__(self):
+        self.index = 0
+        while (feed := self.get_next()) is not None:
+            yield feed
+
+    def __deepcopy__(self, memo):  # the quantizer deep-copies its reader
+        copy = _Calibration.__new__(_Calibration)
+        copy.sequences, copy.index, copy.past = self.sequences, 0, self.past
+        return copy
 
 
 # ---- the built-in candidates of a search ------------------------------------------------------
@@ -342,6 +393,7 @@ def builtin_candidates(precision_default: BuildSettings, model_config: dict | No
         ("int4-kquant-b16", {"algo": "k_quant", "block_size": 16}),
         ("int4-hqq-b32", {"algo": "hqq"}),
         ("int4-hqq-b16", {"algo": "hqq", "block_size": 16}),
+        ("int4-gptq-b32", {"algo": "gptq"}),
         ("int4-kquant-int8-head", {"algo": "k_quant", "mixed_precision": {"last_matmul": "int8"}}),
         ("int4-kquant-mixed", {"algo": "k_quant", "mixed_precision": {"last_matmul": "int8", "mixed_layers": "int8"}}),
         ("int4-kquant-b16-mixed", {"algo": "k_quant", "block_size": 16,

@@ -82,9 +82,9 @@ class BuildSettings(Frozen):
     block_size: int = 32  # MatMulNBits block size (16/32/64/128/256)
     accuracy_level: int | None = None  # MatMulNBits compute type (None: the builder's default, 4 on CPU)
     is_symmetric: bool = True  # int4/int8 (True) or uint4/uint8 with zero points (False)
-    # How weights are rounded: the builder's default/rtn/k_quant, or "hqq": an fp32 build
-    # quantized afterwards by onnxruntime's MatMulNBitsQuantizer with HQQ (Grove's option).
-    algo: Literal["default", "rtn", "k_quant", "hqq"] = "default"
+    # How weights are rounded: the builder's default/rtn/k_quant, or "hqq"/"gptq": an fp32 build
+    # quantized afterwards by onnxruntime's MatMulNBitsQuantizer (Grove's options).
+    algo: Literal["default", "rtn", "k_quant", "hqq", "gptq"] = "default"
     mixed_precision: dict[str, Literal["int4", "int8"]] = {}  # selector -> type, e.g. last_matmul: int8
     nodes_to_exclude: list[str] = []  # node names kept unquantized, e.g. /lm_head/MatMul
     op_types_to_quantize: list[Literal["MatMul", "Gather"]] | None = None  # None: the builder's default

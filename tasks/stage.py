@@ -231,10 +231,13 @@ def stage_key(stage: str, code_version: str, params: dict[str, Any]) -> str:
     return hashlib.sha256(body.encode()).hexdigest()[:32]
 
 
-def code_version(fn: Callable) -> str:
-    """The stage module's source: any change to the stage's code invalidates its entries."""
-    source = Path(inspect.getfile(fn)).read_bytes()
-    return hashlib.sha256(source).hexdigest()[:16]
+def code_version(fn: Callable, uses: tuple[Any, ...] = ()) -> str:
+    """The stage module's source, and that of the helper modules it names in `uses`: any change
+    to the stage's code invalidates its entries."""
+    digest = hashlib.sha256(Path(inspect.getfile(fn)).read_bytes())
+    for module in uses:
+        digest.update(Path(inspect.getfile(module)).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _ref(entry: Entry, store: ArtifactStore) -> ArtifactRef:
@@ -244,13 +247,13 @@ def _ref(entry: Entry, store: ArtifactStore) -> ArtifactRef:
 
 
 # ---- the decorator ---------------------------------------------------------------------------------
-def grove_stage(name: str, tags: tuple[str, ...] = ()):
+def grove_stage(name: str, tags: tuple[str, ...] = (), uses: tuple[Any, ...] = ()):
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}")
 
     def decorate(fn: Callable[..., dict[str, Any]]):
         signature = inspect.signature(fn)
-        version = code_version(fn)
+        version = code_version(fn, uses)
 
         def params_of(args, kwargs) -> dict[str, Any]:
             bound = signature.bind(*args, **kwargs)

@@ -35,7 +35,8 @@ def built_graph(source: Path, target: Path, build: BuildSettings) -> dict[str, d
     """Builds, proves the model loads and generates, returns {node name: {op, attributes, inputs}}."""
     from tasks.engines import OnnxEngine
 
-    run_builder(source, target, build, trust_remote_code=False)
+    calibration = [[1] + list(range(5 + i, 25 + i)) for i in range(4)] if build.algo == "gptq" else None
+    run_builder(source, target, build, trust_remote_code=False, calibration=calibration)
     engine = OnnxEngine(target, eos_ids=set())
     assert len(engine.generate_timed([1, 5, 6], 2).tokens) == 2, "the built model must load and generate"
     graph = onnx.load(str(target / "model.onnx"), load_external_data=False).graph
@@ -64,6 +65,9 @@ OPTION_CASES = {
     "hqq": (dict(algo="hqq", block_size=64),
             lambda g: {n["attrs"]["block_size"] for n in weight_nodes(g, "MatMulNBits").values()} == {64}
             and all(len(n["inputs"]) >= 4 for n in weight_nodes(g, "MatMulNBits").values())),
+    "gptq": (dict(algo="gptq", block_size=32, is_symmetric=False),
+             lambda g: {n["attrs"]["block_size"] for n in weight_nodes(g, "MatMulNBits").values()} == {32}
+             and not weight_nodes(g, "MatMul")),
 }
 
 
@@ -168,7 +172,7 @@ def test_search_candidates_are_checked_like_the_builder_pass(base, tmp_path):
     raw["grove"]["quantization_search"] = {}
     cfg = parse_config(raw, base_dir=tmp_path)
     assert len(cfg.search.candidates) >= 8 and cfg.search.tolerance_points == 2.0
-    assert {c.build.algo for c in cfg.search.candidates} == {"default", "k_quant", "hqq"}
+    assert {c.build.algo for c in cfg.search.candidates} == {"default", "k_quant", "hqq", "gptq"}
 
 
 # ---- selection on a stubbed table ---------------------------------------------------------------------
