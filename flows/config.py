@@ -758,7 +758,7 @@ def _search_settings(search: GroveSearch, build: BuildSettings | None, builders,
                                  "(e.g. '...{tone}') so each candidate can be scored on the eval split")
     if search.candidates == "builtin":
         from tasks.models import model_config
-        from tasks.quantization import builtin_candidates
+        from tasks.candidates import builtin_candidates
 
         pairs = builtin_candidates(build, model_config(model))
     else:
