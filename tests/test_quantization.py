@@ -116,7 +116,7 @@ def builder_error(raw: dict, tmp_path: Path, **config) -> ConfigError:
 
 @pytest.mark.parametrize("config, key, words", [
     ({"extra_options": {"int4_algo_config": "k_quant"}}, "extra_options.int4_algo_config", "ignores this deprecated"),
-    ({"extra_options": {"algo_config": "gptq"}}, "extra_options.algo_config", "must be one of"),
+    ({"extra_options": {"algo_config": "awq"}}, "extra_options.algo_config", "must be one of"),
     ({"extra_options": {"block_size": 48}}, "extra_options.block_size", "must be one of"),
     ({"int4_block_size": 48}, "int4_block_size", "16"),
     ({"extra_options": {"accuracy_level": 7}}, "extra_options.accuracy_level", "0-4"),
