@@ -172,7 +172,7 @@ def test_search_candidates_are_checked_like_the_builder_pass(base, tmp_path):
     raw["grove"]["quantization_search"] = {}
     cfg = parse_config(raw, base_dir=tmp_path)
     assert len(cfg.search.candidates) >= 8 and cfg.search.tolerance_points == 2.0
-    assert {c.build.algo for c in cfg.search.candidates} == {"default", "k_quant", "gptq"}
+    assert {c.build.algo for c in cfg.search.candidates} == {"default", "k_quant"}
 
 
 # ---- selection on a stubbed table ---------------------------------------------------------------------
