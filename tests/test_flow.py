@@ -124,8 +124,8 @@ def test_a_build_that_does_not_load_fails_the_stage_and_stores_nothing(tmp_path,
 
     real = build_module.run_builder
 
-    def corrupting(source, target, build, trust_remote_code):
-        printed = real(source, target, build, trust_remote_code)
+    def corrupting(source, target, build, *args):
+        printed = real(source, target, build, *args)
         (target / "model.onnx").write_bytes(b"not an onnx model")
         return printed
 

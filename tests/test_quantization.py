@@ -228,8 +228,8 @@ def test_search_end_to_end_builds_every_candidate_and_keeps_one(tiny_model, tone
 
     real = build_module.run_builder
 
-    def corrupting(source, target, build, trust_remote_code):
-        printed = real(source, target, build, trust_remote_code)
+    def corrupting(source, target, build, *args):
+        printed = real(source, target, build, *args)
         if build.block_size == 64:  # the candidate named "broken"
             (target / "model.onnx").write_bytes(b"not an onnx model")
         return printed
