@@ -281,3 +281,21 @@ def test_search_end_to_end_builds_every_candidate_and_keeps_one(tiny_model, tone
     again = json.loads((out / "report.json").read_text())
     assert {s["status"] for s in again["stages"]} == {"cached"}
     assert again["quantization_search"]["chosen"] == "int4-b16"
+
+
+def test_search_needs_a_builder_pass_and_task_accuracy(base, tmp_path):
+    raw = copy.deepcopy(base)
+    raw["grove"]["quantization_search"] = {"candidates": "builtin"}
+    raw["passes"].pop("builder")
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw, base_dir=tmp_path)
+    assert caught.value.path == "grove.quantization_search" and "ModelBuilder" in caught.value.message
+    raw = copy.deepcopy(base)
+    raw["grove"]["quantization_search"] = {"candidates": [], "tolerance_points": 2}
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw, base_dir=tmp_path)
+    assert caught.value.path == "grove.quantization_search.candidates"
+    raw["grove"]["quantization_search"] = {"tolerance_points": -1}
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw, base_dir=tmp_path)
+    assert caught.value.path == "grove.quantization_search.tolerance_points"
