@@ -166,7 +166,7 @@ def run(config: Path = CONFIG, from_stage: Optional[str] = FROM_STAGE) -> None:
     for column in ("stage", "cached or ran", "seconds", "key result"):
         table.add_column(column)
     for stage in result["stages"]:
-        table.add_row(stage["stage"], stage["status"], f"{stage['seconds']:.1f}",
+        table.add_row(stage.get("task_run") or stage["stage"], stage["status"], f"{stage['seconds']:.1f}",
                       key_result(stage["stage"], stage["summary"]))
     console.print(table)
     console.print(f"final model: {result['model_path']}\nreport:      {result['report_path']}\n"

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tasks.settings import (
     BenchmarkSettings,
     BuildSettings,
+    Candidate,
     CorpusSettings,
     DataSettings,
     EvalSettings,
@@ -30,6 +31,7 @@ from tasks.settings import (
     PromotionSettings,
     RetrySettings,
     RunConfig,
+    SearchSettings,
     TrainSettings,
 )
 from tasks.machine import gpu_count, machine_description
@@ -164,8 +166,28 @@ class ModelBuilderPass(Strict):
     precision: Literal["int4", "int8", "fp16", "fp32", "bf16"] = "int4"
     int4_block_size: Literal[16, 32, 64, 128, 256] = 32
     int4_accuracy_level: Literal[0, 1, 2, 3, 4] | None = None
-    extra_options: dict[str, Any] = Field(default_factory=dict)
+    int4_is_symmetric: bool | None = None
+    int4_op_types_to_quantize: list[Literal["MatMul", "Gather"]] | None = None
+    extra_options: dict[str, Any] = Field(default_factory=dict)  # checked by tasks/quantization.py
     metadata_only: bool = False
+
+
+class GroveCandidate(Strict):
+    """One variant of a quantization search: the ModelBuilder keys it sets (the rest: defaults)."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    precision: Literal["int4", "int8", "fp16", "fp32", "bf16"] = "int4"
+    int4_block_size: Literal[16, 32, 64, 128, 256] = 32
+    int4_accuracy_level: Literal[0, 1, 2, 3, 4] | None = None
+    int4_is_symmetric: bool | None = None
+    int4_op_types_to_quantize: list[Literal["MatMul", "Gather"]] | None = None
+    extra_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class GroveSearch(Strict):
+    candidates: Literal["builtin"] | list[GroveCandidate] = Field(
+        "builtin", description="the variants to build, or 'builtin' for Grove's list")
+    tolerance_points: float = Field(2.0, ge=0, le=100, description="accuracy points below the merged PyTorch model")
 
 
 class Engine(Strict):
@@ -246,6 +268,7 @@ class GroveSection(Strict):
     train: GroveTrain = Field(default_factory=GroveTrain)
     build: GroveBuild = Field(default_factory=GroveBuild)
     promotion: GrovePromotion = Field(default_factory=GrovePromotion)
+    quantization_search: GroveSearch | None = None
 
 
 ENGINE_KEYS = set(Engine.model_fields)
@@ -344,7 +367,9 @@ def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None, list_
         pad_to_max_len=train_data.pre.pad_to_max_len, completion_only_loss=grove.completion_only_loss,
         label_col=data.label_col,
     )
-    build = _build_settings(builders[0][1], engine, raw, grove) if builders else None
+    build = _build_settings(builders[0][1], engine, raw, model, grove) if builders else None
+    search = _search_settings(grove.quantization_search, build, builders, model, data) \
+        if grove.quantization_search is not None else None
 
     artifact_root = grove.artifact_root or engine.cache_dir or ".grove-cache"
     output_dir = engine.output_dir or "grove-output"
@@ -370,6 +395,7 @@ def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None, list_
                               label_col=data.label_col),
         merge=bool(merges),
         build=build,
+        search=search,
         benchmark=BenchmarkSettings(**grove.benchmark.model_dump(), machine=machine_description(grove.device)),
         promotion=promotion,
     )
@@ -815,13 +841,9 @@ def _file_digest(path: str, paths: _Paths) -> str:
         raise ConfigError("data_files", scrub(f"cannot read {path}: {type(exc).__name__}: {exc}")) from None
 
 
-def _build_settings(entry, engine: Engine, raw: dict, grove: GroveSection) -> BuildSettings:
+def _build_settings(entry, engine: Engine, raw: dict, model: ModelSettings, grove: GroveSection) -> BuildSettings:
     kind, cfg, where = entry
     spec = _validate(ModelBuilderPass, cfg, where)
-    extra = {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in spec.extra_options.items()}
-    for reserved in ("hf_token", "hf_remote", "filename", "config_only"):
-        if reserved in extra:
-            raise ConfigError(f"{where}.extra_options.{reserved}", "is set by Grove; remove it")
     provider = "cpu"
     eps = engine.execution_providers or []
     for system in (raw.get("systems") or {}).values():
@@ -829,16 +851,54 @@ def _build_settings(entry, engine: Engine, raw: dict, grove: GroveSection) -> Bu
             eps = eps or acc.get("execution_providers") or []
     if any("CUDA" in str(ep) for ep in eps):
         provider = "cuda"
-    if provider == "cuda" and "enable_cuda_graph" not in extra:
+    inherited = {}
+    if provider == "cuda" and "enable_cuda_graph" not in spec.extra_options:
         # measured on an H200 (Phi-3-mini shape, int4): CUDA graphs lift batch-1 decode ~35%
-        extra["enable_cuda_graph"] = "true" if grove.build.cuda_graph else "false"
-    return BuildSettings(
-        precision=spec.precision,
-        block_size=spec.int4_block_size,
-        accuracy_level=spec.int4_accuracy_level,
-        extra_options=extra,
-        execution_provider=provider,
-    )
+        inherited["enable_cuda_graph"] = "true" if grove.build.cuda_graph else "false"
+    return _parse_build(spec, provider, model, where, inherited)
+
+
+def _parse_build(spec: ModelBuilderPass | GroveCandidate, provider: str, model: ModelSettings, where: str,
+                 inherited: dict[str, str] | None = None) -> BuildSettings:
+    """The quantization keys, checked against the installed builder (tasks/quantization.py)."""
+    from tasks.models import model_config
+    from tasks.quantization import QuantOptionError, parse_build
+
+    raw = spec.model_dump()
+    raw["extra_options"] = {**(inherited or {}), **spec.extra_options}
+    try:
+        return parse_build(raw, set(spec.model_fields_set), provider, model_config(model))
+    except QuantOptionError as exc:
+        raise ConfigError(f"{where}.{exc.path}", exc.message) from None
+
+
+def _search_settings(search: GroveSearch, build: BuildSettings | None, builders, model: ModelSettings,
+                     data: DataSettings) -> SearchSettings:
+    """grove.quantization_search: the candidates, each checked like a ModelBuilder pass."""
+    where = "grove.quantization_search"
+    if build is None:
+        raise ConfigError(where, "needs a ModelBuilder pass (the candidates are its variants)")
+    if not data.label_col:
+        raise ConfigError(where, "needs task accuracy: the data's text_template must end with the label column "
+                                 "(e.g. '...{tone}') so each candidate can be scored on the eval split")
+    if search.candidates == "builtin":
+        from tasks.models import model_config
+        from tasks.candidates import builtin_candidates
+
+        pairs = builtin_candidates(build, model_config(model))
+    else:
+        pairs, seen = [], set()
+        for index, candidate in enumerate(search.candidates):
+            at = f"{where}.candidates[{index}]"
+            if candidate.name in seen:
+                raise ConfigError(f"{at}.name", f"duplicate candidate name {candidate.name!r}")
+            seen.add(candidate.name)
+            pairs.append((candidate.name, _parse_build(candidate, build.execution_provider, model, at,
+                                                       inherited=build.extra_options)))
+        if not pairs:
+            raise ConfigError(f"{where}.candidates", "lists no candidates; give some or write \"builtin\"")
+    return SearchSettings(candidates=[Candidate(name=n, build=b) for n, b in pairs],
+                          tolerance_points=search.tolerance_points)
 
 
 # ---- helpers --------------------------------------------------------------------------------------

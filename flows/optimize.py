@@ -17,7 +17,7 @@ from flows.config import ConfigError, load_config
 from flows.report import publish
 from flows.runs import RunLog
 from tasks.benchmark import benchmark
-from tasks.build_onnx import build_onnx
+from tasks.build_onnx import build_onnx, search_quantization
 from tasks.evaluate import evaluate
 from tasks.load_data import load_data
 from tasks.merge_adapters import merge_adapters
@@ -45,7 +45,10 @@ def pipeline(cfg: RunConfig) -> dict[str, ArtifactRef | None]:
     adapter = train(cfg.train, corpus, cfg.model) if cfg.train else None
     scores = evaluate(cfg.evaluate, data, corpus, cfg.model, adapter)
     merged = merge_adapters(cfg.model, adapter) if cfg.merge else None
-    onnx = build_onnx(cfg.build, cfg.evaluate, cfg.model, merged, data) if cfg.build else None
+    if cfg.search:  # several candidate builds, one kept (grove.quantization_search)
+        onnx = search_quantization(cfg.search, cfg.evaluate, cfg.benchmark, cfg.model, merged, data, scores)
+    else:
+        onnx = build_onnx(cfg.build, cfg.evaluate, cfg.model, merged, data) if cfg.build else None
     bench = benchmark(cfg.benchmark, cfg.evaluate, cfg.model, merged, onnx, data)
     return {"load_data": data, "template_corpus": corpus, "train": adapter, "evaluate": scores,
             "merge_adapters": merged, "build_onnx": onnx, "benchmark": bench}

@@ -33,6 +33,8 @@ def key_result(stage: str, summary: dict[str, Any]) -> str:
     if stage == "merge_adapters":
         return f"{s.get('size_bytes', 0) / 2**20:.0f} MB safetensors"
     if stage == "build_onnx":
+        if s.get("loaded") is False:
+            return f"{s.get('precision')} {s.get('algo', '')}: FAILED ({str(s.get('error'))[:120]})"
         acc = f", acc {s['accuracy']}" if s.get("accuracy") is not None else ""
         return f"{s.get('precision')} {s.get('execution_provider', 'cpu')} {s.get('size_bytes', 0) / 2**20:.0f} MB{acc}"
     if stage == "benchmark":
@@ -72,14 +74,23 @@ def publish(cfg: RunConfig, refs: dict[str, ArtifactRef | None], records: list[S
         "model_path": str(model_path) if model_path else None,
         "stages": [{"stage": r.stage, "status": r.status, "seconds": round(r.seconds, 2),
                     "key": r.ref.key if r.ref else None, "uri": r.ref.uri if r.ref else None,
+                    **({"task_run": r.reason} if r.reason else {}),
                     "summary": r.ref.summary if r.ref else {}} for r in records],
         "promotion": promotion,
     }
+    onnx = refs.get("build_onnx")
+    search = (onnx.summary or {}).get("search") if onnx is not None else None
+    if onnx is not None:
+        report["onnx"] = {k: v for k, v in onnx.summary.items() if k != "search"}
+    if search:
+        report["quantization_search"] = {**search, "plot": write_plot(search, out / "accuracy_vs_size.png")}
     report_json = out / "report.json"
     report_json.write_text(json.dumps(report, indent=1))
     markdown = render_markdown(report)
     (out / "report.md").write_text(markdown)
     _prefect_artifact(markdown, cfg.name)
+    if search:
+        _prefect_table(search, cfg.name)
     if promotion:
         log_promotion(promotion)
     return {"model_path": report["model_path"], "report_path": str(report_json), "stages": report["stages"],
@@ -100,10 +111,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Stages", "",
              "| stage | status | seconds | result | stored at |", "|---|---|---|---|---|"]
     for stage in report["stages"]:
-        lines.append(f"| {stage['stage']} | {stage['status']} | {stage['seconds']} | "
+        name = stage.get("task_run") or stage["stage"]
+        lines.append(f"| {name} | {stage['status']} | {stage['seconds']} | "
                      f"{key_result(stage['stage'], stage['summary'])} | `{stage['uri']}` |")
     evaluate = next((s["summary"] for s in report["stages"] if s["stage"] == "evaluate"), {})
-    onnx = next((s["summary"] for s in report["stages"] if s["stage"] == "build_onnx"), {})
+    onnx = report.get("onnx") or next((s["summary"] for s in report["stages"] if s["stage"] == "build_onnx"), {})
     per_model = {name: m.get("per_label") for name, m in evaluate.items() if isinstance(m, dict)}
     if onnx.get("per_label"):
         per_model["onnx"] = onnx["per_label"]
@@ -114,6 +126,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         for label in labels:
             cells = [f"{(table or {}).get(label, {}).get('accuracy', '-')}" for table in per_model.values()]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if report.get("quantization_search"):
+        lines += search_markdown(report["quantization_search"])
     bench = next((s["summary"] for s in report["stages"] if s["stage"] == "benchmark"), {})
     engines = {name: m for name, m in bench.items() if isinstance(m, dict)}
     if engines:
@@ -152,3 +166,80 @@ def _prefect_artifact(markdown: str, name: str) -> None:
     if FlowRunContext.get() is not None:
         create_markdown_artifact(markdown=markdown, key=artifact_key(name, "report"),
                                  description=f"Grove report for {name}")
+
+
+# ---- quantization search ------------------------------------------------------------------------
+SEARCH_COLUMNS = ("candidate", "size_mb", "accuracy", "decode_tokens_per_s", "build_seconds", "chosen", "why")
+
+
+def search_table(search: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per candidate, as shown in report.md and the Prefect table artifact."""
+    return [{"candidate": r["name"],
+             "size_mb": round(r["size_bytes"] / 2**20, 1) if r.get("size_bytes") is not None else None,
+             "accuracy": r.get("accuracy"), "decode_tokens_per_s": r.get("decode_tokens_per_s"),
+             "build_seconds": r.get("build_seconds"), "chosen": "yes" if r.get("chosen") else "no",
+             "why": r.get("reason", "")} for r in search["candidates"]]
+
+
+def search_markdown(search: dict[str, Any]) -> list[str]:
+    flag = "" if search["within_tolerance"] else " **(fails the tolerance)**"
+    lines = ["", "## Quantization search", "",
+             f"Baseline: {search['baseline']}, accuracy {search['baseline_accuracy']}; tolerance "
+             f"{search['tolerance_points']} points. Kept: **{search['chosen']}**{flag}.", "",
+             search["verdict"] + ".", "",
+             "| " + " | ".join(SEARCH_COLUMNS) + " |", "|---" * len(SEARCH_COLUMNS) + "|"]
+    for row in search_table(search):
+        cells = ["-" if row[c] is None else str(row[c]).replace("|", "/") for c in SEARCH_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    if search.get("plot"):
+        lines += ["", f"![accuracy against size]({search['plot']})"]
+    else:
+        lines += ["", "(no plot: matplotlib is not installed; pip install matplotlib==3.11.2)"]
+    return lines
+
+
+def write_plot(search: dict[str, Any], path: Path) -> str | None:
+    """accuracy against size on disk, one point per candidate that loaded; returns the file name."""
+    try:
+        import matplotlib
+    except ImportError:
+        import logging
+
+        logging.getLogger("grove.report").warning("matplotlib is not installed: no accuracy/size plot")
+        return None
+    matplotlib.use("Agg")  # files only, never a display
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in search["candidates"] if r.get("loaded") and r.get("accuracy") is not None]
+    figure, axes = plt.subplots(figsize=(8, 5), dpi=100)
+    baseline = search.get("baseline_accuracy")
+    if baseline is not None:
+        axes.axhline(baseline * 100, color="tab:green", linestyle="--", label="merged PyTorch")
+        axes.axhspan((baseline * 100) - search["tolerance_points"], baseline * 100, color="tab:green", alpha=0.1,
+                     label=f"tolerance ({search['tolerance_points']:g} points)")
+    for row in rows:
+        size_mb, accuracy = row["size_bytes"] / 2**20, row["accuracy"] * 100
+        axes.scatter([size_mb], [accuracy], s=80 if row.get("chosen") else 30,
+                     color="tab:red" if row.get("chosen") else "tab:blue", zorder=3)
+        axes.annotate(row["name"], (size_mb, accuracy), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    failed = [r["name"] for r in search["candidates"] if not r.get("loaded")]
+    title = f"kept {search['chosen']}" + ("" if search["within_tolerance"] else " (fails the tolerance)")
+    axes.set_title(title + (f"; failed: {', '.join(failed)}" if failed else ""), fontsize=9)
+    axes.set_xlabel("size on disk (MB)")
+    axes.set_ylabel("task accuracy on the eval split (%)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path.name
+
+
+def _prefect_table(search: dict[str, Any], name: str) -> None:
+    """Every candidate as a Prefect table artifact, when running inside a flow run."""
+    from prefect.artifacts import create_table_artifact
+    from prefect.context import FlowRunContext
+
+    if FlowRunContext.get() is not None:
+        create_table_artifact(table=search_table(search), key="grove-quantization-search",
+                              description=f"Grove quantization search for {name}: {search['verdict']}")

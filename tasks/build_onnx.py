@@ -11,44 +11,43 @@ import contextlib
 import io
 import json
 import logging
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
 from tasks.engines import OnnxEngine, eos_ids_of
 from tasks.models import load_tokenizer, model_folder
+from tasks import quantization
+from tasks.quantization import builder_options, builder_precision, calibration_quantize
 from tasks.scoring import task_accuracy
-from tasks.settings import BuildSettings, EvalSettings, ModelSettings
-from tasks.stage import ArtifactRef, StageFailed, current_run, grove_stage, open_artifact, output_dir
+from tasks.search import candidate_row, select_candidate
+from tasks.settings import BenchmarkSettings, BuildSettings, EvalSettings, ModelSettings, SearchSettings
+from tasks.stage import (ArtifactRef, StageFailed, current_run, grove_stage, open_artifact, output_dir,
+                         pending_ref, task_run_name)
 from tasks.store import folder_bytes
-from tasks.textdata import read_jsonl
+from tasks.textdata import encode, prompt_and_answer, read_jsonl
 
 log = logging.getLogger("grove.build_onnx")
 
 
-def builder_options(build: BuildSettings, trust_remote_code: bool) -> list[str]:
-    """KEY=VALUE options for the builder: block size, accuracy level, then the user's extras."""
-    options = {"block_size": str(build.block_size)}
-    if build.accuracy_level is not None:
-        options["accuracy_level"] = str(build.accuracy_level)
-    options.update(build.extra_options)
-    options["hf_token"] = "false"  # never reach for a hub
-    options["hf_remote"] = "true" if trust_remote_code else "false"
-    return [f"{k}={v}" for k, v in options.items()]
-
-
-def run_builder(source: Path, target: Path, build: BuildSettings, trust_remote_code: bool) -> str:
-    """Runs create_model in-process; returns what the builder printed (kept in the artifact)."""
+def run_builder(source: Path, target: Path, build: BuildSettings, trust_remote_code: bool,
+                calibration: list[list[int]] | None = None) -> str:
+    """Runs create_model in-process (then HQQ or GPTQ for those algorithms, GPTQ on the
+    `calibration` token ids); returns what the builder printed."""
     from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
     printed = io.StringIO()
+    precision = builder_precision(build)
     with tempfile.TemporaryDirectory(prefix="grove-builder-cache-") as cache, \
             contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
-        options = parse_extra_options(str(source), str(source), str(target), build.precision,
+        options = parse_extra_options(str(source), str(source), str(target), precision,
                                       build.execution_provider, cache,
                                       builder_options(build, trust_remote_code))
-        create_model(str(source), str(source), str(target), build.precision, build.execution_provider,
+        create_model(str(source), str(source), str(target), precision, build.execution_provider,
                      cache, **options)
+        if build.algo in quantization.POST_BUILD:
+            calibration_quantize(target, build, calibration)
     return printed.getvalue()
 
 
@@ -63,37 +62,113 @@ def smoke_test(engine: OnnxEngine, tokenizer) -> str:
     return tokenizer.decode(tokens)
 
 
-@grove_stage("build_onnx")
+def decode_speed(engine: OnnxEngine, prompts: list[list[int]], speed: BenchmarkSettings) -> float | None:
+    """Median decode tokens/s over the prompts (every new token forced), as the benchmark stage
+    measures it, in this process: a search compares candidates with each other."""
+    import statistics
+
+    for _ in range(speed.warmup):
+        engine.generate_timed(prompts[0], speed.max_new_tokens)
+    rates = []
+    for _ in range(speed.repeats):
+        for prompt in prompts:
+            times = engine.generate_timed(prompt, speed.max_new_tokens).token_times
+            if len(times) > 1 and times[-1] > times[0]:
+                rates.append((len(times) - 1) / (times[-1] - times[0]))
+    return round(statistics.median(rates), 2) if rates else None
+
+
+def build_settings_summary(build: BuildSettings) -> dict:
+    return {"precision": build.precision, "block_size": build.block_size, "accuracy_level": build.accuracy_level,
+            "algo": build.algo, "mixed_precision": build.mixed_precision, "nodes_to_exclude": build.nodes_to_exclude,
+            "shared_embeddings": build.shared_embeddings, "execution_provider": build.execution_provider}
+
+
+@grove_stage("build_onnx", also=("tasks.quantization",))
 def build_onnx(build: BuildSettings, evaluation: EvalSettings, model: ModelSettings,
-               merged: ArtifactRef | None, data: ArtifactRef) -> dict:
-    """Builds model/ (ONNX + genai_config.json + tokenizer), loads it, scores it; stores onnx_eval.json."""
+               merged: ArtifactRef | None, data: ArtifactRef, speed: BenchmarkSettings | None = None,
+               candidate: bool = False) -> dict:
+    """Builds model/ (ONNX + genai_config.json + tokenizer), loads it, scores it; stores onnx_eval.json.
+
+    As a search candidate (`candidate`), a model that does not build or load is stored as a
+    failed candidate (its builder.log and the error) instead of failing the run, and decode
+    tokens/s is measured with `speed`.
+    """
     source = open_artifact(merged) if merged is not None else model_folder(model)
     target = output_dir() / "model"
+    options = builder_options(build, model.trust_remote_code)
+    summary = {**build_settings_summary(build), "builder_options": options[:-2]}
+    tokenizer = load_tokenizer(source, model.trust_remote_code)
+    calibration = None
+    if build.algo == "gptq":  # calibrated on training rows, never on the eval split it is scored on
+        calibration = [encode(tokenizer, *prompt_and_answer(evaluation.text_template, evaluation.label_col, r))[0]
+                       for r in read_jsonl(open_artifact(data), "train")[: quantization.CALIBRATION_ROWS]]
     started = time.monotonic()
-    printed = run_builder(source, target, build, model.trust_remote_code)
+    try:
+        printed = run_builder(source, target, build, model.trust_remote_code, calibration)
+    except Exception as exc:  # noqa: BLE001 - the builder's own rejection
+        if not candidate:
+            raise
+        (output_dir() / "builder.log").write_text(f"{type(exc).__name__}: {exc}")
+        return {**summary, "loaded": False, "error": f"the builder failed: {type(exc).__name__}: {exc}"[:500],
+                "build_seconds": round(time.monotonic() - started, 2)}
     build_seconds = time.monotonic() - started
     (output_dir() / "builder.log").write_text(printed)
-    tokenizer = load_tokenizer(source, model.trust_remote_code)
+    summary.update(build_seconds=round(build_seconds, 2), size_bytes=folder_bytes(target))
     try:
         engine = OnnxEngine(target, eos_ids_of(tokenizer))
         sample = smoke_test(engine, tokenizer)
     except Exception as exc:  # noqa: BLE001 - any load/generate failure fails the build
-        raise StageFailed(f"the builder wrote a model that does not load or generate ({exc}); "
-                           f"builder options: {builder_options(build, model.trust_remote_code)}") from exc
+        message = f"the builder wrote a model that does not load or generate ({exc}); builder options: {options}"
+        if not candidate:
+            raise StageFailed(message) from exc
+        shutil.rmtree(target, ignore_errors=True)  # keep the record, not the broken model
+        return {**summary, "loaded": False, "error": message[:500]}
     if build.execution_provider not in engine.device_type:
         raise RuntimeError(f"the model was built for the {build.execution_provider} execution provider but "
                            f"onnxruntime-genai runs it on {engine.device_type}")
-    summary = {"precision": build.precision, "block_size": build.block_size,
-               "accuracy_level": build.accuracy_level, "execution_provider": build.execution_provider,
-               "device_type": engine.device_type, "build_seconds": round(build_seconds, 2), "sample": sample,
-               "size_bytes": folder_bytes(target)}
+    summary.update(loaded=True, device_type=engine.device_type, sample=sample)
+    rows = read_jsonl(open_artifact(data), "eval")
     if evaluation.label_col:
-        rows = read_jsonl(open_artifact(data), "eval")[: evaluation.max_rows]
         run = current_run()
         progress = (lambda done, total: run.on_progress("build_onnx", done, total, {"model": "onnx"})) \
             if run.on_progress else None
-        scores = task_accuracy(engine, tokenizer, rows, evaluation.text_template, evaluation.label_col,
-                               evaluation.max_new_tokens, evaluation.batch_size, progress)
+        scores = task_accuracy(engine, tokenizer, rows[: evaluation.max_rows], evaluation.text_template,
+                               evaluation.label_col, evaluation.max_new_tokens, evaluation.batch_size, progress)
         (output_dir() / "onnx_eval.json").write_text(json.dumps(scores, indent=1))
         summary.update(accuracy=scores["accuracy"], per_label=scores["per_label"])
+    if speed is not None and rows:
+        prompts = [encode(tokenizer, prompt_and_answer(evaluation.text_template, evaluation.label_col, r)[0],
+                          eos=False)[0] for r in rows[: speed.prompts]]
+        summary["decode_tokens_per_s"] = decode_speed(engine, prompts, speed)
     return summary
+
+
+def search_quantization(search: SearchSettings, evaluation: EvalSettings, speed: BenchmarkSettings,
+                        model: ModelSettings, merged: ArtifactRef | None, data: ArtifactRef,
+                        scores: ArtifactRef) -> ArtifactRef:
+    """Builds and scores every candidate (each its own cached build_onnx task), keeps one.
+
+    The candidates run one after another, not concurrently: on a small CPU machine
+    concurrent builds would measure each other's load, not their own decode speed.
+    Returns the kept candidate's reference, its summary extended with the whole table.
+    """
+    refs = []
+    for candidate in search.candidates:
+        with task_run_name(f"build_onnx[{candidate.name}]"):
+            refs.append(build_onnx(candidate.build, evaluation, model, merged, data, speed, True))
+    if scores.pending or any(ref.pending for ref in refs):  # planning: nothing to choose from yet
+        return pending_ref("build_onnx")
+    tuned = scores.summary.get("fine_tuned") or scores.summary.get("base") or {}
+    baseline = tuned.get("accuracy")
+    rows = [candidate_row(c.name, ref.summary, ref.key) for c, ref in zip(search.candidates, refs)]
+    selection = select_candidate(rows, baseline, search.tolerance_points)
+    if selection.chosen is None:
+        raise StageFailed("no quantization candidate built a model that loads:\n" +
+                          "\n".join(f"  {r['name']}: {r['reason']}" for r in selection.rows))
+    chosen = refs[[r["name"] for r in rows].index(selection.chosen)]
+    table = {"baseline_accuracy": baseline, "baseline": "merged PyTorch model (evaluate: fine_tuned)",
+             "tolerance_points": search.tolerance_points, "chosen": selection.chosen,
+             "within_tolerance": selection.within_tolerance, "verdict": selection.verdict,
+             "candidates": selection.rows}
+    return chosen.model_copy(update={"summary": {**chosen.summary, "candidate": selection.chosen, "search": table}})

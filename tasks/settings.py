@@ -77,11 +77,39 @@ class EvalSettings(Frozen):
 
 
 class BuildSettings(Frozen):
+    """One ONNX build: the builder's precision and its weight-only quantization choices.
+
+    Built and checked by flows/config.py (tasks/quantization.py holds the rules);
+    tasks/quantization.py:builder_options turns it into the builder's KEY=VALUE options.
+    """
+
     precision: Literal["int4", "int8", "fp16", "fp32", "bf16"] = "int4"
-    block_size: int = 32
-    accuracy_level: int | None = None
-    extra_options: dict[str, str] = {}
+    block_size: int = 32  # MatMulNBits block size (16/32/64/128/256)
+    accuracy_level: int | None = None  # MatMulNBits compute type (None: the builder's default, 4 on CPU)
+    is_symmetric: bool = True  # int4/int8 (True) or uint4/uint8 with zero points (False)
+    # How weights are rounded: the builder's default/rtn/k_quant, or "hqq"/"gptq": an fp32 build
+    # quantized afterwards by onnxruntime's MatMulNBitsQuantizer (Grove's options).
+    algo: Literal["default", "rtn", "k_quant", "hqq", "gptq"] = "default"
+    mixed_precision: dict[str, Literal["int4", "int8"]] = {}  # selector -> type, e.g. last_matmul: int8
+    nodes_to_exclude: list[str] = []  # node names kept unquantized, e.g. /lm_head/MatMul
+    op_types_to_quantize: list[Literal["MatMul", "Gather"]] | None = None  # None: the builder's default
+    shared_embeddings: bool | None = None  # None: the builder's default (whether the model ties them)
+    extra_options: dict[str, str] = {}  # any other builder option, checked against the installed builder
     execution_provider: Literal["cpu", "cuda"] = "cpu"
+
+
+class Candidate(Frozen):
+    """One quantization variant of a search."""
+
+    name: str
+    build: BuildSettings
+
+
+class SearchSettings(Frozen):
+    """Build every candidate, keep the smallest within tolerance of the merged PyTorch model."""
+
+    candidates: list[Candidate]
+    tolerance_points: float = 2.0  # accuracy points (percent) below the merged PyTorch model
 
 
 class BenchmarkSettings(Frozen):
@@ -136,5 +164,6 @@ class RunConfig(Frozen):
     evaluate: EvalSettings
     merge: bool
     build: BuildSettings | None
+    search: SearchSettings | None = None  # grove.quantization_search: several builds, one kept
     benchmark: BenchmarkSettings
     promotion: PromotionSettings | None = None

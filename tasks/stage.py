@@ -114,6 +114,7 @@ class RunContext:
 
 
 _run: ContextVar[RunContext | None] = ContextVar("grove_run", default=None)
+_task_run_name: ContextVar[str | None] = ContextVar("grove_task_run_name", default=None)
 _output: ContextVar[Path | None] = ContextVar("grove_stage_output", default=None)
 _key: ContextVar[str | None] = ContextVar("grove_stage_key", default=None)
 
@@ -163,6 +164,21 @@ def prefect_result_storage(store: ArtifactStore) -> Any:
                      credentials=AwsCredentials.load(store.access.block, _sync=True))
     block.save(name, overwrite=True, _sync=True)
     return block
+
+
+@contextlib.contextmanager
+def task_run_name(name: str) -> Iterator[None]:
+    """Names the Prefect task run of the stage called inside (e.g. one search candidate)."""
+    token = _task_run_name.set(name)
+    try:
+        yield
+    finally:
+        _task_run_name.reset(token)
+
+
+def pending_ref(stage: str) -> ArtifactRef:
+    """A placeholder used while planning: this stage's output is not known yet."""
+    return ArtifactRef(stage=stage, key="", digest=f"pending:{stage}", uri="")
 
 
 def current_run() -> RunContext:
@@ -308,6 +324,8 @@ def grove_stage(name: str, tags: tuple[str, ...] = (), also: tuple[str, ...] = (
             options = {"refresh_cache": entry is None, "retries": retries, "retry_delay_seconds": delay}
             if run.result_storage:
                 options["result_storage"] = run.result_storage
+            if _task_run_name.get():
+                options["task_run_name"] = _task_run_name.get()
             # Tags make the graph readable (stage, model) and let a concurrency limit on `gpu`
             # hold the model-heavy stages to one at a time. A hit does no work: without tags
             # Prefect skips its concurrency-slot calls (one API round trip each, most of a cached
@@ -318,7 +336,8 @@ def grove_stage(name: str, tags: tuple[str, ...] = (), also: tuple[str, ...] = (
             ref: ArtifactRef = state.result()
             cached = state.name == "Cached" or ref.summary.get("_reused", False)
             ref = ref.model_copy(update={"summary": {k: v for k, v in ref.summary.items() if k != "_reused"}})
-            record = StageRecord(name, "cached" if cached else "ran", time.monotonic() - started, ref=ref)
+            record = StageRecord(name, "cached" if cached else "ran", time.monotonic() - started,
+                                 reason=_task_run_name.get() or "", ref=ref)
             run.records.append(record)
             if run.on_stage_end:
                 run.on_stage_end(record)

@@ -115,14 +115,22 @@ def test_bad_config_fails_before_any_work(setup, write_config, tmp_path):
     assert not (tmp_path / "store").exists()
 
 
-def test_a_build_that_does_not_load_fails_the_stage_and_stores_nothing(tmp_path, tone_copy, write_config):
-    """The real builder trap: int8 LM head on a tied-embedding model exits cleanly but writes
-    a model that onnxruntime-genai cannot load. Grove must fail build_onnx, never store it."""
-    from tasks.models import make_tiny_model
+def test_a_build_that_does_not_load_fails_the_stage_and_stores_nothing(tmp_path, tiny_model, tone_copy,
+                                                                       write_config, monkeypatch):
+    """The builder can exit cleanly yet write a model onnxruntime-genai cannot load (the known
+    trap, int8 LM head on tied embeddings, is now refused at the door: tests/test_quantization.py).
+    Here the builder is wrapped to corrupt what it wrote. Grove must fail build_onnx, never store it."""
+    import tasks.build_onnx as build_module
 
-    tied = make_tiny_model(tmp_path / "tied", "llama", tie_embeddings=True)
-    raw = tiny_config(tied, tone_copy, tmp_path / "store", tmp_path / "out")
-    raw["passes"]["builder"]["config"]["extra_options"] = {"matmul_mixed_precision": "last_matmul:int8"}
+    real = build_module.run_builder
+
+    def corrupting(source, target, build, *args):
+        printed = real(source, target, build, *args)
+        (target / "model.onnx").write_bytes(b"not an onnx model")
+        return printed
+
+    monkeypatch.setattr(build_module, "run_builder", corrupting)
+    raw = tiny_config(tiny_model, tone_copy, tmp_path / "store", tmp_path / "out")
     config = write_config(raw)
     result = runner.invoke(app, ["run", "--config", str(config)])
     assert result.exit_code == 1

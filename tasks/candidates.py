@@ -1,0 +1,49 @@
+"""Grove's built-in candidate list for a quantization search (`"candidates": "builtin"`).
+
+Kept apart from tasks/quantization.py on purpose: build_onnx's cache key covers that
+module's code, while a change to this list changes only the candidates' settings (which
+are part of each candidate's key anyway), so editing the list rebuilds only new variants.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tasks.quantization import check_build, ties_embeddings
+from tasks.settings import BuildSettings
+
+
+def builtin_candidates(precision_default: BuildSettings, model_config: dict | None) -> list[tuple[str, BuildSettings]]:
+    """int4 variants from small to large, and int8 as the accurate fallback. hqq and gptq are not
+    in it: on the bundled SmolLM2 here, hqq scored 0.008 and gptq did not finish in 20 minutes
+    (README: calibration-based methods).
+
+    An int8 LM head on a tied-embedding model gets shared_embeddings=false only where the
+    default algorithm needs it (see check_build)."""
+    base = {"execution_provider": precision_default.execution_provider,
+            "extra_options": precision_default.extra_options}
+    tied = bool(ties_embeddings(model_config))
+    variants: list[tuple[str, dict[str, Any]]] = [
+        ("int4-b32", {}),
+        ("int4-b32-acc1", {"accuracy_level": 1}),
+        ("int4-b16", {"block_size": 16}),
+        ("int4-kquant-b32", {"algo": "k_quant"}),
+        ("int4-kquant-b16", {"algo": "k_quant", "block_size": 16}),
+        ("int4-kquant-int8-head", {"algo": "k_quant", "mixed_precision": {"last_matmul": "int8"}}),
+        ("int4-kquant-mixed", {"algo": "k_quant", "mixed_precision": {"last_matmul": "int8", "mixed_layers": "int8"}}),
+        ("int4-kquant-b16-mixed", {"algo": "k_quant", "block_size": 16,
+                                   "mixed_precision": {"last_matmul": "int8", "mixed_layers": "int8"}}),
+        ("int4-kquant-fp32-head", {"algo": "k_quant", "nodes_to_exclude": ["/lm_head/MatMul"]}),
+        ("int8", {"precision": "int8"}),
+    ]
+    if tied:  # unshared: the embedding keeps a 4-bit copy of its own, the head gets 8 bits
+        variants.append(("int4-kquant-mixed-unshared", {"algo": "k_quant", "shared_embeddings": False,
+                                                        "op_types_to_quantize": ["MatMul", "Gather"],
+                                                        "mixed_precision": {"last_matmul": "int8",
+                                                                            "mixed_layers": "int8"}}))
+    result = []
+    for name, fields in variants:
+        build = BuildSettings(**{**base, **fields})
+        check_build(build, {k: k for k in fields}, model_config)
+        result.append((name, build))
+    return result
