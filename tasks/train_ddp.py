@@ -39,7 +39,19 @@ def main(request_file: str) -> int:
                   request["resume"], [MarkSaved()])
     if int(os.environ.get("RANK", "0")) == 0:
         (workdir / "summary.json").write_text(json.dumps(summary))
+    _leave_the_group()
     return 0
+
+
+def _leave_the_group() -> None:
+    """Tear the process group down before exiting: left to the interpreter's exit, gloo's
+    threads can abort a process ("terminate called without an active exception", SIGABRT;
+    seen in CI), which fails the whole job after its training finished."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
