@@ -173,8 +173,10 @@ def run(config: Path = CONFIG, from_stage: Optional[str] = FROM_STAGE) -> None:
                   f"run:         {result['run_id']} (grove show {result['run_id'][:8]} --config {config})")
     promotion = result.get("promotion")
     if promotion:
-        verdict = {"promoted": "[green]promoted[/]", "unchanged": "current model unchanged",
-                   "not_promoted": "[yellow]not promoted[/]"}[promotion["decision"]]
+        from tasks.promote import VERDICTS
+
+        colour = {"promoted": "green", "not_promoted": "yellow"}.get(promotion["decision"], "default")
+        verdict = f"[{colour}]{VERDICTS[promotion['decision']]}[/]"
         console.print(f"model:       {promotion.get('model_name')}: {verdict}: {promotion['reason']}")
 
 
@@ -202,7 +204,8 @@ def _open_store(config: Optional[Path], store: Optional[str]):
 def models(config: Optional[Path] = STORE_CONFIG, store: Optional[str] = STORE_URI,
            as_json: bool = typer.Option(False, "--json", help="Print current models and history as JSON.")) -> None:
     """Current and past models of each name, with the metrics they were promoted on."""
-    from tasks.promote import METRICS, current_models, model_history
+    from tasks.promote import current_models, model_history
+    from tasks.settings import PROMOTION_METRICS
     from tasks.store import StoreError
 
     artifacts = _open_store(config, store)
@@ -218,7 +221,7 @@ def models(config: Optional[Path] = STORE_CONFIG, store: Optional[str] = STORE_U
         console.print(f"no promoted models in {artifacts.root}")
         return
     table = Table(title=f"Models in {artifacts.root}")
-    for column in ("name", "", "promoted", "run", *METRICS):
+    for column in ("name", "", "promoted", "run", *PROMOTION_METRICS):
         table.add_column(column)
     table.add_column("model", overflow="fold")
     for name, (current, history) in found.items():
@@ -226,7 +229,7 @@ def models(config: Optional[Path] = STORE_CONFIG, store: Optional[str] = STORE_U
         for index, model in enumerate([current, *past]):
             table.add_row(name if index == 0 else "", "current" if index == 0 else "past",
                           model["promoted_at"][:19], model["run_id"][:8],
-                          *(_metric(model["metrics"].get(m)) for m in METRICS), model["model"]["uri"])
+                          *(_metric(model["metrics"].get(m)) for m in PROMOTION_METRICS), model["model"]["uri"])
     console.print(table)
 
 

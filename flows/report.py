@@ -105,8 +105,10 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"- artifact store: `{report['artifact_root']}`"]
     promotion = report.get("promotion")
     if promotion:
-        verdict = {"promoted": "**promoted**", "unchanged": "current model unchanged",
-                   "not_promoted": "**not promoted**"}[promotion["decision"]]
+        from tasks.promote import VERDICTS
+
+        words = VERDICTS[promotion["decision"]]
+        verdict = words if promotion["decision"] == "unchanged" else f"**{words}**"
         lines.append(f"- {promotion.get('model_name', report['name'])}: {verdict}: {promotion['reason']}")
     lines += ["", "## Stages", "",
              "| stage | status | seconds | result | stored at |", "|---|---|---|---|---|"]
@@ -153,7 +155,9 @@ def log_promotion(promotion: dict[str, Any]) -> None:
     if promotion["decision"] == "not_promoted":
         logger.warning("not promoted: %s", promotion["reason"])
     else:
-        logger.info("%s: %s", promotion["decision"].replace("_", " "), promotion["reason"])
+        from tasks.promote import VERDICTS
+
+        logger.info("%s: %s", VERDICTS[promotion["decision"]], promotion["reason"])
 
 
 def _prefect_artifact(markdown: str, name: str) -> None:

@@ -23,11 +23,14 @@ from tasks.stage import current_run, grove_stage, output_dir
 def fetch(files: list[str], folder: Path) -> list[str]:
     """Local copies of remote data files (datasets refuses URLs when offline); local ones as they are."""
     local = []
+    # the artifact root's keys (env or named block), looked up once: a block is an API call
+    s3_options = s3_access(current_run().credentials_block).options if any(
+        url.startswith("s3://") for url in files) else {}
     for index, url in enumerate(files):
         if not is_remote(url):
             local.append(url)
             continue
-        options = s3_access(current_run().credentials_block).options if url.startswith("s3://") else {}
+        options = s3_options if url.startswith("s3://") else {}
         target = folder / f"{index:05d}-{url.rsplit('/', 1)[-1]}"
         with open_data(url, options) as source, open(target, "wb") as handle:
             shutil.copyfileobj(source, handle, 8 * 1024 * 1024)

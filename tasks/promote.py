@@ -21,14 +21,15 @@ from tasks.settings import PROMOTION_METRICS, PromotionSettings
 from tasks.stage import ArtifactRef, current_run
 from tasks.store import ArtifactStore
 
-METRICS = PROMOTION_METRICS
 MODELS = "models"
+# How each decision reads in the CLI, the report and the run's log.
+VERDICTS = {"promoted": "promoted", "unchanged": "current model unchanged", "not_promoted": "not promoted"}
 
 
 def metrics_of(refs: dict[str, ArtifactRef | None]) -> dict[str, float | None]:
     """Every gate metric this run measured (None where a stage did not run or did not measure it)."""
     found: dict[str, float | None] = {}
-    for name, (stage, path) in METRICS.items():
+    for name, (stage, path) in PROMOTION_METRICS.items():
         value: Any = refs[stage].summary if refs.get(stage) is not None else None
         for part in path.split("."):
             value = value.get(part) if isinstance(value, dict) else None
