@@ -242,7 +242,9 @@ def _checkpoint_callback(key: str):
     class StoreCheckpoints(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
             if state.global_step >= state.max_steps:
-                return  # the end of training: the stage's own entry is stored next
+                # the end of training: the stage's own entry is stored next (and a resume from a
+                # last-step checkpoint would run one step too many: tasks/train_ddp.py)
+                return
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             started = time.monotonic()
             entry = store.put_checkpoint("train", key, state.global_step, folder)

@@ -3,7 +3,8 @@
 Store level: a checkpoint counts only with its manifest, a damaged newest one falls back to
 the one before it, only the newest K are kept, and dropping them deletes the blobs nothing
 else lists. End to end: `grove run` killed mid-training resumes from its last checkpoint
-and ends with the adapter of an uninterrupted run.
+and ends with the adapter of an uninterrupted run; so does a data-parallel run (torchrun,
+two gloo processes), whose job never hands over a checkpoint of its last step.
 """
 
 from __future__ import annotations
@@ -154,6 +155,33 @@ def grove_process(config: Path, log: Path) -> subprocess.Popen:
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def newest_checkpoint_manifests(tmp_path: Path) -> list[Path]:
+    return sorted((tmp_path / "store" / "checkpoints" / "train").glob("*/*/MANIFEST.json"),
+                  key=lambda manifest: int(manifest.parent.name))
+
+
+def kill_once_a_checkpoint_is_stored(config: Path, tmp_path: Path, min_step: int) -> dict:
+    """`grove run` killed (SIGKILL, its whole process group) once the store holds a train
+    checkpoint of at least `min_step`; the run must not have finished by then. Returns the
+    newest stored checkpoint's manifest."""
+    proc = grove_process(config, tmp_path / "killed.log")
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            stored = newest_checkpoint_manifests(tmp_path)
+            if stored and int(stored[-1].parent.name) >= min_step:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+    assert not list((tmp_path / "store" / "entries").glob("train/*/MANIFEST.json")), "killed before the end"
+    return json.loads(newest_checkpoint_manifests(tmp_path)[-1].read_text())
+
+
 def test_killed_training_resumes_from_its_last_checkpoint_with_the_same_adapter(tiny_model, tone_copy, tmp_path,
                                                                                 write_config):
     import torch
@@ -170,22 +198,7 @@ def test_killed_training_resumes_from_its_last_checkpoint_with_the_same_adapter(
     checkpoints = tmp_path / "store" / "checkpoints" / "train"
 
     # 1. kill -9 once a checkpoint in the second epoch is stored
-    proc = grove_process(config, tmp_path / "killed.log")
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None:
-            stored = sorted(checkpoints.glob("*/*/MANIFEST.json"))
-            if stored and int(stored[-1].parent.name) >= 8:
-                os.killpg(proc.pid, signal.SIGKILL)
-                break
-            time.sleep(0.02)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
-    assert not list((tmp_path / "store" / "entries").glob("train/*/MANIFEST.json")), "killed before the end"
-    last = json.loads(sorted(checkpoints.glob("*/*/MANIFEST.json"))[-1].read_text())
+    last = kill_once_a_checkpoint_is_stored(config, tmp_path, min_step=8)
     optimizer_blob = tmp_path / "store" / "blobs" / last["files"]["optimizer.pt"]["sha256"][:2] / \
         last["files"]["optimizer.pt"]["sha256"]
     assert optimizer_blob.exists() and {"rng_state.pth", "scheduler.pt", "trainer_state.json",
@@ -206,6 +219,54 @@ def test_killed_training_resumes_from_its_last_checkpoint_with_the_same_adapter(
     raw["grove"]["checkpoint_steps"] = 0
     expected = uninterrupted_adapter(write_config(raw, "uninterrupted.json"))
     assert not (tmp_path / "store2" / "checkpoints").exists()
+    got = adapter_of(tmp_path / "store")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.allclose(expected[name], got[name], rtol=0, atol=1e-6), name
+
+
+# ---- data-parallel training (torchrun, 2 gloo processes on the CPU) ----------------------------------------
+def test_a_data_parallel_job_marks_every_checkpoint_but_the_last_steps(tmp_path):
+    """Resumed from a checkpoint at its last step, transformers runs one step more: such a
+    checkpoint is never stored, by the data-parallel job as by the single-process stage."""
+    from types import SimpleNamespace
+
+    from tasks.train_ddp import checkpoint_marker
+
+    marker = checkpoint_marker(tmp_path)
+    for step, main in ((2, True), (4, False), (6, True), (8, True)):
+        marker.on_save(None, SimpleNamespace(global_step=step, max_steps=8, is_world_process_zero=main), None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved-2", "saved-6"]
+
+
+def test_a_killed_data_parallel_training_resumes_with_the_same_adapter(tiny_model, tone_copy, tmp_path,
+                                                                       write_config):
+    """grove.train.processes 2 on a CPU: torchrun runs DDP over gloo, the stage stores the job's
+    checkpoints; killed, the same command resumes the job and ends with an uninterrupted job's
+    adapter and step count."""
+    import torch
+
+    raw = tiny_config(tiny_model, tone_copy, tmp_path / "store", tmp_path / "out")
+    raw["passes"] = {"lora": raw["passes"]["lora"]}  # train, evaluate, benchmark: no ONNX needed here
+    raw["passes"]["lora"]["config"]["training_args"].update(max_steps=40, per_device_train_batch_size=4,
+                                                            logging_steps=4)
+    raw["passes"]["lora"]["config"]["lora_dropout"] = 0.1
+    raw["grove"].update(device="cpu", checkpoint_steps=2, train={"processes": 2}, promotion={"enabled": False})
+    config = write_config(raw, "ddp.json")
+
+    last = kill_once_a_checkpoint_is_stored(config, tmp_path, min_step=2)
+    proc = grove_process(config, tmp_path / "resumed.log")
+    assert proc.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    report = json.loads((tmp_path / "out" / "tiny" / "report.json").read_text())
+    summary = next(s["summary"] for s in report["stages"] if s["stage"] == "train")
+    assert summary["processes"] == 2 and summary["device"] == "cpu"
+    assert summary["resumed_from_step"] == last["meta"]["step"] >= 2 and summary["steps"] == 40
+    assert summary["final_loss"] is not None
+    assert not newest_checkpoint_manifests(tmp_path), "the finished stage drops its checkpoints"
+
+    raw["engine"] = {"cache_dir": str(tmp_path / "store2"), "output_dir": str(tmp_path / "out2")}
+    raw["grove"]["checkpoint_steps"] = 0
+    expected = uninterrupted_adapter(write_config(raw, "uninterrupted.json"))
     got = adapter_of(tmp_path / "store")
     assert expected.keys() == got.keys()
     for name in expected:

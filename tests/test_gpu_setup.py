@@ -181,23 +181,6 @@ def test_training_processes_auto_is_one_without_gpus_and_explicit_counts_are_kep
         parse_config(raw, base_dir=tmp_path)
 
 
-def test_data_parallel_training_runs_two_processes_through_torchrun(raw, tmp_path, write_config):
-    """grove.train.processes 2 on a CPU: torchrun, DDP over gloo; the stage collects the adapter."""
-    from typer.testing import CliRunner
-
-    from flows.cli import app
-
-    raw["passes"] = {"lora": raw["passes"]["lora"]}  # train, evaluate, benchmark: no ONNX needed here
-    raw["passes"]["lora"]["config"]["training_args"].update(max_steps=4, per_device_train_batch_size=4)
-    raw["grove"].update(device="cpu", checkpoint_steps=2, train={"processes": 2}, promotion={"enabled": False})
-    result = CliRunner().invoke(app, ["run", "--config", str(write_config(raw))], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "out" / "tiny" / "report.json").read_text())
-    train = next(s["summary"] for s in report["stages"] if s["stage"] == "train")
-    assert train["processes"] == 2 and train["steps"] == 4 and train["device"] == "cpu"
-    assert train["first_loss"] is not None and train["final_loss"] is not None
-
-
 def test_the_training_setup_is_part_of_the_train_key(raw, tmp_path):
     from tasks.stage import stage_key
 
