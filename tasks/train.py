@@ -134,6 +134,10 @@ def training_arguments(settings: TrainSettings, device: str, workdir: str, has_e
             args["optim"] = "adamw_torch"
     if not has_eval:
         args["eval_strategy"] = "no"
+    if settings.processes > 1:
+        # Every LoRA weight takes part in every step, so DDP's search for unused parameters
+        # (the Trainer's default without gradient checkpointing) would walk the graph each step for nothing.
+        args.setdefault("ddp_find_unused_parameters", False)
     args.update(output_dir=workdir, report_to="none", save_strategy="no", disable_tqdm=True,
                 use_cpu=device == "cpu", seed=settings.seed, data_seed=args.get("data_seed", settings.seed),
                 remove_unused_columns=False)
