@@ -8,6 +8,7 @@ token forced, medians after a warm-up), including the fraction of the memory-ban
 Then the ONNX runtime settings one at a time (CUDA graphs off; other builds if time is left).
 
     python3 bench/gpu_onnx_decode.py --out $OUT/onnx_decode.json
+    python3 bench/gpu_onnx_decode.py --no-pytorch --variants block_size_64,block_size_128,accuracy_level_4
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from gpu_train_throughput import PHI3_MINI, TINY, build_random_model  # noqa: E402
 
 STARTED = time.monotonic()
+# ModelBuilder pass keys tried against Grove's default CUDA build (the pass keys a config sets)
+VARIANTS = {"block_size_64": {"int4_block_size": 64}, "block_size_128": {"int4_block_size": 128},
+            "accuracy_level_4": {"int4_accuracy_level": 4}}
 
 
 def say(*parts):
@@ -59,6 +63,10 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--prompts", type=int, default=3)
     parser.add_argument("--budget-s", type=float, default=400)
+    parser.add_argument("--variants", default="block_size_128",
+                        help="builds besides Grove's default, comma-separated: " + ", ".join(VARIANTS))
+    parser.add_argument("--no-pytorch", action="store_true",
+                        help="only ONNX builds (compared with Grove's default build of the same run)")
     opts = parser.parse_args()
 
     import torch
@@ -66,7 +74,7 @@ def main() -> int:
     from flows.config import GroveSection, _build_settings  # noqa: F401 - Grove's own defaults
     from tasks.benchmark import measure_engine
     from tasks.build_onnx import builder_options, run_builder
-    from tasks.settings import BenchmarkSettings, BuildSettings
+    from tasks.settings import BenchmarkSettings, ModelSettings
 
     device = "cuda" if torch.cuda.is_available() and not opts.tiny else "cpu"
     shape = TINY if opts.tiny else PHI3_MINI
@@ -98,11 +106,17 @@ def main() -> int:
                                                   else "CPUExecutionProvider"]}]}}}
     from flows.config import Engine
 
-    build = _build_settings(("builder", {"precision": "int4"}, "passes.builder"), Engine(), raw, GroveSection())
+    model = ModelSettings(name=str(folder), path=str(folder), content_sha256="random")
+
+    def grove_build(keys: dict):
+        return _build_settings(("builder", {"precision": "int4", **keys}, "passes.builder"), Engine(), raw, model,
+                               GroveSection())
+
+    build = grove_build({})
     report["grove_build_settings"] = build.model_dump()
     builds = {"grove_default": build}
-    if not opts.tiny:
-        builds["block_size_128"] = build.model_copy(update={"block_size": 128})
+    for name in filter(None, opts.variants.split(",")):
+        builds[name] = grove_build(VARIANTS[name])
     for name, settings_ in builds.items():
         if name != "grove_default" and opts.budget_s - (time.monotonic() - STARTED) < 150:
             report["runs"][name] = {"skipped": "time budget"}
@@ -114,7 +128,7 @@ def main() -> int:
         run_builder(folder, target, settings_, False)
         report.setdefault("build_seconds", {})[name] = round(time.monotonic() - started, 1)
         measure(f"onnx_{name}", "onnx", target)
-        if name == "grove_default":
+        if name == "grove_default" and not opts.no_pytorch:
             measure("pytorch_bf16", "pytorch", folder)
             if provider == "cuda":
                 set_cuda_graph(target, False)
@@ -124,17 +138,20 @@ def main() -> int:
 
     runs = report["runs"]
     base = runs.get("pytorch_bf16", {}).get("decode_tokens_per_s")
+    default = runs.get("onnx_grove_default", {}).get("decode_tokens_per_s")
     summary = {}
     for name, result in runs.items():
-        if name.startswith("onnx") and result.get("decode_tokens_per_s") and base:
+        if name.startswith("onnx") and result.get("decode_tokens_per_s"):
             summary[name] = {"decode_tokens_per_s": result["decode_tokens_per_s"],
                              "ttft_ms": result.get("time_to_first_token_ms"),
-                             "speedup_vs_pytorch": round(result["decode_tokens_per_s"] / base, 2),
+                             "size_mb": result.get("size_mb"),
+                             "vs_grove_default": round(result["decode_tokens_per_s"] / default, 3) if default else None,
+                             "speedup_vs_pytorch": round(result["decode_tokens_per_s"] / base, 2) if base else None,
                              "bandwidth_fraction": (result.get("bandwidth") or {}).get("fraction")}
-    summary["pytorch_bf16"] = {k: runs.get("pytorch_bf16", {}).get(k) for k in
-                               ("decode_tokens_per_s", "time_to_first_token_ms")}
-    summary["pytorch_bf16"]["bandwidth_fraction"] = (runs.get("pytorch_bf16", {}).get("bandwidth") or {}).get(
-        "fraction")
+    if base:
+        summary["pytorch_bf16"] = {k: runs["pytorch_bf16"].get(k) for k in
+                                   ("decode_tokens_per_s", "time_to_first_token_ms")}
+        summary["pytorch_bf16"]["bandwidth_fraction"] = (runs["pytorch_bf16"].get("bandwidth") or {}).get("fraction")
     report["summary"] = summary
     report["seconds"] = round(time.monotonic() - STARTED, 1)
     text = json.dumps(report, indent=1)
