@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import sys
@@ -30,6 +31,8 @@ STARTED = time.monotonic()
 # ModelBuilder pass keys tried against Grove's default CUDA build (the pass keys a config sets)
 VARIANTS = {"block_size_64": {"int4_block_size": 64}, "block_size_128": {"int4_block_size": 128},
             "accuracy_level_4": {"int4_accuracy_level": 4}}
+# runtime settings tried on every build: environment variables onnxruntime reads when it loads the model
+RUNTIME_VARIANTS = {"fpa_intb": {"ORT_FPA_INTB_GEMM": "1"}}  # TensorRT-LLM's fpA_intB GEMM/GEMV for MatMulNBits
 
 
 def say(*parts):
@@ -65,6 +68,9 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=400)
     parser.add_argument("--variants", default="block_size_128",
                         help="builds besides Grove's default, comma-separated: " + ", ".join(VARIANTS))
+    parser.add_argument("--runtime-variants", default="",
+                        help="measured on every build, comma-separated: " + ", ".join(RUNTIME_VARIANTS))
+    parser.add_argument("--no-cuda-graph-off", action="store_true", help="skip the CUDA-graphs-off measurement")
     parser.add_argument("--no-pytorch", action="store_true",
                         help="only ONNX builds (compared with Grove's default build of the same run)")
     opts = parser.parse_args()
@@ -128,9 +134,17 @@ def main() -> int:
         run_builder(folder, target, settings_, False)
         report.setdefault("build_seconds", {})[name] = round(time.monotonic() - started, 1)
         measure(f"onnx_{name}", "onnx", target)
+        for variant in filter(None, opts.runtime_variants.split(",")):
+            saved = {key: os.environ.get(key) for key in RUNTIME_VARIANTS[variant]}
+            os.environ.update(RUNTIME_VARIANTS[variant])  # the engine's worker process inherits it
+            try:
+                measure(f"onnx_{name}_{variant}", "onnx", target)
+            finally:
+                for key, value in saved.items():
+                    os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
         if name == "grove_default" and not opts.no_pytorch:
             measure("pytorch_bf16", "pytorch", folder)
-            if provider == "cuda":
+            if provider == "cuda" and not opts.no_cuda_graph_off:
                 set_cuda_graph(target, False)
                 measure("onnx_grove_default_cuda_graph_off", "onnx", target)
                 set_cuda_graph(target, True)
