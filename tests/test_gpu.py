@@ -141,6 +141,12 @@ def test_the_flow_on_cuda_qlora_then_a_cuda_onnx_model_benchmarked_on_the_gpu(ti
     assert any("cuda" in entry for entry in providers), providers
     cuda_options = next(entry["cuda"] for entry in providers if "cuda" in entry)
     assert cuda_options.get("enable_cuda_graph") == "1", cuda_options  # grove.build.cuda_graph default
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "out" / "tiny" / "model" / "model.onnx"), load_external_data=False).graph
+    blocks = {attr.i for node in graph.node if node.op_type == "MatMulNBits"
+              for attr in node.attribute if attr.name == "block_size"}
+    assert blocks == {128}, blocks  # grove.build.cuda_block_size default (the tiny model: hidden 128)
 
     bench = summary["benchmark"]
     assert bench["device"] == "cuda"

@@ -209,3 +209,29 @@ def test_cuda_builds_enable_cuda_graphs_by_default(raw, tmp_path):
     cuda["grove"]["build"] = {}
     cuda["passes"]["builder"]["config"]["extra_options"] = {"enable_cuda_graph": False}
     assert parse_config(cuda, base_dir=tmp_path).build.extra_options["enable_cuda_graph"] == "false"
+
+
+def test_cuda_int4_builds_take_block_128_where_it_divides_the_model_and_explicit_sizes_win(raw, tmp_path):
+    assert parse_config(raw, base_dir=tmp_path).build.block_size == 32  # cpu: the builder's default
+    cuda = _cuda(raw)  # the tiny model: hidden 128, intermediate 256
+    assert parse_config(cuda, base_dir=tmp_path).build.block_size == 128
+    cuda["grove"]["build"] = {"cuda_block_size": 64}
+    assert parse_config(cuda, base_dir=tmp_path).build.block_size == 64
+    cuda["grove"]["build"] = {"cuda_block_size": 100}
+    with pytest.raises(ConfigError, match=r"grove\.build\.cuda_block_size"):
+        parse_config(cuda, base_dir=tmp_path)
+    cuda["grove"]["build"] = {}
+    cuda["passes"]["builder"]["config"]["int4_block_size"] = 32
+    assert parse_config(cuda, base_dir=tmp_path).build.block_size == 32
+    del cuda["passes"]["builder"]["config"]["int4_block_size"]
+    cuda["passes"]["builder"]["config"]["extra_options"] = {"block_size": 16}
+    assert parse_config(cuda, base_dir=tmp_path).build.block_size == 16
+    cuda["passes"]["builder"]["config"] = {"precision": "fp16"}  # no int4 weights: no block size
+    assert parse_config(cuda, base_dir=tmp_path).build.precision == "fp16"
+
+
+def test_cuda_builds_keep_the_builders_block_size_where_128_does_not_divide_the_model(tmp_path):
+    """SmolLM2's hidden size 960 is no multiple of 128 (k_quant fails to build on partial blocks)."""
+    raw = _cuda(tiny_config(tmp_path, TONE_DATA, tmp_path / "store", tmp_path / "out"))
+    raw["input_model"] = {"type": "HfModel", "model_path": "grove:smollm2-135m-instruct"}
+    assert parse_config(raw, base_dir=tmp_path).build.block_size == 32
