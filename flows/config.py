@@ -444,6 +444,17 @@ class _Paths:
         self.base_dir, self.config_dir = base_dir, config_dir
         self.credentials_block, self.list_remote_data = credentials_block, list_remote_data
         self._remote_access = None
+        self._remote_fs: dict[str, object] = {}
+
+    def remote_fs(self, url: str):
+        """One fresh filesystem per protocol for this parse (one run start), not one per file."""
+        from tasks.data_files import remote_fs
+
+        protocol = url.split("://", 1)[0]
+        if protocol not in self._remote_fs:
+            options = self.remote_access().options if protocol == "s3" else {}
+            self._remote_fs[protocol] = remote_fs(url, options)[0]
+        return self._remote_fs[protocol]
 
     def remote_access(self):
         """Keys for s3:// data: the same source as the artifact root's (env or the named block)."""
@@ -836,9 +847,8 @@ def _file_digest(path: str, paths: _Paths) -> str:
 
     if is_remote(path) and not paths.list_remote_data:
         return "listed-at-run-start"
-    options = paths.remote_access().options if path.startswith("s3://") else {}
     try:
-        return content_digest(path, options)
+        return content_digest(path, fs=paths.remote_fs(path) if is_remote(path) else None)
     except Exception as exc:  # noqa: BLE001 - name the file, never the keys
         scrub = paths.remote_access().scrub if path.startswith("s3://") else str
         raise ConfigError("data_files", scrub(f"cannot read {path}: {type(exc).__name__}: {exc}")) from None

@@ -93,9 +93,10 @@ def _is_data(name: str) -> bool:
     return name.rsplit(".", 1)[-1].lower() in DATA_SUFFIXES and not name.rsplit("/", 1)[-1].startswith(".")
 
 
-def content_digest(url: str, options: dict[str, Any] | None = None) -> str:
+def content_digest(url: str, options: dict[str, Any] | None = None, fs=None) -> str:
+    """sha256 of a file's bytes; `fs`: an open filesystem to read a remote url through."""
     digest = hashlib.sha256()
-    with open_data(url, options) as handle:
+    with (fs.open(url, "rb") if fs is not None else open_data(url, options)) as handle:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()

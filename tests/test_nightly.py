@@ -276,3 +276,27 @@ def test_an_empty_s3_prefix_is_refused_at_run_start_and_listed_only_at_run_time_
 
     # at deploy time the location is left to the worker's run (its keys may differ)
     assert load_config(config, list_remote_data=False).data.files == [prefix]
+
+
+def test_an_s3_prefix_is_listed_and_hashed_through_one_client_per_run_start(
+        s3_env, tiny_model, tmp_path, write_config, monkeypatch):
+    """Every file's bytes are in the data key, read through one fresh client (not one per file)."""
+    import tasks.data_files
+    from flows.config import load_config
+    from tasks.credentials import s3_access
+
+    prefix = f"s3://grove-tests/three-{uuid.uuid4().hex[:8]}/"
+    lines = TONE_DATA.read_text().splitlines(keepends=True)
+    raw = tiny_config(tiny_model, TONE_DATA, tmp_path / "store", tmp_path / "out")
+    raw["data_configs"][0]["load_dataset_config"]["params"]["data_files"] = prefix
+    config = write_config(raw)
+    fs = tasks.data_files.remote_fs(prefix, s3_access(None).options)[0]
+    for index in range(3):
+        fs.pipe(f"{prefix}part-{index}.jsonl", "".join(lines[index::3]).encode())
+    opened = []
+    real = tasks.data_files.remote_fs
+    monkeypatch.setattr(tasks.data_files, "remote_fs", lambda *a, **k: opened.append(a[0]) or real(*a, **k))
+    first = load_config(config).data
+    assert len(first.files) == 3 and len(opened) == 2, opened  # one client lists, one hashes all three
+    fs.pipe(f"{prefix}part-1.jsonl", "".join(lines[1::3][:-1]).encode())
+    assert load_config(config).data.content_sha256 != first.content_sha256
