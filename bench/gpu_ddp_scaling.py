@@ -48,7 +48,7 @@ def worker(request_file: str) -> int:
 
     from tasks.settings import ModelSettings, TrainSettings
     from tasks.train import fit
-    from tasks.train_ddp import _leave_the_group
+    from tasks.train_ddp import leave_the_group
 
     request = json.loads(Path(request_file).read_text())
     device, warmup = request["device"], request["warmup"]
@@ -73,7 +73,7 @@ def worker(request_file: str) -> int:
                   Path(request["corpus"]), device, workdir / "out", workdir, 0, None, [StepTimer()])
     if int(os.environ.get("RANK", "0")) == 0:
         (workdir / "timing.json").write_text(json.dumps({**timing, "summary": summary}))
-    _leave_the_group()
+    leave_the_group()
     return 0
 
 

@@ -345,6 +345,7 @@ def grove_stage(name: str, tags: tuple[str, ...] = (), also: tuple[str, ...] = (
 
         call.task = prefect_task
         call.stage_name = name
+        call.code_version = version
         return call
 
     return decorate

@@ -358,7 +358,7 @@ def _fit_distributed(settings: TrainSettings, model: ModelSettings, corpus_folde
     return json.loads((workdir / "summary.json").read_text())
 
 
-@grove_stage("train", tags=("gpu",), also=("tasks.train_setup",))
+@grove_stage("train", tags=("gpu",), also=("tasks.train_setup", "tasks.train_ddp"))
 def train(settings: TrainSettings, corpus: ArtifactRef, model: ModelSettings) -> dict:
     """Fine-tune LoRA/QLoRA adapters on the templated corpus; stores adapter/ and train_log.json."""
     run = current_run()

@@ -31,7 +31,7 @@ def main(request_file: str) -> int:
                   request["resume"], [checkpoint_marker(workdir)])
     if int(os.environ.get("RANK", "0")) == 0:
         (workdir / "summary.json").write_text(json.dumps(summary))
-    _leave_the_group()
+    leave_the_group()
     return 0
 
 
@@ -51,7 +51,7 @@ def checkpoint_marker(workdir: Path):
     return MarkSaved()
 
 
-def _leave_the_group() -> None:
+def leave_the_group() -> None:
     """Tear the process group down before exiting: left to the interpreter's exit, gloo's
     threads can abort a process ("terminate called without an active exception", SIGABRT;
     seen in CI), which fails the whole job after its training finished."""

@@ -192,12 +192,13 @@ def test_the_training_setup_is_part_of_the_train_key(raw, tmp_path):
     assert len(keys) == 5
 
 
-def test_the_train_stage_code_version_covers_the_training_setup_module():
+def test_the_train_stage_code_version_covers_the_training_setup_and_data_parallel_modules():
+    """Their code shapes the adapter: a change to either must miss the train stage's cache."""
     from tasks.stage import code_version
     from tasks.train import train
 
-    assert code_version(train.fn if hasattr(train, "fn") else train, ("tasks.train_setup",)) != \
-        code_version(train.fn if hasattr(train, "fn") else train)
+    assert train.code_version == code_version(train.__wrapped__, ("tasks.train_setup", "tasks.train_ddp"))
+    assert train.code_version != code_version(train.__wrapped__, ("tasks.train_setup",))
 
 
 def test_cuda_builds_enable_cuda_graphs_by_default(raw, tmp_path):
