@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from gpu_train_throughput import PHI3_MINI, TINY, build_random_model, join_blocks, make_examples  # noqa: E402
+from gpu_train_throughput import (  # noqa: E402
+    PHI3_MINI, TINY, build_random_model, join_blocks, make_examples, save_report)
 
 
 def settings_for(device: str, batch: int, max_steps: int, processes: int):
@@ -78,16 +79,16 @@ def worker(request_file: str) -> int:
 
 
 def run(processes: int, request: dict, workdir: Path) -> dict:
-    """`processes` torchrun processes (as tasks/train.py `_fit_distributed` starts them)."""
+    """`processes` torchrun processes, launched as the train stage launches them."""
     from tasks.benchmark import worker_environment
+    from tasks.train import torchrun_command
 
     workdir.mkdir(parents=True)
     (workdir / "out").mkdir()
     request = {**request, "workdir": str(workdir),
                "settings": {**request["settings"], "processes": processes}}
     (workdir / "request.json").write_text(json.dumps(request))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               str(Path(__file__).resolve()), "--worker", str(workdir / "request.json")]
+    command = torchrun_command(processes, str(Path(__file__).resolve()), "--worker", str(workdir / "request.json"))
     print(f"[{processes} process(es)] {' '.join(command)}", file=sys.stderr, flush=True)
     started = time.monotonic()
     done = subprocess.run(command, env=worker_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -151,16 +152,12 @@ def main() -> int:
                "corpus": str(corpus), "device": device, "warmup": opts.warmup, "batch": batch, "block": block}
     for count in sorted({1, max_processes}):
         report["runs"].append(run(count, request, scratch / f"p{count}"))
-        if opts.out:  # partial results survive a call that is cut short
-            Path(opts.out).write_text(json.dumps(report, indent=1))
+        save_report(report, opts.out)
     one, many = report["runs"][0], report["runs"][-1]
     if len(report["runs"]) > 1 and one.get("tokens_per_s") and many.get("tokens_per_s"):
         report["speedup"] = round(many["tokens_per_s"] / one["tokens_per_s"], 2)
         report["target"] = {"speedup": 1.8, "met": report["speedup"] >= 1.8}
-    text = json.dumps(report, indent=1)
-    print(text)
-    if opts.out:
-        Path(opts.out).write_text(text)
+    save_report(report, opts.out, final=True)
     return 0 if all("error" not in r for r in report["runs"]) else 1
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from gpu_train_throughput import PHI3_MINI, TINY, build_random_model  # noqa: E402
+from gpu_train_throughput import PHI3_MINI, TINY, build_random_model, save_report  # noqa: E402
 
 STARTED = time.monotonic()
 # ModelBuilder pass keys tried against Grove's default CUDA build (the pass keys a config sets)
@@ -102,8 +102,7 @@ def main() -> int:
         except Exception as exc:  # noqa: BLE001 - a failing variant is a result too
             report["runs"][name] = {"error": f"{type(exc).__name__}: {str(exc)[-1500:]}"}
         say(f"  -> {json.dumps(report['runs'][name])}")
-        if opts.out:
-            Path(opts.out).write_text(json.dumps(report, indent=1))
+        save_report(report, opts.out)
 
     provider = "cuda" if device == "cuda" else "cpu"
     # Grove's default build for this provider: what flows/config.py makes of a ModelBuilder int4 pass
@@ -168,10 +167,7 @@ def main() -> int:
         summary["pytorch_bf16"]["bandwidth_fraction"] = (runs["pytorch_bf16"].get("bandwidth") or {}).get("fraction")
     report["summary"] = summary
     report["seconds"] = round(time.monotonic() - STARTED, 1)
-    text = json.dumps(report, indent=1)
-    print(text)
-    if opts.out:
-        Path(opts.out).write_text(text)
+    save_report(report, opts.out, final=True)
     return 0
 
 

@@ -53,6 +53,16 @@ def say(*parts):
     print(f"[{time.monotonic() - STARTED:7.1f}s]", *parts, file=sys.stderr, flush=True)
 
 
+def save_report(report: dict, out: str | None, final: bool = False) -> None:
+    """Writes the JSON report to `out` after every run (partial results survive a call cut
+    short); the final one is printed too."""
+    text = json.dumps(report, indent=1)
+    if final:
+        print(text)
+    if out:
+        Path(out).write_text(text)
+
+
 # ---- data: the same examples for every run -------------------------------------------------------
 def make_examples(n: int, vocab: int, low: int, high: int, seed: int = 0) -> list[dict]:
     """Variable-length examples with something to learn: a random motif repeated (copying)."""
@@ -395,8 +405,7 @@ def main() -> int:
 
             traceback.print_exc()
             runs[name] = {"name": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-        if opts.out:  # partial results survive a run that is killed later
-            Path(opts.out).write_text(json.dumps(report, indent=1))
+        save_report(report, opts.out)
         return runs[name]
 
     if opts.suite == "join":
@@ -432,10 +441,7 @@ def main() -> int:
         summary["best_under_40gib"] = {k: best.get(k) for k in ("name", "tokens_per_s", "peak_gib")}
     report["summary"] = summary
     report["seconds"] = round(time.monotonic() - STARTED, 1)
-    text = json.dumps(report, indent=1)
-    print(text)
-    if opts.out:
-        Path(opts.out).write_text(text)
+    save_report(report, opts.out, final=True)
     return 0
 
 

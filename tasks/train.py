@@ -320,12 +320,19 @@ def fit(settings: TrainSettings, model: ModelSettings, corpus_folder: Path, devi
     return summary
 
 
+def torchrun_command(processes: int, *program: str) -> list[str]:
+    """How the train stage launches a data-parallel job (bench/gpu_ddp_scaling.py launches the same way)."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+            *program]
+
+
 def _fit_distributed(settings: TrainSettings, model: ModelSettings, corpus_folder: Path, device: str, out: Path,
                      workdir: Path, checkpoint_steps: int, resume: str | None, key: str) -> dict:
     """`settings.processes` data-parallel processes through torchrun (DDP: NCCL on GPUs, gloo on
     CPUs), each running fit(); checkpoints they write are stored here as they appear."""
     import subprocess
-    import sys
 
     from tasks.benchmark import worker_environment
 
@@ -333,8 +340,7 @@ def _fit_distributed(settings: TrainSettings, model: ModelSettings, corpus_folde
                "corpus": str(corpus_folder), "device": device, "out": str(out), "workdir": str(workdir),
                "checkpoint_steps": checkpoint_steps, "resume": resume}
     (workdir / "request.json").write_text(json.dumps(request))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={settings.processes}", "-m", "tasks.train_ddp", str(workdir / "request.json")]
+    command = torchrun_command(settings.processes, "-m", "tasks.train_ddp", str(workdir / "request.json"))
     log.info("train: %s", " ".join(command))
     store, stored = current_run().store, set()
     with open(workdir / "torchrun.log", "w") as output:
