@@ -68,7 +68,7 @@ def main() -> None:
 
     from flows.config import load_config
     from flows.optimize import observers, optimize
-    from tasks.models import model_folder
+    from grove.models import model_folder
 
     conversion_s = None
     cfg = load_config(config)

@@ -32,7 +32,7 @@ from gpu_train_throughput import (  # noqa: E402
 
 
 def settings_for(device: str, batch: int, max_steps: int, processes: int):
-    from tasks.settings import TrainSettings
+    from grove.settings import TrainSettings
 
     args = {"per_device_train_batch_size": batch, "max_steps": max_steps, "learning_rate": 2e-4,
             "logging_steps": 5, "lr_scheduler_type": "constant"}
@@ -47,9 +47,9 @@ def worker(request_file: str) -> int:
     import torch
     from transformers import TrainerCallback
 
-    from tasks.settings import ModelSettings, TrainSettings
-    from tasks.train import fit
-    from tasks.train_ddp import leave_the_group
+    from grove.settings import ModelSettings, TrainSettings
+    from tasks.train.fit import fit
+    from tasks.train.ddp import leave_the_group
 
     request = json.loads(Path(request_file).read_text())
     device, warmup = request["device"], request["warmup"]
@@ -80,8 +80,8 @@ def worker(request_file: str) -> int:
 
 def run(processes: int, request: dict, workdir: Path) -> dict:
     """`processes` torchrun processes, launched as the train stage launches them."""
-    from tasks.benchmark import worker_environment
-    from tasks.train import torchrun_command
+    from grove.machine import worker_environment
+    from tasks.train.stage import torchrun_command
 
     workdir.mkdir(parents=True)
     (workdir / "out").mkdir()

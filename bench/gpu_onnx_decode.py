@@ -78,9 +78,9 @@ def main() -> int:
     import torch
 
     from flows.config import GroveSection, _build_settings  # noqa: F401 - Grove's own defaults
-    from tasks.benchmark import measure_engine
-    from tasks.build_onnx import builder_options, run_builder
-    from tasks.settings import BenchmarkSettings, ModelSettings
+    from tasks.benchmark.stage import measure_engine
+    from tasks.build_onnx.stage import builder_options, run_builder
+    from grove.settings import BenchmarkSettings, ModelSettings
 
     device = "cuda" if torch.cuda.is_available() and not opts.tiny else "cpu"
     shape = TINY if opts.tiny else PHI3_MINI

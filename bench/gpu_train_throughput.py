@@ -33,14 +33,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.train_setup import (  # noqa: E402
+from tasks.train.cuda_setup import (  # noqa: E402
     PackingCollator,
     apply_liger,
     compile_layers,
     liger_available,
-    prepare_quantized,
-    uncompile_layers,
 )
+from bench.train_variants import prepare_quantized, uncompile_layers  # noqa: E402
 
 PHI3_MINI = dict(hidden_size=3072, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                  intermediate_size=8192, vocab_size=32064, max_position_embeddings=4096)

@@ -153,7 +153,7 @@ def main() -> None:
 
         grove_run(write_config(raw, root, scratch / "out", precision="int8"), env)
         proxy.reset()
-        from tasks.store import ArtifactStore
+        from grove.store import ArtifactStore
 
         os.environ["AWS_ENDPOINT_URL"] = server.endpoint  # direct: the proxy only counts the runs
         store = ArtifactStore(root)

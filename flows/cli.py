@@ -86,7 +86,7 @@ def stages(config: Path = CONFIG, from_stage: Optional[str] = FROM_STAGE) -> Non
     """The plan: each stage, whether it would be a cache hit, and why not."""
     from flows.config import ConfigError
     from flows.optimize import plan
-    from tasks.stage import STAGES
+    from grove.stage import STAGES
 
     try:
         records = {r.stage: r for r in plan(str(config), from_stage)}
@@ -119,8 +119,8 @@ def run(config: Path = CONFIG, from_stage: Optional[str] = FROM_STAGE) -> None:
     from flows.config import ConfigError, load_config
     from flows.optimize import check_from_stage, observers, optimize
     from flows.report import key_result
-    from tasks.stage import MissingStageError
-    from tasks.store import StoreError
+    from grove.stage import MissingStageError
+    from grove.store import StoreError
 
     try:
         check_from_stage(from_stage)
@@ -187,7 +187,7 @@ STORE_URI = typer.Option(None, "--store", help="Artifact root (folder or s3://bu
 def _open_store(config: Optional[Path], store: Optional[str]):
     """The artifact store named directly or by a run config (keys from the environment or its block)."""
     from flows.config import ConfigError, load_config
-    from tasks.store import ArtifactStore
+    from grove.store import ArtifactStore
 
     if (config is None) == (store is None):
         _fail(ValueError("give either --config or --store"))
@@ -205,8 +205,8 @@ def models(config: Optional[Path] = STORE_CONFIG, store: Optional[str] = STORE_U
            as_json: bool = typer.Option(False, "--json", help="Print current models and history as JSON.")) -> None:
     """Current and past models of each name, with the metrics they were promoted on."""
     from tasks.promote import current_models, model_history
-    from tasks.settings import PROMOTION_METRICS
-    from tasks.store import StoreError
+    from grove.settings import PROMOTION_METRICS
+    from grove.store import StoreError
 
     artifacts = _open_store(config, store)
     try:
@@ -246,7 +246,7 @@ def runs(config: Optional[Path] = STORE_CONFIG, store: Optional[str] = STORE_URI
          as_json: bool = typer.Option(False, "--json", help="Print the run records as JSON.")) -> None:
     """The runs recorded in an artifact store, newest first."""
     from flows.runs import list_runs
-    from tasks.store import StoreError
+    from grove.store import StoreError
 
     artifacts = _open_store(config, store)
     try:
@@ -273,7 +273,7 @@ def show(run_id: str = typer.Argument(..., help="Run id (a unique prefix is enou
          as_json: bool = typer.Option(False, "--json", help="Print the run record as JSON.")) -> None:
     """The entries a run used or produced: stage, cached or ran, size, where they are."""
     from flows.runs import find_run
-    from tasks.store import StoreError
+    from grove.store import StoreError
 
     artifacts = _open_store(config, store)
     try:
@@ -302,7 +302,7 @@ def gc(keep: int = typer.Option(..., "--keep", min=0, help="Keep what the newest
        dry_run: bool = typer.Option(False, "--dry-run", help="Say what would go, remove nothing.")) -> None:
     """Remove entries no recent run references, and files no entry refers to."""
     from flows.runs import garbage_collect
-    from tasks.store import StoreError
+    from grove.store import StoreError
 
     artifacts = _open_store(config, store)
     try:

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from flows.config import ConfigError, load_config
-from tasks.stage import STAGES
+from grove.stage import STAGES
 
 ENTRYPOINT = "flows/optimize.py:optimize"
 WORK_POOL = "grove-process"

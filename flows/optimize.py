@@ -22,9 +22,9 @@ from tasks.evaluate import evaluate
 from tasks.load_data import load_data
 from tasks.merge_adapters import merge_adapters
 from tasks.promote import promote
-from tasks.settings import RunConfig
-from tasks.stage import STAGES, ArtifactRef, RunContext, StageRecord, prefect_result_storage, stage_run
-from tasks.store import ArtifactStore
+from grove.settings import RunConfig
+from grove.stage import STAGES, ArtifactRef, RunContext, StageRecord, prefect_result_storage, stage_run
+from grove.store import ArtifactStore
 from tasks.template_corpus import template_corpus
 from tasks.train import train
 

@@ -8,9 +8,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tasks.settings import RunConfig
-from tasks.stage import ArtifactRef, StageRecord
-from tasks.store import ArtifactStore
+from grove.settings import RunConfig
+from grove.stage import ArtifactRef, StageRecord
+from grove.store import ArtifactStore
 
 
 def key_result(stage: str, summary: dict[str, Any]) -> str:
@@ -165,7 +165,7 @@ def _prefect_artifact(markdown: str, name: str) -> None:
     from prefect.artifacts import create_markdown_artifact
     from prefect.context import FlowRunContext
 
-    from tasks.ui import artifact_key
+    from grove.ui import artifact_key
 
     if FlowRunContext.get() is not None:
         create_markdown_artifact(markdown=markdown, key=artifact_key(name, "report"),

@@ -13,8 +13,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from tasks.promote import current_models
-from tasks.stage import StageRecord
-from tasks.store import ArtifactStore, GcReport, collect_garbage
+from grove.stage import StageRecord
+from grove.store import ArtifactStore, GcReport, collect_garbage
 
 RUNS = "runs"
 # A run still marked running after this long crashed without saying so.

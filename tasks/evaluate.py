@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import math
 
-from tasks.engines import HfEngine, eos_ids_of
-from tasks.models import load_causal_lm, load_tokenizer, model_folder, resolve_device
-from tasks.scoring import prompts_and_labels, score_prompts
-from tasks.settings import EvalSettings, ModelSettings
-from tasks.stage import ArtifactRef, current_run, grove_stage, open_artifact, output_dir
-from tasks.textdata import first_line, read_jsonl
+from grove.engines import HfEngine, eos_ids_of
+from grove.models import load_causal_lm, load_tokenizer, model_folder, resolve_device
+from grove.scoring import prompts_and_labels, score_prompts
+from grove.settings import EvalSettings, ModelSettings
+from grove.stage import ArtifactRef, current_run, grove_stage, open_artifact, output_dir
+from grove.textdata import first_line, read_jsonl
 
 
 def forward_pass(model, examples: list[dict], batch_size: int) -> tuple[float | None, list[list[int]]]:

@@ -14,10 +14,10 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from tasks.data_files import content_digest, is_remote, open_data
-from tasks.credentials import s3_access
-from tasks.settings import DataSettings
-from tasks.stage import current_run, grove_stage, output_dir
+from grove.data_files import content_digest, is_remote, open_data
+from grove.credentials import s3_access
+from grove.settings import DataSettings
+from grove.stage import current_run, grove_stage, output_dir
 
 
 def fetch(files: list[str], folder: Path) -> list[str]:

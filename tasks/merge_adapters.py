@@ -6,10 +6,10 @@ Always merges into the full-precision base (for QLoRA too, as Olive does): mergi
 
 from __future__ import annotations
 
-from tasks.models import load_causal_lm, load_tokenizer, model_folder
-from tasks.settings import ModelSettings
-from tasks.stage import ArtifactRef, grove_stage, open_artifact, output_dir
-from tasks.store import folder_bytes
+from grove.models import load_causal_lm, load_tokenizer, model_folder
+from grove.settings import ModelSettings
+from grove.stage import ArtifactRef, grove_stage, open_artifact, output_dir
+from grove.store import folder_bytes
 
 
 @grove_stage("merge_adapters")

@@ -17,9 +17,9 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.settings import PROMOTION_METRICS, PromotionSettings
-from tasks.stage import ArtifactRef, current_run
-from tasks.store import ArtifactStore
+from grove.settings import PROMOTION_METRICS, PromotionSettings
+from grove.stage import ArtifactRef, current_run
+from grove.store import ArtifactStore
 
 MODELS = "models"
 # How each decision reads in the CLI, the report and the run's log.

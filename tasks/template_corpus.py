@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 
-from tasks.models import load_tokenizer, model_folder
-from tasks.settings import CorpusSettings, ModelSettings
-from tasks.stage import ArtifactRef, grove_stage, open_artifact, output_dir
-from tasks.textdata import encode, prompt_and_answer, read_jsonl
+from grove.models import load_tokenizer, model_folder
+from grove.settings import CorpusSettings, ModelSettings
+from grove.stage import ArtifactRef, grove_stage, open_artifact, output_dir
+from grove.textdata import encode, prompt_and_answer, read_jsonl
 
 IGNORE = -100
 

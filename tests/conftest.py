@@ -129,7 +129,7 @@ def store_root(request, tmp_path) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from tasks.models import make_tiny_model
+    from grove.models import make_tiny_model
 
     corpus = [f"### Text: {json.loads(line)['phrase']}\n### The tone is:\n{json.loads(line)['tone']}"
               for line in TONE_DATA.read_text().splitlines()]
@@ -138,7 +138,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_phi3(tmp_path_factory) -> Path:
-    from tasks.models import make_tiny_model
+    from grove.models import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "phi3", "phi3")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, tiny_config
-from tasks.store import ArtifactStore
+from grove.store import ArtifactStore
 
 
 def blob(root: Path, sha: str) -> Path:
@@ -139,7 +139,7 @@ def uninterrupted_adapter(config: Path) -> dict:
     """The pipeline's first three stages in this process (evaluate and benchmark add nothing here)."""
     from flows.config import load_config
     from tasks.load_data import load_data
-    from tasks.stage import RunContext, stage_run
+    from grove.stage import RunContext, stage_run
     from tasks.template_corpus import template_corpus
     from tasks.train import train
 
@@ -231,7 +231,7 @@ def test_a_data_parallel_job_marks_every_checkpoint_but_the_last_steps(tmp_path)
     checkpoint is never stored, by the data-parallel job as by the single-process stage."""
     from types import SimpleNamespace
 
-    from tasks.train_ddp import checkpoint_marker
+    from tasks.train.ddp import checkpoint_marker
 
     marker = checkpoint_marker(tmp_path)
     for step, main in ((2, True), (4, False), (6, True), (8, True)):

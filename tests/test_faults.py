@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from conftest import tiny_config
 from flows.cli import app
 from seaweedfs import ACCESS_KEY, SECRET_KEY, free_port
-from tasks.store import ArtifactStore, StoreError
+from grove.store import ArtifactStore, StoreError
 
 runner = CliRunner()
 
@@ -89,7 +89,7 @@ def test_credentials_from_a_prefect_block_and_never_in_clear(s3_server, prefect_
     import httpx
     from prefect_aws import AwsCredentials
 
-    from tasks.stage import prefect_result_storage
+    from grove.stage import prefect_result_storage
 
     for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(name, raising=False)

@@ -120,7 +120,7 @@ def test_a_build_that_does_not_load_fails_the_stage_and_stores_nothing(tmp_path,
     """The builder can exit cleanly yet write a model onnxruntime-genai cannot load (the known
     trap, int8 LM head on tied embeddings, is now refused at the door: tests/test_quantization.py).
     Here the builder is wrapped to corrupt what it wrote. Grove must fail build_onnx, never store it."""
-    import tasks.build_onnx as build_module
+    import tasks.build_onnx.stage as build_module
 
     real = build_module.run_builder
 

@@ -31,8 +31,8 @@ def cuda():
 def test_qlora_loads_nf4_double_quant_with_bf16_compute_and_trains_on_the_gpu(tiny_model):
     import torch
 
-    from tasks.settings import ModelSettings, TrainSettings
-    from tasks.train import add_lora, load_base_for_training, quantization_of
+    from grove.settings import ModelSettings, TrainSettings
+    from tasks.train.fit import add_lora, load_base_for_training, quantization_of
 
     settings = TrainSettings(method="qlora", r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
     model = ModelSettings(name=str(tiny_model), path=str(tiny_model), content_sha256="x")
@@ -59,10 +59,10 @@ def test_grove_training_setup_on_cuda_liger_kernels_and_packing_keep_the_plain_l
     """grove.train on CUDA: Liger kernels applied, packed rows; the loss is the plain padded one."""
     import torch
 
-    from tasks.models import load_causal_lm
-    from tasks.settings import TrainSettings
-    from tasks.train import _Collator, apply_gpu_setup
-    from tasks.train_setup import PackingCollator
+    from grove.models import load_causal_lm
+    from grove.settings import TrainSettings
+    from tasks.train.fit import _Collator, apply_gpu_setup
+    from tasks.train.cuda_setup import PackingCollator
 
     generator = torch.Generator().manual_seed(0)
     batch = []
@@ -87,9 +87,9 @@ def test_grove_training_setup_on_cuda_liger_kernels_and_packing_keep_the_plain_l
 def test_a_cuda_build_runs_in_onnxruntime_genai_cuda(tiny_model, tmp_path):
     import onnxruntime_genai as og
 
-    from tasks.build_onnx import run_builder
-    from tasks.engines import OnnxEngine, onnx_providers
-    from tasks.settings import BuildSettings
+    from tasks.build_onnx.stage import run_builder
+    from grove.engines import OnnxEngine, onnx_providers
+    from grove.settings import BuildSettings
 
     assert getattr(og, "__id__", "") == "onnxruntime-genai-cuda", "the CPU build of onnxruntime-genai is installed"
     run_builder(tiny_model, tmp_path / "model", BuildSettings(execution_provider="cuda"), False)
@@ -153,21 +153,21 @@ def test_the_flow_on_cuda_qlora_then_a_cuda_onnx_model_benchmarked_on_the_gpu(ti
     assert bench["pytorch"]["device"] == "cuda" and bench["pytorch"]["dtype"] == "bfloat16"
     assert bench["onnx"]["device"] == "cuda"
     assert bench["pytorch"]["decode_tokens_per_s"] > 0 and bench["onnx"]["decode_tokens_per_s"] > 0
-    from tasks.benchmark import peak_bandwidth
+    from tasks.benchmark.stage import peak_bandwidth
 
     if peak_bandwidth(bench["onnx"].get("gpu")):  # a GPU in the bandwidth table (the H200 is)
         for engine in ("pytorch", "onnx"):
             bound = bench[engine]["bandwidth"]
             assert bound["weight_bytes_per_token"] > 0 and 0 < bound["fraction"] < 1, bound
 
-    from tasks.engines import OnnxEngine
+    from grove.engines import OnnxEngine
 
     engine = OnnxEngine(tmp_path / "out" / "tiny" / "model", set())
     assert engine.device_type == "cuda" and len(engine.generate_timed([1, 20, 30], 5).tokens) == 5
 
 
 def _train_entry(store):
-    from tasks.store import ArtifactStore
+    from grove.store import ArtifactStore
 
     artifacts = ArtifactStore(str(store))
     entries = artifacts.entries("train")

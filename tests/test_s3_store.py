@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from seaweedfs import SECRET_KEY, SeaweedServer
-from tasks.store import ArtifactStore, StoreError
+from grove.store import ArtifactStore, StoreError
 
 
 def fresh_root() -> str:

@@ -6,10 +6,10 @@ import json
 
 from conftest import TONE_DATA
 from tasks.load_data import dedupe, split_rows
-from tasks.models import load_tokenizer
-from tasks.settings import CorpusSettings
+from grove.models import load_tokenizer
+from grove.settings import CorpusSettings
 from tasks.template_corpus import IGNORE, examples, join_blocks, line_examples
-from tasks.textdata import first_line, prompt_and_answer
+from grove.textdata import first_line, prompt_and_answer
 
 TEMPLATE = "### Text: {phrase}\n### The tone is:\n{tone}"
 
@@ -84,10 +84,10 @@ def test_prompt_is_the_template_up_to_the_label():
 
 def test_forward_pass_argmax_is_what_greedy_generation_emits_first(tiny_model):
     """The forward-pass proof of a correct answer relies on this alignment."""
-    from tasks.engines import HfEngine, eos_ids_of
+    from grove.engines import HfEngine, eos_ids_of
     from tasks.evaluate import forward_pass
-    from tasks.models import load_causal_lm
-    from tasks.scoring import prompts_and_labels
+    from grove.models import load_causal_lm
+    from grove.scoring import prompts_and_labels
 
     tokenizer = load_tokenizer(tiny_model)
     model = load_causal_lm(tiny_model, "cpu").eval()
@@ -103,7 +103,7 @@ def test_forward_pass_argmax_is_what_greedy_generation_emits_first(tiny_model):
 
 def test_forward_pass_proof_accepts_only_exact_answers_followed_by_eos(tiny_model):
     from tasks.evaluate import proven_by_forward_pass
-    from tasks.scoring import prompts_and_labels
+    from grove.scoring import prompts_and_labels
 
     tokenizer = load_tokenizer(tiny_model)
     sample = rows()[:3]

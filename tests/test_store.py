@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tasks.store import ArtifactStore, StoreError
+from grove.store import ArtifactStore, StoreError
 
 
 def test_stored_entry_reads_back_identically(tmp_path, folder):

@@ -1,4 +1,4 @@
-"""One process of a data-parallel training job: `torchrun --nproc_per_node N -m tasks.train_ddp REQUEST`.
+"""One process of a data-parallel training job: `torchrun --nproc_per_node N -m tasks.train.ddp REQUEST`.
 
 Started by the train stage (tasks/train.py `_fit_distributed`) when `grove.train.processes` is
 above 1. Every process runs the same fit() on its share of each batch (the Trainer wraps the
@@ -17,8 +17,8 @@ from pathlib import Path
 
 def main(request_file: str) -> int:
     request = json.loads(Path(request_file).read_text())
-    from tasks.settings import ModelSettings, TrainSettings
-    from tasks.train import fit
+    from grove.settings import ModelSettings, TrainSettings
+    from tasks.train.fit import fit
 
     device = request["device"]
     if device == "cuda":

@@ -32,8 +32,8 @@ from typing import Any, Callable, Iterator
 
 from pydantic import BaseModel
 
-from tasks.store import ArtifactStore, Entry
-from tasks.ui import publish_stage
+from grove.store import ArtifactStore, Entry
+from grove.ui import publish_stage
 
 STAGES = ("load_data", "template_corpus", "train", "evaluate", "merge_adapters", "build_onnx", "benchmark")
 
@@ -47,7 +47,7 @@ DEFAULT_RETRIES = {"load_data": (2, 5), "template_corpus": (1, 5), "train": (1, 
 
 def worth_retrying(exc: BaseException) -> bool:
     """Only errors another try can fix: not a bad config, a missing input, a denied store."""
-    from tasks.store import StoreError
+    from grove.store import StoreError
 
     if isinstance(exc, StoreError):
         return exc.transient

@@ -16,7 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from tasks.settings import ModelSettings
+from grove.machine import grove_home
+from grove.settings import ModelSettings
 
 BUNDLED = {
     # name -> (package, GGUF file inside it)
@@ -32,10 +33,6 @@ BUNDLED_CONFIG = {
 CONVERTER_VERSION = "1"
 WEIGHT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "chat_template.jinja", "special_tokens_map.json", "tokenizer.model")
-
-
-def grove_home() -> Path:
-    return Path(os.environ.get("GROVE_HOME", Path.home() / ".cache" / "grove"))
 
 
 # ---- locating (config time: cheap, no weights loaded) ---------------------------------------
@@ -122,7 +119,7 @@ def _digest_cached(path: Path) -> str:
         memo = {}
     if memo_key in memo:
         return memo[memo_key]
-    from tasks.store import sha256_file
+    from grove.store import sha256_file
 
     value = sha256_file(path)
     memo[memo_key] = value

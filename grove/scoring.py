@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from tasks.textdata import encode, first_line, prompt_and_answer
+from grove.textdata import encode, first_line, prompt_and_answer
 
 
 def prompts_and_labels(rows: list[dict], template: str, label_col: str, tokenizer) -> tuple[list[list[int]], list[str]]:

@@ -1,6 +1,6 @@
 """The benchmark stage's worker: times one engine in a process of its own.
 
-Run as `python -m tasks.benchmark_worker` with the request as JSON on stdin; prints one
+Run as `python -m tasks.benchmark.worker` with the request as JSON on stdin; prints one
 JSON line. A process per engine makes max RSS that engine's own peak memory. It imports
 no Prefect and no stage code, so it starts fast.
 """
@@ -25,8 +25,8 @@ def peak_rss_mb() -> float:
 
 
 def measure(request: dict) -> dict:
-    from tasks.engines import HfEngine, OnnxEngine, eos_ids_of
-    from tasks.models import load_causal_lm, load_tokenizer
+    from grove.engines import HfEngine, OnnxEngine, eos_ids_of
+    from grove.models import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(Path(request["tokenizer"]))
     if request["engine"] == "pytorch":

@@ -17,11 +17,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tasks.models import model_folder
-from tasks.settings import BenchmarkSettings, EvalSettings, ModelSettings
-from tasks.stage import ArtifactRef, current_run, grove_stage, open_artifact, output_dir
-from tasks.store import folder_bytes
-from tasks.textdata import encode, prompt_and_answer, read_jsonl
+from grove.machine import worker_environment
+from grove.models import model_folder
+from grove.settings import BenchmarkSettings, EvalSettings, ModelSettings
+from grove.stage import ArtifactRef, current_run, grove_stage, open_artifact, output_dir
+from grove.store import folder_bytes
+from grove.textdata import encode, prompt_and_answer, read_jsonl
 
 # Peak memory bandwidth (bytes/s) by GPU name, from the vendors' data sheets; the longest key
 # found in torch.cuda.get_device_name() wins ("H100 PCIe" before "H100").
@@ -120,21 +121,13 @@ def weight_bytes(engine: str, folder: Path) -> int | None:
         return None
 
 
-def worker_environment() -> dict[str, str]:
-    """This process's environment (CUDA settings, library paths) with Grove's own source first
-    on the path, so the worker runs the same `tasks` package whatever the working directory."""
-    root = str(Path(__file__).resolve().parents[1])
-    path = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
-
-
 def measure_engine(engine: str, folder: Path, tokenizer_folder: Path, prompts: list[list[int]],
                    settings: BenchmarkSettings, device: str) -> dict:
     """Runs one engine in a fresh Python process and returns its JSON report."""
     request = {"engine": engine, "folder": str(folder), "tokenizer": str(tokenizer_folder),
                "prompts": prompts, "max_new_tokens": settings.max_new_tokens,
                "warmup": settings.warmup, "repeats": settings.repeats, "device": device}
-    done = subprocess.run([sys.executable, "-m", "tasks.benchmark_worker"], input=json.dumps(request),
+    done = subprocess.run([sys.executable, "-m", "tasks.benchmark.worker"], input=json.dumps(request),
                           capture_output=True, text=True, check=False, env=worker_environment())
     if done.returncode != 0:
         raise RuntimeError(f"benchmark of the {engine} engine failed:\n{done.stderr[-3000:]}")
@@ -152,7 +145,7 @@ def measure_engine(engine: str, folder: Path, tokenizer_folder: Path, prompts: l
 def benchmark(settings: BenchmarkSettings, evaluation: EvalSettings, model: ModelSettings,
               merged: ArtifactRef | None, onnx: ArtifactRef | None, data: ArtifactRef) -> dict:
     """Stores benchmark.json: per engine latency, time to first token, decode tokens/s, memory, size."""
-    from tasks.models import load_tokenizer, resolve_device
+    from grove.models import load_tokenizer, resolve_device
 
     pytorch_folder = open_artifact(merged) if merged is not None else model_folder(model)
     tokenizer = load_tokenizer(pytorch_folder, model.trust_remote_code)

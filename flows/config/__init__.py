@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tasks.settings import (
+from grove.settings import (
     BenchmarkSettings,
     BuildSettings,
     Candidate,
@@ -34,8 +34,8 @@ from tasks.settings import (
     SearchSettings,
     TrainSettings,
 )
-from tasks.machine import gpu_count, machine_description
-from tasks.stage import STAGES
+from grove.machine import gpu_count, machine_description
+from grove.stage import STAGES
 
 SUPPORTED_PASSES = ("LoRA", "QLoRA", "MergeAdapterWeights", "ModelBuilder")
 DATA_FORMATS = {"json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet"}
@@ -448,7 +448,7 @@ class _Paths:
 
     def remote_fs(self, url: str):
         """One fresh filesystem per protocol for this parse (one run start), not one per file."""
-        from tasks.data_files import remote_fs
+        from grove.data_files import remote_fs
 
         protocol = url.split("://", 1)[0]
         if protocol not in self._remote_fs:
@@ -459,7 +459,7 @@ class _Paths:
     def remote_access(self):
         """Keys for s3:// data: the same source as the artifact root's (env or the named block)."""
         if self._remote_access is None:
-            from tasks.credentials import s3_access
+            from grove.credentials import s3_access
 
             self._remote_access = s3_access(self.credentials_block)
         return self._remote_access
@@ -522,7 +522,7 @@ def _model_settings(raw: Any, paths: _Paths) -> ModelSettings:
     if not model_path:
         raise ConfigError(where, "is required")
     trust = bool(load_args.get("trust_remote_code", False))
-    from tasks.models import locate_model
+    from grove.models import locate_model
 
     try:
         located = locate_model(str(model_path), paths.existing, trust_remote_code=trust)
@@ -599,7 +599,7 @@ def _data_files(load: LoadParams, where: str, paths: _Paths) -> list[str]:
 
 def _list_location(location: str, at: str, paths: _Paths) -> list[str]:
     """A data file, glob or folder/prefix, listed now (each run lists it again)."""
-    from tasks.data_files import DataLocationError, is_remote, list_data_files
+    from grove.data_files import DataLocationError, is_remote, list_data_files
 
     if is_remote(location) and not paths.list_remote_data:
         return [location]
@@ -843,7 +843,7 @@ def _file_columns(path: str) -> list[str] | None:
 
 
 def _file_digest(path: str, paths: _Paths) -> str:
-    from tasks.data_files import content_digest, is_remote
+    from grove.data_files import content_digest, is_remote
 
     if is_remote(path) and not paths.list_remote_data:
         return "listed-at-run-start"
@@ -883,7 +883,7 @@ def _block_size_unset(spec: ModelBuilderPass) -> bool:
 def _divides_model(block_size: int, model: ModelSettings) -> bool:
     """Whether the block size divides the model's hidden and intermediate sizes: k_quant fails
     to build on a partial block (seen: SmolLM2's 960 with block 128)."""
-    from tasks.models import model_config
+    from grove.models import model_config
 
     config = model_config(model) or {}
     sizes = [config.get(key) for key in ("hidden_size", "intermediate_size")]
@@ -893,8 +893,8 @@ def _divides_model(block_size: int, model: ModelSettings) -> bool:
 def _parse_build(spec: ModelBuilderPass | GroveCandidate, provider: str, model: ModelSettings, where: str,
                  inherited: dict[str, str] | None = None) -> BuildSettings:
     """The quantization keys, checked against the installed builder (tasks/quantization.py)."""
-    from tasks.models import model_config
-    from tasks.quantization import QuantOptionError, parse_build
+    from grove.models import model_config
+    from tasks.build_onnx.quantization import QuantOptionError, parse_build
 
     raw = spec.model_dump()
     raw["extra_options"] = {**(inherited or {}), **spec.extra_options}
@@ -914,8 +914,8 @@ def _search_settings(search: GroveSearch, build: BuildSettings | None, builders,
         raise ConfigError(where, "needs task accuracy: the data's text_template must end with the label column "
                                  "(e.g. '...{tone}') so each candidate can be scored on the eval split")
     if search.candidates == "builtin":
-        from tasks.models import model_config
-        from tasks.candidates import builtin_candidates
+        from grove.models import model_config
+        from flows.config.candidates import builtin_candidates
 
         pairs = builtin_candidates(build, model_config(model))
     else:

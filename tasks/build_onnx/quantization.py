@@ -29,7 +29,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from tasks.settings import BuildSettings
+from grove.settings import BuildSettings
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 ALGOS = ("default", "rtn", "k_quant", "hqq", "gptq")

@@ -7,6 +7,7 @@ import functools
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 
 @functools.lru_cache(maxsize=None)
@@ -41,3 +42,16 @@ def machine_description(device: str) -> str:
         except (OSError, subprocess.SubprocessError):
             pass
     return description
+
+
+def grove_home() -> Path:
+    """Grove's per-machine folder: converted bundled models, digest memo, materialized entries."""
+    return Path(os.environ.get("GROVE_HOME", Path.home() / ".cache" / "grove"))
+
+
+def worker_environment() -> dict[str, str]:
+    """This process's environment (CUDA settings, library paths) with Grove's own source first
+    on the path, so a worker process runs the same packages whatever the working directory."""
+    root = str(Path(__file__).resolve().parents[1])
+    path = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}

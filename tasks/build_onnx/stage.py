@@ -16,17 +16,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from tasks.engines import OnnxEngine, eos_ids_of
-from tasks.models import load_tokenizer, model_folder
-from tasks import quantization
-from tasks.quantization import builder_options, builder_precision, calibration_quantize
-from tasks.scoring import task_accuracy
-from tasks.search import candidate_row, select_candidate
-from tasks.settings import BenchmarkSettings, BuildSettings, EvalSettings, ModelSettings, SearchSettings
-from tasks.stage import (ArtifactRef, StageFailed, current_run, grove_stage, open_artifact, output_dir,
+from grove.engines import OnnxEngine, eos_ids_of
+from grove.models import load_tokenizer, model_folder
+from tasks.build_onnx import quantization
+from tasks.build_onnx.quantization import builder_options, builder_precision, calibration_quantize
+from grove.scoring import task_accuracy
+from tasks.build_onnx.search import candidate_row, select_candidate
+from grove.settings import BenchmarkSettings, BuildSettings, EvalSettings, ModelSettings, SearchSettings
+from grove.stage import (ArtifactRef, StageFailed, current_run, grove_stage, open_artifact, output_dir,
                          pending_ref, task_run_name)
-from tasks.store import folder_bytes
-from tasks.textdata import encode, prompt_and_answer, read_jsonl
+from grove.store import folder_bytes
+from grove.textdata import encode, prompt_and_answer, read_jsonl
 
 log = logging.getLogger("grove.build_onnx")
 
@@ -84,7 +84,7 @@ def build_settings_summary(build: BuildSettings) -> dict:
             "shared_embeddings": build.shared_embeddings, "execution_provider": build.execution_provider}
 
 
-@grove_stage("build_onnx", also=("tasks.quantization",))
+@grove_stage("build_onnx", also=("tasks.build_onnx.quantization",))
 def build_onnx(build: BuildSettings, evaluation: EvalSettings, model: ModelSettings,
                merged: ArtifactRef | None, data: ArtifactRef, speed: BenchmarkSettings | None = None,
                candidate: bool = False) -> dict:

@@ -85,17 +85,6 @@ def _length(example: dict) -> int:
     return sum(mask) if mask is not None else len(example["input_ids"])
 
 
-def prepare_quantized(base, upcast: bool, gradient_checkpointing: bool = False):
-    """Ready a 4-bit base for LoRA training: peft's prepare_model_for_kbit_training (fp32
-    upcast of the non-quantized weights) when `upcast`, else only input grads (Grove's default)."""
-    if upcast:
-        from peft import prepare_model_for_kbit_training
-
-        return prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing)
-    base.enable_input_require_grads()
-    return base
-
-
 def liger_available() -> bool:
     try:
         import liger_kernel.transformers  # noqa: F401
@@ -130,9 +119,3 @@ def compile_layers(model) -> int:
     for layer in layers:
         layer.compile()
     return len(layers)
-
-
-def uncompile_layers(model) -> None:
-    for module in model.modules():
-        if getattr(module, "_compiled_call_impl", None) is not None:
-            module._compiled_call_impl = None

@@ -41,7 +41,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from tasks.credentials import S3Access, s3_access
+from grove.credentials import S3Access, s3_access
 
 MANIFEST = "MANIFEST.json"
 _CHUNK = 8 * 1024 * 1024
@@ -130,7 +130,7 @@ class ArtifactStore:
         self.is_local = isinstance(self.fs, LocalFileSystem)
         if self.is_local:
             self._base = os.path.abspath(self._base)
-        from tasks.models import grove_home
+        from grove.machine import grove_home
 
         cache = local_cache or (Path(self._base) / ".materialized" if self.is_local else
                                 grove_home() / "materialized")

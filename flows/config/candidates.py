@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.quantization import check_build, ties_embeddings
-from tasks.settings import BuildSettings
+from tasks.build_onnx.quantization import check_build, ties_embeddings
+from grove.settings import BuildSettings
 
 
 def builtin_candidates(precision_default: BuildSettings, model_config: dict | None) -> list[tuple[str, BuildSettings]]:

@@ -23,6 +23,10 @@ class ModelSettings(Frozen):
     path: str | None = None  # local HF folder (None for a bundled model until converted)
     trust_remote_code: bool = False
     content_sha256: str  # of the weights/config files, or of the bundled GGUF
+    # Olive's input_model adapter_path: a peft adapter folder the train stage starts from
+    # (trained further) instead of a fresh LoRA; its digest keys every stage after it.
+    adapter_path: str | None = None
+    adapter_sha256: str | None = None
 
 
 class DataSettings(Frozen):
@@ -43,11 +47,19 @@ class DataSettings(Frozen):
 class CorpusSettings(Frozen):
     text_template: str
     text_cols: list[str]
-    corpus_strategy: str = "join"
+    corpus_strategy: Literal["join", "join-random", "line-by-line"] = "join"
     source_max_len: int = 1024
     pad_to_max_len: bool = True
     completion_only_loss: bool = False
     label_col: str | None = None
+    # Olive's pre-process add_special_tokens: bos/eos around each row (the Olive join recipe).
+    add_special_tokens: bool = True
+    # Olive's pre-process random_seed: join-random shuffles the rows with it before joining.
+    random_seed: int = 42
+    # An eval data config with its own pre-processing: its template renders the eval rows
+    # (None: the train template).
+    eval_text_template: str | None = None
+    eval_label_col: str | None = None
 
 
 class TrainSettings(Frozen):
@@ -56,6 +68,11 @@ class TrainSettings(Frozen):
     alpha: float = 16
     dropout: float = 0.05
     target_modules: list[str] | None = None
+    modules_to_save: list[str] | None = None  # peft: trained in full and saved with the adapter
+    # Olive's LoRA torch_dtype: the dtype the (non-quantized) base is loaded in; QLoRA's
+    # compute_dtype: bitsandbytes' compute dtype. None: Grove's per-device default.
+    torch_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    compute_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     double_quant: bool = True
     quant_type: Literal["nf4", "fp4"] = "nf4"
     training_args: dict[str, Any] = {}

@@ -1,0 +1,105 @@
+"""Stage 3, train: LoRA or QLoRA (bitsandbytes nf4) with peft and the transformers Trainer.
+
+Stores the adapter (peft format) and the training log. Olive's training_args map onto
+transformers TrainingArguments (flows/config checks the names); Grove adjusts what
+cannot apply on the device (half precision and paged optimizers on a CPU) with a warning.
+
+Resumable: every `grove.checkpoint_steps` steps the Trainer writes its own checkpoint
+(adapter, optimizer, scheduler, RNG states, trainer state with the step) to a local work
+folder and Grove copies it to the artifact store under this stage's cache key. A run of
+the same key that finds a checkpoint there resumes from it: the Trainer reloads all of
+that, skips the batches already seen (the sampler is seeded by data_seed and the epoch)
+and restores the RNG, so the adapter is the one an uninterrupted run gives.
+
+On CUDA, Grove's training setup (tasks/train/cuda_setup.py, `grove.train` in the config) adds
+Liger kernels, padding-free packing of line-by-line corpora and optionally torch.compile;
+the 4-bit base is never upcast to fp32. A CPU trains as before.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from grove.models import resolve_device
+from grove.settings import ModelSettings, TrainSettings
+from grove.stage import ArtifactRef, current_run, current_stage_key, grove_stage, open_artifact, output_dir
+from tasks.train.fit import _checkpoint_callback, _progress_callback, fit
+
+log = logging.getLogger("grove.train")
+
+
+def torchrun_command(processes: int, *program: str) -> list[str]:
+    """How the train stage launches a data-parallel job (bench/gpu_ddp_scaling.py launches the same way)."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+            *program]
+
+
+def _fit_distributed(settings: TrainSettings, model: ModelSettings, corpus_folder: Path, device: str, out: Path,
+                     workdir: Path, checkpoint_steps: int, resume: str | None, key: str) -> dict:
+    """`settings.processes` data-parallel processes through torchrun (DDP: NCCL on GPUs, gloo on
+    CPUs), each running fit(); checkpoints they write are stored here as they appear."""
+    import subprocess
+
+    from grove.machine import worker_environment
+
+    request = {"settings": settings.model_dump(mode="json"), "model": model.model_dump(mode="json"),
+               "corpus": str(corpus_folder), "device": device, "out": str(out), "workdir": str(workdir),
+               "checkpoint_steps": checkpoint_steps, "resume": resume}
+    (workdir / "request.json").write_text(json.dumps(request))
+    command = torchrun_command(settings.processes, "-m", "tasks.train.ddp", str(workdir / "request.json"))
+    log.info("train: %s", " ".join(command))
+    store, stored = current_run().store, set()
+    with open(workdir / "torchrun.log", "w") as output:
+        job = subprocess.Popen(command, env=worker_environment(), stdout=output, stderr=subprocess.STDOUT)
+        while job.poll() is None:
+            time.sleep(1)
+            for marker in sorted(workdir.glob("saved-*")):  # written by the main process after each save
+                step = int(marker.name.split("-")[1])
+                folder = workdir / f"checkpoint-{step}"
+                if step in stored or not folder.is_dir():
+                    continue
+                stored.add(step)
+                try:
+                    store.put_checkpoint("train", key, step, folder)
+                    log.info("checkpoint step %d stored", step)
+                except OSError as exc:  # rotated away meanwhile: the next one will do
+                    log.warning("checkpoint step %d not stored: %s", step, exc)
+    if job.returncode != 0:
+        tail = (workdir / "torchrun.log").read_text()[-3000:]
+        raise RuntimeError(f"the data-parallel training job failed (exit {job.returncode}):\n{tail}")
+    return json.loads((workdir / "summary.json").read_text())
+
+
+@grove_stage("train", tags=("gpu",), also=("tasks.train.fit", "tasks.train.cuda_setup", "tasks.train.ddp"))
+def train(settings: TrainSettings, corpus: ArtifactRef, model: ModelSettings) -> dict:
+    """Fine-tune LoRA/QLoRA adapters on the templated corpus; stores adapter/ and train_log.json."""
+    run = current_run()
+    device = resolve_device(run.device)
+    folder = open_artifact(corpus)
+    out = output_dir()
+    key = current_stage_key()
+    checkpoint = run.store.latest_checkpoint("train", key)  # left by an interrupted run of this key
+    workdir = Path(tempfile.mkdtemp(prefix="grove-train-work-"))
+    try:
+        resume = None
+        if checkpoint is not None:
+            resume = str(run.store.materialize(checkpoint))
+            log.warning("train: resuming from step %d (checkpoint stored %s)", checkpoint.step,
+                        checkpoint.manifest["meta"].get("created"))
+        if settings.processes > 1:
+            summary = _fit_distributed(settings, model, folder, device, out, workdir, run.checkpoint_steps,
+                                       resume, key)
+        else:
+            callbacks = [_progress_callback()] + ([_checkpoint_callback(key)] if run.checkpoint_steps else [])
+            summary = fit(settings, model, folder, device, out, workdir, run.checkpoint_steps, resume, callbacks)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    summary["resumed_from_step"] = checkpoint.step if checkpoint is not None else 0
+    return summary
