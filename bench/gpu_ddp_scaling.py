@@ -2,7 +2,7 @@
 
 Builds the Phi-3-mini-shaped model with random weights (bench/gpu_train_throughput.py), cuts the
 same copying examples into Olive's 1024-token `join` blocks, and runs the train stage's own code
-(tasks/train.py `fit`, QLoRA nf4 + double quant, bf16, LoRA r=64 on o_proj,qkv_proj, Grove's
+(tasks/train/fit.py `fit`, QLoRA nf4 + double quant, bf16, LoRA r=64 on o_proj,qkv_proj, Grove's
 CUDA setup) under torchrun exactly as the stage launches it for `grove.train.processes`: first
 1 process, then one per GPU, each with the same per-GPU batch (8 x 1024). Tokens/s counts every
 token of the timed steps (after the warm-up steps) on all processes; the speed-up is the ratio

@@ -2,8 +2,8 @@
 
 One process: builds a Phi-3-mini-shaped model with random weights (a word-level tokenizer made
 here: nothing can be downloaded), builds it int4 for CUDA with Grove's default build settings
-(flows/config.py: enable_cuda_graph on), and times both engines through the benchmark stage's
-own worker (tasks/benchmark.py measure_engine: a process per engine, same prompts, every new
+(flows/config: enable_cuda_graph on), and times both engines through the benchmark stage's
+own worker (tasks/benchmark/stage.py measure_engine: a process per engine, same prompts, every new
 token forced, medians after a warm-up), including the fraction of the memory-bandwidth bound.
 Then the ONNX runtime settings one at a time (CUDA graphs off; other builds if time is left).
 
@@ -105,7 +105,7 @@ def main() -> int:
         save_report(report, opts.out)
 
     provider = "cuda" if device == "cuda" else "cpu"
-    # Grove's default build for this provider: what flows/config.py makes of a ModelBuilder int4 pass
+    # Grove's default build for this provider: what flows/config makes of a ModelBuilder int4 pass
     raw = {"systems": {"s": {"type": "LocalSystem", "accelerators": [
         {"device": "gpu", "execution_providers": ["CUDAExecutionProvider" if provider == "cuda"
                                                   else "CPUExecutionProvider"]}]}}}

@@ -5,7 +5,7 @@ One process: builds a Phi-3-mini-shaped model with random weights (hidden 3072, 
 double quant, bf16 compute) and trains LoRA r=64 on o_proj,qkv_proj with the HF Trainer:
 
   (a) recipe:  peft prepare_model_for_kbit_training, batch 1 x 512 (Olive's `join` blocks)
-  (b) grove:   tasks/train_setup.py as the train stage runs it on CUDA (no fp32 upcast,
+  (b) grove:   tasks/train/cuda_setup.py as the train stage runs it on CUDA (no fp32 upcast,
                padding-free packing, Liger kernels), same model and examples
 
 then one lever at a time (rows of `levers`), and the loss of the first 50 steps of Grove's

@@ -1,4 +1,4 @@
-"""Typed settings each stage receives: built once by flows/config.py from the run config.
+"""Typed settings each stage receives: built once by flows/config from the run config.
 
 Each stage's settings object is part of that stage's cache key, so it holds only what
 changes the stage's output (no paths of the artifact store, no display options).
@@ -78,7 +78,7 @@ class TrainSettings(Frozen):
     training_args: dict[str, Any] = {}
     seed: int = 42
     top_layers: int | None = None  # LoRA only in the top N decoder layers (Grove option)
-    # Grove's training setup on CUDA (tasks/train_setup.py; a CPU trains as before)
+    # Grove's training setup on CUDA (tasks/train/cuda_setup.py; a CPU trains as before)
     kernels: Literal["liger", "none"] = "liger"
     packing: bool = True
     compile: bool = False
@@ -96,8 +96,8 @@ class EvalSettings(Frozen):
 class BuildSettings(Frozen):
     """One ONNX build: the builder's precision and its weight-only quantization choices.
 
-    Built and checked by flows/config.py (tasks/quantization.py holds the rules);
-    tasks/quantization.py:builder_options turns it into the builder's KEY=VALUE options.
+    Built and checked by flows/config (tasks/build_onnx/quantization.py holds the rules);
+    tasks/build_onnx/quantization.py:builder_options turns it into the builder's KEY=VALUE options.
     """
 
     precision: Literal["int4", "int8", "fp16", "fp32", "bf16"] = "int4"
@@ -130,7 +130,7 @@ class SearchSettings(Frozen):
 
 
 class BenchmarkSettings(Frozen):
-    # The hardware measured on (tasks/benchmark.py machine_description): timings from one
+    # The hardware measured on (tasks/benchmark/stage.py machine_description): timings from one
     # machine are never a cache hit on another.
     machine: str = ""
     prompts: int = 3

@@ -1,6 +1,6 @@
 """One process of a data-parallel training job: `torchrun --nproc_per_node N -m tasks.train.ddp REQUEST`.
 
-Started by the train stage (tasks/train.py `_fit_distributed`) when `grove.train.processes` is
+Started by the train stage (tasks/train/stage.py `_fit_distributed`) when `grove.train.processes` is
 above 1. Every process runs the same fit() on its share of each batch (the Trainer wraps the
 model in DistributedDataParallel: NCCL on GPUs, gloo on CPUs); the main process saves the
 adapter, the log and the summary, and marks each checkpoint it saved for the stage to store.

@@ -232,7 +232,7 @@ def _checkpoint_callback(key: str):
         def on_save(self, args, state, control, **kwargs):
             if state.global_step >= state.max_steps:
                 # the end of training: the stage's own entry is stored next (and a resume from a
-                # last-step checkpoint would run one step too many: tasks/train_ddp.py)
+                # last-step checkpoint would run one step too many: tasks/train/ddp.py)
                 return
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             started = time.monotonic()
@@ -246,7 +246,7 @@ def _checkpoint_callback(key: str):
 def fit(settings: TrainSettings, model: ModelSettings, corpus_folder: Path, device: str, out: Path,
         workdir: Path, checkpoint_steps: int, resume: str | None, callbacks: list) -> dict:
     """Load, adapt and train; the main process saves adapter/ and train_log.json into `out`.
-    Runs in the stage's process, or in each process of a data-parallel job (tasks/train_ddp.py)."""
+    Runs in the stage's process, or in each process of a data-parallel job (tasks/train/ddp.py)."""
     import torch
     from datasets import Dataset
     from transformers import PrinterCallback
