@@ -145,6 +145,8 @@ def test_float16_training_is_refused_on_a_cpu_before_loading(tiny_model, corpus_
     assert dtype_problems(lora(), "cpu") == []
     [problem] = dtype_problems(lora(torch_dtype="float16"), "cpu")
     assert problem.startswith("torch_dtype:") and "CUDA" in problem
+    assert any("training_args.bf16" in p for p in dtype_problems(lora(torch_dtype="float16",
+                                                                      training_args={"bf16": True}), "cuda"))
     with pytest.raises(ValueError, match="torch_dtype: float16"):
         train(lora(torch_dtype="float16"), model_settings(tiny_model), corpus_folder, tmp_path / "fp16")
 

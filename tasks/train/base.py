@@ -50,6 +50,8 @@ def dtype_problems(settings: TrainSettings, device: str) -> list[str]:
     if settings.torch_dtype == "float16" and device == "cpu":
         problems.append("torch_dtype: float16 means fp16 mixed-precision training, which needs a CUDA GPU; "
                         "on a CPU use bfloat16 or float32")
+    if settings.torch_dtype == "float16" and settings.training_args.get("bf16"):
+        problems.append("torch_dtype: float16 (fp16 mixed precision) contradicts training_args.bf16")
     if device == "cuda":
         import torch
 
