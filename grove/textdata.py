@@ -36,10 +36,10 @@ def prompt_and_answer(template: str, label_col: str | None, row: dict) -> tuple[
     return render(prompt_part, row), render(answer_part, row)
 
 
-def encode(tokenizer, prompt: str, answer: str = "", eos: bool = True) -> tuple[list[int], int]:
-    """bos + prompt + answer (+ eos); returns the ids and how many belong to bos+prompt."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    prompt_ids = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+def encode(tokenizer, prompt: str, answer: str = "", eos: bool = True, bos: bool = True) -> tuple[list[int], int]:
+    """(bos +) prompt + answer (+ eos); returns the ids and how many belong to bos+prompt."""
+    start = [tokenizer.bos_token_id] if bos and tokenizer.bos_token_id is not None else []
+    prompt_ids = start + tokenizer(prompt, add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] if answer else []
     tail = [tokenizer.eos_token_id] if eos and tokenizer.eos_token_id is not None else []
     return prompt_ids + answer_ids + tail, len(prompt_ids)

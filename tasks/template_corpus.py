@@ -1,15 +1,21 @@
 """Stage 2, template_corpus: render each row through text_template and tokenize it.
 
-`join` reproduces Olive: every row becomes bos + text + eos, rows are concatenated and
-cut into non-overlapping source_max_len blocks; the short tail is dropped.
-`line-by-line` keeps one example per row (padded to source_max_len if pad_to_max_len).
+`join` reproduces Olive: every row becomes bos + text + eos (just text with
+add_special_tokens false), rows are concatenated and cut into non-overlapping source_max_len
+blocks; the short tail is dropped. `join-random` does the same after shuffling the rows with
+random_seed. `line-by-line` keeps one example per row (padded to source_max_len if pad_to_max_len).
 With completion_only_loss the prompt tokens get label -100, so only the answer is learned.
+
 The eval corpus is always one example per eval row, so eval loss does not depend on packing.
+Its rows are rendered with the eval template (eval_text_template, else the train one) and
+always as bos + text + eos: evaluate, build_onnx and benchmark prompt the model with
+bos + the eval template's prompt part, and evaluate's forward-pass proof compares the two.
 """
 
 from __future__ import annotations
 
 import json
+import random
 
 from grove.models import load_tokenizer, model_folder
 from grove.settings import CorpusSettings, ModelSettings
@@ -19,12 +25,20 @@ from grove.textdata import encode, prompt_and_answer, read_jsonl
 IGNORE = -100
 
 
-def examples(rows: list[dict], corpus: CorpusSettings, tokenizer) -> list[tuple[list[int], list[int]]]:
+def eval_template(corpus: CorpusSettings) -> tuple[str, str | None]:
+    """The template and label column the eval rows are rendered with."""
+    return corpus.eval_text_template or corpus.text_template, corpus.eval_label_col or corpus.label_col
+
+
+def examples(rows: list[dict], corpus: CorpusSettings, tokenizer,
+             evaluation: bool = False) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) per row; labels mask the prompt when completion_only_loss is on."""
+    template, label_col = eval_template(corpus) if evaluation else (corpus.text_template, corpus.label_col)
+    special = evaluation or corpus.add_special_tokens
     result = []
     for row in rows:
-        prompt, answer = prompt_and_answer(corpus.text_template, corpus.label_col, row)
-        ids, prompt_len = encode(tokenizer, prompt, answer)
+        prompt, answer = prompt_and_answer(template, label_col, row)
+        ids, prompt_len = encode(tokenizer, prompt, answer, eos=special, bos=special)
         labels = list(ids)
         if corpus.completion_only_loss and answer:
             labels[:prompt_len] = [IGNORE] * prompt_len
@@ -57,8 +71,10 @@ def template_corpus(corpus: CorpusSettings, data: ArtifactRef, model: ModelSetti
     folder = open_artifact(data)
     tokenizer = load_tokenizer(model_folder(model), model.trust_remote_code)
     train_pairs = examples(read_jsonl(folder, "train"), corpus, tokenizer)
-    eval_pairs = examples(read_jsonl(folder, "eval"), corpus, tokenizer)
-    if corpus.corpus_strategy == "join":
+    eval_pairs = examples(read_jsonl(folder, "eval"), corpus, tokenizer, evaluation=True)
+    if corpus.corpus_strategy == "join-random":
+        random.Random(corpus.random_seed).shuffle(train_pairs)
+    if corpus.corpus_strategy in ("join", "join-random"):
         train = join_blocks(train_pairs, corpus.source_max_len)
         total = sum(len(p[0]) for p in train_pairs)
         if not train:
@@ -67,7 +83,8 @@ def template_corpus(corpus: CorpusSettings, data: ArtifactRef, model: ModelSetti
     elif corpus.corpus_strategy == "line-by-line":
         train = line_examples(train_pairs, corpus.source_max_len, corpus.pad_to_max_len, tokenizer.pad_token_id)
     else:
-        raise ValueError(f"corpus_strategy {corpus.corpus_strategy!r} is not supported; use join or line-by-line")
+        raise ValueError(f"corpus_strategy {corpus.corpus_strategy!r} is not supported; "
+                         f"use join, join-random or line-by-line")
     evaluation = line_examples(eval_pairs, corpus.source_max_len, False, tokenizer.pad_token_id)
     out = output_dir()
     for name, part in (("train.jsonl", train), ("eval.jsonl", evaluation)):

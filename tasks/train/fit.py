@@ -5,36 +5,20 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from grove import ui
-from grove.models import load_causal_lm, model_folder, resolve_device
-from grove.settings import TrainSettings, ModelSettings
-from grove.stage import ArtifactRef, current_run, current_stage_key, grove_stage, open_artifact, output_dir
+from grove.settings import ModelSettings, TrainSettings
+from grove.stage import current_run
 from grove.textdata import read_jsonl
+# load_base_for_training, add_lora and disable_cpu_bf16_4bit_path are used from here by tests and benches
+from tasks.train.base import add_lora, disable_cpu_bf16_4bit_path, dtype_problems, load_base_for_training, \
+    training_dtypes  # noqa: F401
 
 log = logging.getLogger("grove.train")
 DEFAULT_ARGS = {"per_device_train_batch_size": 8, "learning_rate": 2e-4, "num_train_epochs": 1,
                 "logging_steps": 5, "lr_scheduler_type": "linear"}
-
-
-def load_base_for_training(model: ModelSettings, settings: TrainSettings, device: str):
-    folder = model_folder(model)
-    if settings.method == "lora":
-        return load_causal_lm(folder, device, model.trust_remote_code)
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    compute = torch.bfloat16 if device == "cuda" else torch.float32
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=settings.quant_type,
-                               bnb_4bit_use_double_quant=settings.double_quant, bnb_4bit_compute_dtype=compute)
-    base = load_causal_lm(folder, device, model.trust_remote_code, quantization_config=quant,
-                          dtype=compute, device_map={"": device})
-    disable_cpu_bf16_4bit_path(base)
-    return base
 
 
 def quantization_of(model) -> dict | None:
@@ -49,24 +33,6 @@ def quantization_of(model) -> dict | None:
             "double_quant": bool(getattr(state, "nested", False)),
             "compute_dtype": str(layers[0].compute_dtype).removeprefix("torch."),
             "device": layers[0].weight.device.type}
-
-
-def disable_cpu_bf16_4bit_path(model) -> int:
-    """Keep QLoRA gradients correct on CPUs with AVX512-BF16.
-
-    After any forward pass under no_grad, bitsandbytes repacks 4-bit weights for its
-    AVX512-BF16 CPU kernel, and training then runs through gemv_4bit, which has no
-    backward: the loss still falls but LoRA gradients are wrong. Turning the fast path
-    off on every Linear4bit keeps the differentiable path. Returns how many were changed.
-    """
-    import bitsandbytes as bnb
-
-    changed = 0
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-            changed += 1
-    return changed
 
 
 def apply_gpu_setup(base, settings: TrainSettings, device: str) -> dict:
@@ -88,21 +54,12 @@ def apply_gpu_setup(base, settings: TrainSettings, device: str) -> dict:
     return setup
 
 
-def add_lora(base, settings: TrainSettings):
-    from peft import LoraConfig, get_peft_model
-
-    layers = None
-    if settings.top_layers:
-        # Backward stops at the lowest layer with LoRA: adapting only the top layers cuts
-        # the cost of a step roughly in half on a CPU (measured on SmolLM2: 2.6 s -> 1.5 s).
-        total = base.config.num_hidden_layers
-        layers = list(range(max(total - settings.top_layers, 0), total))
-    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=settings.target_modules or "all-linear", bias="none",
-                        task_type="CAUSAL_LM", layers_to_transform=layers)
-    if settings.method == "qlora":
-        base.enable_input_require_grads()
-    return get_peft_model(base, config)
+def param_dtypes(peft_model) -> dict[str, list[str]]:
+    """The dtypes the trained model's weights really have: frozen (the base) and trainable."""
+    found = {"frozen": set(), "trainable": set()}
+    for param in peft_model.parameters():
+        found["trainable" if param.requires_grad else "frozen"].add(str(param.dtype).removeprefix("torch."))
+    return {kind: sorted(names) for kind, names in found.items()}
 
 
 def training_arguments(settings: TrainSettings, device: str, workdir: str, has_eval: bool,
@@ -117,6 +74,8 @@ def training_arguments(settings: TrainSettings, device: str, workdir: str, has_e
         if str(args.get("optim", "")).startswith("paged_"):
             log.warning("training_args.optim=%s: paged optimizers need CUDA; using adamw_torch", args["optim"])
             args["optim"] = "adamw_torch"
+    if training_dtypes(settings, device)["fp16_mixed"]:  # Olive's torch_dtype float16 (refused on a CPU)
+        args["fp16"] = True
     if not has_eval:
         args["eval_strategy"] = "no"
     if settings.processes > 1:
@@ -251,6 +210,9 @@ def fit(settings: TrainSettings, model: ModelSettings, corpus_folder: Path, devi
     from datasets import Dataset
     from transformers import PrinterCallback
 
+    problems = dtype_problems(settings, device)
+    if problems:
+        raise ValueError("; ".join(problems))
     torch.manual_seed(settings.seed)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -258,7 +220,7 @@ def fit(settings: TrainSettings, model: ModelSettings, corpus_folder: Path, devi
     eval_rows = read_jsonl(corpus_folder, "eval")
     base = load_base_for_training(model, settings, device)
     setup = apply_gpu_setup(base, settings, device)
-    peft_model = add_lora(base, settings)
+    peft_model = add_lora(base, settings, model.adapter_path)
     if setup["compile"]:
         from tasks.train.cuda_setup import compile_layers
 
@@ -295,6 +257,9 @@ def fit(settings: TrainSettings, model: ModelSettings, corpus_folder: Path, devi
         "train_loss": result.training_loss,  # after a resume, transformers averages the resumed steps only
         "seconds": round(seconds, 2),  # of this run (after a resume: the resumed part)
         "trainable_params": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
+        "started_from": "adapter" if model.adapter_path else "fresh LoRA",
+        "param_dtypes": param_dtypes(peft_model),
+        "fp16_mixed": bool(args.fp16),
         "setup": setup,
         "processes": settings.processes,
     }

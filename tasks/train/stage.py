@@ -77,7 +77,8 @@ def _fit_distributed(settings: TrainSettings, model: ModelSettings, corpus_folde
     return json.loads((workdir / "summary.json").read_text())
 
 
-@grove_stage("train", tags=("gpu",), also=("tasks.train.fit", "tasks.train.cuda_setup", "tasks.train.ddp"))
+@grove_stage("train", tags=("gpu",), also=("tasks.train.fit", "tasks.train.base", "tasks.train.cuda_setup",
+                                             "tasks.train.ddp"))
 def train(settings: TrainSettings, corpus: ArtifactRef, model: ModelSettings) -> dict:
     """Fine-tune LoRA/QLoRA adapters on the templated corpus; stores adapter/ and train_log.json."""
     run = current_run()
