@@ -98,7 +98,7 @@ def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None, list_
     data_s = data_settings(train_data, eval_data, eval_size, grove.seed, sources)
     corpus = corpus_settings(train_data, eval_data, grove.completion_only_loss)
     provider = execution_provider(engine.execution_providers, systems)
-    build = build_settings(builders[1][1], builders[1][2], provider, model, grove.build) if builders else None
+    build = build_settings(builders[1][1], builders[1][2], provider, model, grove.build, warn) if builders else None
     search = search_settings(grove.quantization_search, build, model, data_s) \
         if grove.quantization_search is not None else None
     for stage in grove.retries:

@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from flows.config.build_rules import QuantOptionError, parse_build
-from flows.config.errors import ConfigError, validate
-from flows.config.fates import known_keys
+from flows.config.errors import ConfigError, Warnings, validate
+from flows.config.fates import known_keys, sift
 from flows.config.grove_section import GroveBuild, GroveCandidate, GroveSearch
 from flows.config.olive import ModelBuilderPass
 from grove.settings import BuildSettings, Candidate, DataSettings, ModelSettings, SearchSettings
@@ -23,10 +23,11 @@ def execution_provider(engine_providers: list[str] | None, systems: dict) -> str
 
 
 def build_settings(pass_config: dict[str, Any], where: str, provider: str, model: ModelSettings,
-                   grove: GroveBuild | None = None) -> BuildSettings:
+                   grove: GroveBuild | None = None, warn=None) -> BuildSettings:
     """What Grove builds for a ModelBuilder pass's options (`where`: its key path) on `provider`,
     with Grove's per-provider defaults (grove.build). Public: benches build Grove's defaults."""
     grove = grove or GroveBuild()
+    pass_config = sift("passes.ModelBuilder", pass_config, where, warn or Warnings())
     spec = validate(ModelBuilderPass, pass_config, where, known_keys("passes.ModelBuilder"))
     inherited = {}
     if provider == "cuda" and "enable_cuda_graph" not in spec.extra_options and spec.enable_cuda_graph is None:
