@@ -9,7 +9,6 @@ does with each Olive key is one table: flows/config/fates.py.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +18,13 @@ from flows.config.build import build_settings, execution_provider, search_settin
 from flows.config.data import corpus_settings, data_configs, data_settings
 from flows.config.errors import ConfigError, Warnings, check_keys, did_you_mean, validate
 from flows.config.fates import known_keys, sift
-from flows.config.grove_section import GrovePromotion, GroveSection
+from flows.config.grove_section import GroveSection
 from flows.config.input_model import check_systems, model_settings
 from flows.config.olive import TOP_KEYS, Engine, PassLevel
+from flows.config.promotion import promotion_settings
 from flows.config.training import lora_pass, train_settings, training_argument_names
 from grove.machine import machine_description
-from grove.settings import (PROMOTION_METRICS, BenchmarkSettings, EvalSettings, PromotionSettings, RetrySettings,
-                            RunConfig)
+from grove.settings import BenchmarkSettings, EvalSettings, RetrySettings, RunConfig
 from grove.stage import STAGES
 
 __all__ = ["ConfigError", "Engine", "GroveSection", "load_config", "parse_config", "build_settings",
@@ -124,7 +123,7 @@ def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None, list_
         build=build,
         search=search,
         benchmark=BenchmarkSettings(**grove.benchmark.model_dump(), machine=machine_description(grove.device)),
-        promotion=_promotion_settings(grove.promotion, name, bool(builders), bool(merges)),
+        promotion=promotion_settings(grove.promotion, name, bool(builders), bool(merges)),
     )
     # checks hook: environment checks after parsing (flows/config/checks.py, written separately) go here
     return config
@@ -199,33 +198,3 @@ def _train_data(spec, where: str, data: dict):
     if eval_size >= 1 and eval_size != int(eval_size):
         raise ConfigError(f"{where}.eval_dataset_size", "must be a fraction below 1 or a whole number of rows")
     return data[train_name], eval_data, eval_size
-
-
-def _promotion_settings(section: GrovePromotion, name: str, has_builder: bool,
-                        has_merge: bool) -> PromotionSettings | None:
-    where = "grove.promotion"
-    if not section.enabled:
-        return None
-    if not section.model_fields_set:  # defaults only: fit them to the passes instead of refusing
-        if not (has_builder or has_merge):
-            return None
-        if not has_builder:
-            section = section.model_copy(update={"metric": "fine_tuned_accuracy"})
-    if section.metric not in PROMOTION_METRICS:
-        raise ConfigError(f"{where}.metric", f"unknown gate metric {section.metric!r}"
-                                             f"{did_you_mean(section.metric, PROMOTION_METRICS)}; "
-                                             f"metrics are: {', '.join(PROMOTION_METRICS)}")
-    stage = PROMOTION_METRICS[section.metric][0]
-    if stage in ("build_onnx", "benchmark") and section.metric.startswith("onnx") and not has_builder:
-        raise ConfigError(f"{where}.metric", f"{section.metric} needs a ModelBuilder pass; use "
-                                             f"fine_tuned_accuracy or add one")
-    if not (has_builder or has_merge):
-        raise ConfigError(where, "promotion needs a model to promote (a MergeAdapterWeights or ModelBuilder "
-                                 "pass); set grove.promotion.enabled to false")
-    model_name = section.model_name or name
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", model_name):
-        at = f"{where}.model_name" if section.model_name else "grove.name"
-        raise ConfigError(at, f"{model_name!r} cannot name a model in the store: use letters, digits, '.', '_' "
-                              f"and '-' (set grove.promotion.model_name)")
-    return PromotionSettings(model_name=model_name, metric=section.metric, min=section.min,
-                             max_drop=section.max_drop)
