@@ -2,7 +2,7 @@
 
 One process: builds a Phi-3-mini-shaped model with random weights (a word-level tokenizer made
 here: nothing can be downloaded), builds it int4 for CUDA with Grove's default build settings
-(flows/config: enable_cuda_graph on), and times both engines through the benchmark stage's
+(flows/config/build.py: enable_cuda_graph on), and times both engines through the benchmark stage's
 own worker (tasks/benchmark/stage.py measure_engine: a process per engine, same prompts, every new
 token forced, medians after a warm-up), including the fraction of the memory-bandwidth bound.
 Then the ONNX runtime settings one at a time (CUDA graphs off; other builds if time is left).
@@ -77,7 +77,7 @@ def main() -> int:
 
     import torch
 
-    from flows.config import GroveSection, _build_settings  # noqa: F401 - Grove's own defaults
+    from flows.config import build_settings  # Grove's own defaults
     from tasks.benchmark.stage import measure_engine
     from tasks.build_onnx.stage import builder_options, run_builder
     from grove.settings import BenchmarkSettings, ModelSettings
@@ -106,16 +106,10 @@ def main() -> int:
 
     provider = "cuda" if device == "cuda" else "cpu"
     # Grove's default build for this provider: what flows/config makes of a ModelBuilder int4 pass
-    raw = {"systems": {"s": {"type": "LocalSystem", "accelerators": [
-        {"device": "gpu", "execution_providers": ["CUDAExecutionProvider" if provider == "cuda"
-                                                  else "CPUExecutionProvider"]}]}}}
-    from flows.config import Engine
-
     model = ModelSettings(name=str(folder), path=str(folder), content_sha256="random")
 
     def grove_build(keys: dict):
-        return _build_settings(("builder", {"precision": "int4", **keys}, "passes.builder"), Engine(), raw, model,
-                               GroveSection())
+        return build_settings({"precision": "int4", **keys}, "passes.builder", provider, model)
 
     build = grove_build({})
     report["grove_build_settings"] = build.model_dump()

@@ -68,14 +68,21 @@ def _fail(error: Exception) -> None:
 
 
 @app.command()
-def validate(config: Path = CONFIG) -> None:
+def validate(config: Path = CONFIG,
+             resolved: bool = typer.Option(False, "--resolved", help="print each stage's resolved settings "
+                                                                    "(JSON) and every warning")) -> None:
     """Check a run config without running anything."""
     from flows.config import ConfigError, load_config
 
+    warnings: list[str] = []
     try:
-        cfg = load_config(config)
+        cfg = load_config(config, warnings=warnings)
     except ConfigError as exc:
         _fail(exc)
+    if resolved:
+        print(cfg.model_dump_json(indent=2))
+        for warning in warnings:
+            console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     console.print(f"[green]ok[/]: {config} -> model {cfg.model.name}, data {cfg.data.files[0]}, "
                   f"train {cfg.train.method if cfg.train else 'none'}, build "
                   f"{cfg.build.precision if cfg.build else 'none'}, store {cfg.artifact_root}")

@@ -15,8 +15,7 @@ from typing import Any
 
 import yaml
 
-from flows.config import ConfigError, load_config
-from grove.stage import STAGES
+from flows.config import ConfigError, check_from_stage, load_config
 
 ENTRYPOINT = "flows/optimize.py:optimize"
 WORK_POOL = "grove-process"
@@ -52,10 +51,7 @@ def check_parameters(parameters: dict[str, Any], where: str, source: str, base_d
                               source)
     if "config" not in parameters:
         raise ConfigError(f"{where}.config", "is required: the run config the deployment runs", source)
-    from_stage = parameters.get("from_stage")
-    if from_stage is not None and from_stage not in STAGES:
-        raise ConfigError(f"{where}.from_stage", f"unknown stage {from_stage!r}; stages are: {', '.join(STAGES)}",
-                          source)
+    check_from_stage(parameters.get("from_stage"), f"{where}.from_stage", source)
     config = Path(parameters["config"])
     # s3:// data is listed when each run starts, by the worker that holds the keys
     load_config(config if config.is_absolute() else base_dir / config, list_remote_data=False)

@@ -13,7 +13,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows.config import ConfigError, load_config
+from flows.config import ConfigError, check_from_stage, load_config  # noqa: F401 - cli imports check_from_stage here
 from flows.report import publish
 from flows.runs import RunLog
 from tasks.benchmark import benchmark
@@ -23,7 +23,7 @@ from tasks.load_data import load_data
 from tasks.merge_adapters import merge_adapters
 from tasks.promote import promote
 from grove.settings import RunConfig
-from grove.stage import STAGES, ArtifactRef, RunContext, StageRecord, prefect_result_storage, stage_run
+from grove.stage import ArtifactRef, RunContext, StageRecord, prefect_result_storage, stage_run
 from grove.store import ArtifactStore
 from tasks.template_corpus import template_corpus
 from tasks.train import train
@@ -52,11 +52,6 @@ def pipeline(cfg: RunConfig) -> dict[str, ArtifactRef | None]:
     bench = benchmark(cfg.benchmark, cfg.evaluate, cfg.model, merged, onnx, data)
     return {"load_data": data, "template_corpus": corpus, "train": adapter, "evaluate": scores,
             "merge_adapters": merged, "build_onnx": onnx, "benchmark": bench}
-
-
-def check_from_stage(from_stage: str | None) -> None:
-    if from_stage is not None and from_stage not in STAGES:
-        raise ConfigError("from_stage", f"unknown stage {from_stage!r}; stages are: {', '.join(STAGES)}")
 
 
 @flow(name="grove-optimize")

@@ -1,4 +1,4 @@
-"""Typed settings each stage receives: built once by flows/config from the run config.
+"""Typed settings each stage receives: built once by flows/config/ from the run config.
 
 Each stage's settings object is part of that stage's cache key, so it holds only what
 changes the stage's output (no paths of the artifact store, no display options).
@@ -96,7 +96,7 @@ class EvalSettings(Frozen):
 class BuildSettings(Frozen):
     """One ONNX build: the builder's precision and its weight-only quantization choices.
 
-    Built and checked by flows/config (tasks/build_onnx/quantization.py holds the rules);
+    Built and checked by flows/config/build.py (flows/config/build_rules.py holds the rules);
     tasks/build_onnx/quantization.py:builder_options turns it into the builder's KEY=VALUE options.
     """
 

@@ -158,3 +158,76 @@ def test_bad_data_line_names_file_and_line(base, tmp_path):
     raw["data_configs"][0]["load_dataset_config"]["params"]["data_files"] = str(data)
     error = error_of(raw, tmp_path)
     assert "bad.jsonl, line 1" in str(error)
+
+
+# ---- Olive 0.13 names and the keys a fine-tuning user expects honoured ------------------------------
+def test_olive_013_strategy_and_max_seq_len_mean_corpus_strategy_and_source_max_len(base, tmp_path):
+    new = copy.deepcopy(base)
+    pre = new["data_configs"][0]["pre_process_data_config"]["params"]
+    pre["strategy"], pre["max_seq_len"] = pre.pop("corpus_strategy"), pre.pop("source_max_len")
+    pre["type"] = "text_generation_huggingface_pre_process"
+    assert parse_config(new, base_dir=tmp_path) == parse_config(base, base_dir=tmp_path)
+    pre["corpus_strategy"] = "join"
+    with pytest.raises(ConfigError, match=r"pre_process_data_config\.params\.strategy: conflicts with corpus_strategy"):
+        parse_config(new, base_dir=tmp_path)
+
+
+def test_lora_and_pre_process_keys_land_in_settings(base, tmp_path):
+    raw = copy.deepcopy(base)
+    raw["passes"]["lora"]["type"] = "QLoRA"
+    raw["passes"]["lora"]["config"].update(modules_to_save=["lm_head"], torch_dtype="float32",
+                                           compute_dtype="float16", quant_type="fp4", double_quant=False)
+    raw["data_configs"][0]["pre_process_data_config"]["params"].update(
+        corpus_strategy="join-random", random_seed=7, add_special_tokens=False)
+    cfg = parse_config(raw, base_dir=tmp_path)
+    assert cfg.train.modules_to_save == ["lm_head"] and cfg.train.torch_dtype == "float32"
+    assert (cfg.train.compute_dtype, cfg.train.quant_type, cfg.train.double_quant) == ("float16", "fp4", False)
+    assert cfg.corpus.corpus_strategy == "join-random" and cfg.corpus.random_seed == 7
+    assert cfg.corpus.add_special_tokens is False
+    plain = parse_config(base, base_dir=tmp_path)
+    assert plain.train.modules_to_save is None and plain.corpus.add_special_tokens is True
+
+
+def test_unsupported_strategy_is_refused_naming_the_key(base, tmp_path):
+    base["data_configs"][0]["pre_process_data_config"]["params"]["corpus_strategy"] = "join-sliding-window"
+    error = error_of(base, tmp_path)
+    assert error.path.endswith("pre_process_data_config.params.corpus_strategy")
+
+
+def test_input_model_adapter_path_is_resolved_and_digested(base, tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"r": 4}')
+    base["input_model"]["adapter_path"] = str(adapter)
+    first = parse_config(base, base_dir=tmp_path).model
+    assert first.adapter_path == str(adapter) and len(first.adapter_sha256) == 64
+    (adapter / "adapter_config.json").write_text('{"r": 8}')
+    assert parse_config(base, base_dir=tmp_path).model.adapter_sha256 != first.adapter_sha256
+    base["input_model"]["adapter_path"] = str(tmp_path / "nowhere")
+    assert error_of(base, tmp_path).path == "input_model.adapter_path"
+
+
+def test_data_dir_and_subset_locate_the_data_files(base, tmp_path):
+    folder = tmp_path / "data" / "tone"
+    folder.mkdir(parents=True)
+    (folder / "part.jsonl").write_text(TONE_DATA.read_text())
+    load = base["data_configs"][0]["load_dataset_config"]["params"]
+    load.update(data_dir=str(tmp_path / "data"), subset="tone", data_files="part.jsonl")
+    assert parse_config(base, base_dir=tmp_path).data.files == [str(folder / "part.jsonl")]
+    del load["data_files"]  # no data_files: every data file under data_dir/subset
+    assert parse_config(base, base_dir=tmp_path).data.files == [str(folder / "part.jsonl")]
+    del load["data_dir"]
+    error = error_of(base, tmp_path)
+    assert error.path.endswith("load_dataset_config.params.subset") and "hub" in error.message
+
+
+def test_eval_data_config_with_its_own_template_renders_the_eval_rows(base, tmp_path):
+    eval_config = copy.deepcopy(base["data_configs"][0])
+    eval_config["name"] = "tone_eval"
+    eval_config["pre_process_data_config"]["params"]["text_template"] = "Phrase: {phrase}\nTone: {tone}"
+    base["data_configs"].append(eval_config)
+    base["passes"]["lora"]["config"]["eval_data_config"] = "tone_eval"
+    cfg = parse_config(base, base_dir=tmp_path)
+    assert cfg.corpus.eval_text_template == "Phrase: {phrase}\nTone: {tone}" and cfg.corpus.eval_label_col == "tone"
+    assert cfg.evaluate.text_template == cfg.corpus.eval_text_template
+    assert cfg.data.text_template == "### Text: {phrase}\n### The tone is:\n{tone}"

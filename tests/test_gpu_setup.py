@@ -166,11 +166,11 @@ def test_grove_train_options_are_validated(raw, tmp_path):
 
 
 def test_training_processes_auto_is_one_without_gpus_and_explicit_counts_are_kept(raw, tmp_path, monkeypatch):
-    import flows.config
+    import flows.config.training
 
-    monkeypatch.setattr(flows.config, "gpu_count", lambda: 0)
+    monkeypatch.setattr(flows.config.training, "gpu_count", lambda: 0)
     assert parse_config(raw, base_dir=tmp_path).train.processes == 1
-    monkeypatch.setattr(flows.config, "gpu_count", lambda: 2)
+    monkeypatch.setattr(flows.config.training, "gpu_count", lambda: 2)
     assert parse_config(raw, base_dir=tmp_path).train.processes == 2  # device auto, 2 GPUs: one each
     raw["grove"]["device"] = "cpu"
     assert parse_config(raw, base_dir=tmp_path).train.processes == 1

@@ -1,15 +1,15 @@
 """Grove's built-in candidate list for a quantization search (`"candidates": "builtin"`).
 
-Kept apart from tasks/quantization.py on purpose: build_onnx's cache key covers that
-module's code, while a change to this list changes only the candidates' settings (which
-are part of each candidate's key anyway), so editing the list rebuilds only new variants.
+Kept apart from the stage's code on purpose: build_onnx's cache key covers that code, while a
+change to this list changes only the candidates' settings (part of each candidate's key
+anyway), so editing the list rebuilds only new variants.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from tasks.build_onnx.quantization import check_build, ties_embeddings
+from flows.config.build_rules import check_build, ties_embeddings
 from grove.settings import BuildSettings
 
 

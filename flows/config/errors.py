@@ -1,0 +1,95 @@
+"""ConfigError, the one did-you-mean helper, and the warnings a parse collects."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import typing
+from typing import Any, Iterable
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+log = logging.getLogger("grove.config")
+
+
+class ConfigError(ValueError):
+    """A config problem, with the key path (and file) it concerns."""
+
+    def __init__(self, path: str, message: str, source: str | None = None):
+        self.path, self.message, self.source = path, message, source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{path}: {message}" if path else f"{where}{message}")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+def did_you_mean(word: Any, choices: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the closest choice, or ''."""
+    close = difflib.get_close_matches(str(word), sorted(set(choices)), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class Warnings:
+    """Every warning one parse produced: logged as it happens, kept for `grove validate --resolved`."""
+
+    def __init__(self, into: list[str] | None = None):
+        self.messages = into if into is not None else []
+
+    def __call__(self, path: str, message: str) -> None:
+        text = f"{path}: {message}"
+        if text not in self.messages:
+            self.messages.append(text)
+            log.warning(text)
+
+
+def check_keys(raw: dict, valid: Iterable[str], where: str) -> None:
+    valid = set(valid)
+    for key in raw:
+        if key not in valid:
+            raise ConfigError(f"{where}.{key}" if where else key, f"unknown key{did_you_mean(key, valid)}")
+
+
+def validate(model: type[BaseModel], raw: Any, where: str, known: Iterable[str] = ()):
+    """`raw` validated into `model`; the first problem as a ConfigError naming its key path.
+    `known`: other key names of the section (warned/refused ones) offered as suggestions."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(where, f"must be an object, got {type(raw).__name__}")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        loc = [str(p) for p in error["loc"] if not str(p).startswith(("function-", "union["))]
+        # pydantic reports each union member; keep the key path only
+        loc = [p for p in loc if p not in ("str", "list[str]", "dict[str,any]", "int", "float", "bool")]
+        path = ".".join([where, *loc]) if where else ".".join(loc)
+        if error["type"] == "extra_forbidden":
+            parent = _model_at(model, loc[:-1])
+            choices = list(parent.model_fields) if parent else []
+            if parent is model:
+                choices += list(known)
+            raise ConfigError(path, f"unknown key{did_you_mean(loc[-1], choices)}") from None
+        if error["type"] == "missing":
+            raise ConfigError(path, "is required") from None
+        got = error.get("input")
+        shown = json.dumps(got) if isinstance(got, (str, int, float, bool)) else type(got).__name__
+        raise ConfigError(path, f"{error['msg'].lower()} (got {shown})") from None
+
+
+def _model_at(model: type[BaseModel], loc: list[str]) -> type[BaseModel] | None:
+    current: Any = model
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = [a for a in typing.get_args(annotation) or [annotation]
+                      if isinstance(a, type) and issubclass(a, BaseModel)]
+        current = candidates[0] if candidates else None
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None

@@ -1,0 +1,97 @@
+"""Grove's own `grove` section of the run config (everything Olive has no key for)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from flows.config.errors import Strict
+
+PRECISIONS = Literal["int4", "int8", "fp16", "fp32", "bf16"]
+BLOCK_SIZES = Literal[16, 32, 64, 128, 256]
+
+
+class GroveCandidate(Strict):
+    """One variant of a quantization search: the ModelBuilder keys it sets (the rest: defaults)."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    precision: PRECISIONS = "int4"
+    int4_block_size: BLOCK_SIZES = 32
+    int4_accuracy_level: Literal[0, 1, 2, 3, 4] | None = None
+    int4_is_symmetric: bool | None = None
+    int4_op_types_to_quantize: list[Literal["MatMul", "Gather"]] | None = None
+    extra_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class GroveSearch(Strict):
+    candidates: Literal["builtin"] | list[GroveCandidate] = Field(
+        "builtin", description="the variants to build, or 'builtin' for Grove's list")
+    tolerance_points: float = Field(2.0, ge=0, le=100, description="accuracy points below the merged PyTorch model")
+
+
+class GroveEval(Strict):
+    max_new_tokens: int = Field(8, gt=0, description="tokens generated after each prompt")
+    batch_size: int = Field(16, gt=0)
+    max_rows: int | None = Field(None, gt=0, description="evaluate at most this many eval rows")
+
+
+class GroveBenchmark(Strict):
+    prompts: int = Field(3, gt=0)
+    max_new_tokens: int = Field(32, gt=0)
+    warmup: int = Field(1, ge=0)
+    repeats: int = Field(2, gt=0)
+
+
+class GroveTrain(Strict):
+    """Grove's QLoRA/LoRA training setup on CUDA (a CPU trains as before): measured on one H200,
+    bench/gpu_train_throughput.py. Each is part of the train stage's cache key."""
+
+    kernels: Literal["liger", "none"] = Field(
+        "liger", description="liger: Liger kernels (fused RMSNorm/SwiGLU/RoPE, chunked linear+cross-entropy)")
+    packing: bool = Field(True, description="line-by-line corpora: pack each batch's examples into rows "
+                                            "without cross-example attention instead of padding")
+    compile: bool = Field(False, description="torch.compile each decoder layer")
+    processes: int | Literal["auto"] = Field(
+        "auto", description="data-parallel training processes (torchrun + DDP); auto: one per GPU when "
+                            "training on CUDA, else 1. Each process takes per_device_train_batch_size examples")
+
+
+class GroveBuild(Strict):
+    cuda_graph: bool = Field(True, description="CUDA builds: enable_cuda_graph in genai_config.json "
+                                               "(unless the ModelBuilder's extra_options set it)")
+    cuda_block_size: BLOCK_SIZES = Field(
+        128, description="CUDA int4 builds whose ModelBuilder pass sets no block size, for models whose hidden "
+                         "and intermediate sizes it divides (else the builder's 32)")
+
+
+class GroveRetry(Strict):
+    retries: int = Field(ge=0, le=20)
+    delay_seconds: float = Field(10, ge=0)
+
+
+class GrovePromotion(Strict):
+    enabled: bool = Field(True, description="after benchmark, make the new model current if it passes the gate")
+    model_name: str | None = Field(None, description="the name models are promoted under (default: grove.name)")
+    metric: str = Field("onnx_accuracy", description="gate metric (PROMOTION_METRICS); without a "
+                                                     "ModelBuilder pass the default is fine_tuned_accuracy")
+    min: float = Field(0.0, description="the new model's metric must be at least this")
+    max_drop: float = Field(0.02, ge=0, description="and not more than this below the current model's")
+
+
+class GroveSection(Strict):
+    name: str | None = None
+    artifact_root: str | None = None
+    aws_credentials_block: str | None = None
+    retries: dict[str, GroveRetry] = {}
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    completion_only_loss: bool = False
+    lora_top_layers: int | None = Field(None, gt=0)
+    seed: int = 42
+    checkpoint_steps: int = Field(25, ge=0, strict=True, description="training checkpoints every N steps; 0: none")
+    evaluate: GroveEval = Field(default_factory=GroveEval)
+    benchmark: GroveBenchmark = Field(default_factory=GroveBenchmark)
+    train: GroveTrain = Field(default_factory=GroveTrain)
+    build: GroveBuild = Field(default_factory=GroveBuild)
+    promotion: GrovePromotion = Field(default_factory=GrovePromotion)
+    quantization_search: GroveSearch | None = None

@@ -1,0 +1,122 @@
+"""Every Olive key has one fate (flows/config/fates.py): honoured into settings, warned about, or
+refused; the table covers Olive's own schema and is what the README shows; the shipped configs
+mean what they meant before the config package was split."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from config_snapshot import SNAPSHOTS, parse_shipped
+from conftest import ROOT, TONE_DATA, tiny_config
+from flows.config import ConfigError, parse_config
+from flows.config.fates import FATES, HONOURED, REFUSED, WARNED, readme_table
+from flows.config.olive import SCHEMAS
+
+DATA = Path(__file__).parent / "data"
+# tests/data/olive*_keys.json section -> the fates section that covers it
+DIALECTS = {"0.13": "olive013_keys.json", "0.6": "olive06_keys.json"}
+
+
+@pytest.fixture
+def base(tiny_model, tmp_path):
+    return tiny_config(tiny_model, TONE_DATA, tmp_path / "store", tmp_path / "out")
+
+
+# ---- the table against Olive and against the code -------------------------------------------------
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_every_key_of_olives_schema_has_a_fate_for_its_dialect(dialect):
+    olive = json.loads((DATA / DIALECTS[dialect]).read_text())
+    missing = [f"{section}.{key}" for section, keys in olive.items() for key in keys
+               if key not in FATES[section] or FATES[section][key].dialect not in ("both", dialect)]
+    assert not missing, f"Olive {dialect} keys without a fate for that dialect: {missing}"
+
+
+def test_honoured_keys_are_exactly_the_schema_fields():
+    """A schema field nobody lists would be read silently; a listed key no schema reads would be lost."""
+    for section, schema in SCHEMAS.items():
+        honoured = {k for k, f in FATES[section].items() if f.fate == HONOURED}
+        assert honoured == set(schema.model_fields), section
+
+
+def test_readme_key_table_is_generated_from_the_code_table():
+    readme = (ROOT / "README.md").read_text()
+    start, end = "<!-- FATES:START (python -m flows.config.fates) -->\n", "<!-- FATES:END -->"
+    assert start in readme and end in readme
+    assert readme.split(start, 1)[1].split(end, 1)[0] == readme_table()
+
+
+# ---- each warned key warns, each refused key is refused, by key path --------------------------------
+def _place(raw: dict, section: str, key: str, value, model: str) -> str:
+    """Puts `key` where `section` lives in the tiny config; returns the key path Grove reports."""
+    lora, builder = raw["passes"]["lora"]["config"], raw["passes"]["builder"]["config"]
+    data = raw["data_configs"][0]
+    if section.startswith("input_model.config"):
+        raw["input_model"] = {"type": "PyTorchModel", "config": {"hf_config": {"model_name": model}}}
+    if section == "passes.QLoRA":
+        raw["passes"]["lora"]["type"] = "QLoRA"
+    targets = {
+        "top": (raw, ""), "engine": (raw["engine"], "engine."), "input_model": (raw["input_model"], "input_model."),
+        "input_model.config": (raw["input_model"].get("config"), "input_model.config."),
+        "input_model.config.hf_config": ((raw["input_model"].get("config") or {}).get("hf_config"),
+                                         "input_model.config.hf_config."),
+        "systems.*": (raw["systems"]["local_system"], "systems.local_system."),
+        "systems.*.config": (raw["systems"]["local_system"].setdefault("config", {}), "systems.local_system.config."),
+        "data_configs[]": (data, "data_configs[0]."),
+        "load_dataset": (data["load_dataset_config"]["params"], "data_configs.tone.load_dataset_config.params."),
+        "pre_process": (data["pre_process_data_config"]["params"], "data_configs.tone.pre_process_data_config.params."),
+        "passes.*": (raw["passes"]["lora"], "passes.lora."),
+        "passes.LoRA": (lora, "passes.lora.config."), "passes.QLoRA": (lora, "passes.lora.config."),
+        "passes.ModelBuilder": (builder, "passes.builder.config."),
+        "training_args": (lora["training_args"], "passes.lora.config.training_args."),
+    }
+    target, prefix = targets[section]
+    target[key] = value
+    return prefix + key
+
+
+CASES = [(s, k, f.fate) for s, table in FATES.items() for k, f in table.items() if f.fate in (WARNED, REFUSED)]
+
+
+def test_each_warned_key_warns_and_each_refused_key_is_refused_naming_its_key_path(base, tiny_model, tmp_path):
+    unexpected = []
+    for section, key, fate in CASES:
+        raw = copy.deepcopy(base)
+        path = _place(raw, section, key, "not-what-grove-does", str(tiny_model))
+        warnings: list[str] = []
+        try:
+            parse_config(raw, base_dir=tmp_path, warnings=warnings)
+            outcome = WARNED if any(w.startswith(f"{path}: has no effect in Grove") for w in warnings) else "silent"
+        except ConfigError as exc:
+            outcome = REFUSED if exc.path == path and exc.message.startswith("not supported: ") else f"error {exc}"
+        if outcome != fate:
+            unexpected.append(f"{path}: {fate} expected, got {outcome}")
+    assert not unexpected, unexpected
+
+
+def test_a_value_that_means_what_grove_does_is_accepted_without_a_word(base, tmp_path):
+    raw = copy.deepcopy(base)
+    raw["engine"]["search_strategy"] = False
+    raw["data_configs"][0]["pre_process_data_config"]["params"]["use_attention_mask"] = True
+    raw["passes"]["builder"]["config"]["metadata_only"] = False
+    warnings: list[str] = []
+    parse_config(raw, base_dir=tmp_path, warnings=warnings)
+    assert warnings == []
+
+
+# ---- the shipped configs keep their meaning ---------------------------------------------------------
+# honoured now, silently dropped before the split: the only differences allowed
+NEWLY_HONOURED = {"phi3-tone.json": {("train", "compute_dtype"): "bfloat16"},
+                  "smollm2-tone-cuda.json": {("train", "compute_dtype"): "bfloat16"}}
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.json")))
+def test_shipped_config_parses_as_before_the_split(name):
+    before = json.loads((SNAPSHOTS / name).read_text())
+    for (section, field), value in NEWLY_HONOURED.get(name, {}).items():
+        assert before[section][field] is None
+        before[section][field] = value
+    assert parse_shipped(name) == before
