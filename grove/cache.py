@@ -18,8 +18,13 @@ A module name spelled out in a string would be invisible here; tests/test_cache_
 fails on any string literal in grove/ or tasks/ that names a project module the file does
 not import.
 
-Digests are cached per process: every stage module is walked once, so a cached rerun pays a
-few milliseconds for all seven stages.
+grove/stage.py computes each key once per call through `stage_key` and hands Prefect the same
+key as the task's `cache_key_fn` (which Prefect 3 wraps in a CachePolicy itself). A CachePolicy
+subclass here would gain nothing and would import Prefect (~1.5 s) into every process that
+imports grove.stage, each data-parallel training process included.
+
+Digests are cached per process: every module is parsed once, so all seven stages cost a cached
+rerun about 0.06 s of CPU (parsing ~30 files), paid once when the stages are imported.
 """
 
 from __future__ import annotations
