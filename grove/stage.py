@@ -4,10 +4,11 @@ A stage is a plain function decorated with `@grove_stage("name")`. It receives i
 settings and references to upstream artifacts, writes its files into `output_dir()`, and
 returns a small summary dict. The decorator does the rest, once for all stages:
 
-- the cache key: sha256 of the stage name, the stage module's source, its settings and the
-  content digests (never the paths or timestamps) of its upstream artifacts;
+- the cache key (grove/cache.py): sha256 of the stage name, the source of the stage's module
+  and of every project module it imports, its settings and the content digests (never the
+  paths or timestamps) of its upstream artifacts;
 - the store: a complete entry for that key is a hit; otherwise the stage runs and its
-  folder is stored with the manifest written last;
+  folder is stored with the manifest written last; the manifest records the settings it ran with;
 - Prefect: each stage is a task whose cache key is the same key and whose result is the
   small `ArtifactRef`, so a cached rerun moves kilobytes.
 - checkpoints: a long stage (train) may store checkpoints under its own key
@@ -20,7 +21,6 @@ import contextlib
 import functools
 import hashlib
 import inspect
-import json
 import shutil
 import tempfile
 import time
@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 
 from pydantic import BaseModel
 
+from grove.cache import code_digest, settings_record, stage_key
 from grove.store import ArtifactStore, Entry
 from grove.ui import publish_stage
 
@@ -74,6 +75,10 @@ class ArtifactRef(BaseModel):
     uri: str
     size_bytes: int = 0
     summary: dict[str, Any] = {}
+
+    def key_form(self) -> dict[str, str]:
+        """How downstream keys see this artifact: by its contents, not its location or time."""
+        return {"artifact": self.stage, "content": self.content}
 
     @property
     def pending(self) -> bool:
@@ -214,37 +219,6 @@ def open_artifact(ref: ArtifactRef) -> Path:
     return store.materialize(entry)
 
 
-# ---- cache keys ----------------------------------------------------------------------------------
-def _canonical(value: Any) -> Any:
-    if isinstance(value, ArtifactRef):
-        return {"artifact": value.stage, "content": value.content}  # contents, not location or time
-    if isinstance(value, BaseModel):
-        return _canonical(value.model_dump(mode="json"))
-    if isinstance(value, dict):
-        return {str(k): _canonical(v) for k, v in sorted(value.items())}
-    if isinstance(value, (list, tuple)):
-        return [_canonical(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def stage_key(stage: str, code_version: str, params: dict[str, Any]) -> str:
-    body = json.dumps({"stage": stage, "code": code_version, "params": _canonical(params)}, sort_keys=True)
-    return hashlib.sha256(body.encode()).hexdigest()[:32]
-
-
-def code_version(fn: Callable, also: tuple[str, ...] = ()) -> str:
-    """The stage module's source (and that of the modules named in `also`, which the stage's
-    results depend on): any change to that code invalidates its entries."""
-    import importlib.util
-
-    source = Path(inspect.getfile(fn)).read_bytes()
-    for module in also:
-        source += Path(importlib.util.find_spec(module).origin).read_bytes()
-    return hashlib.sha256(source).hexdigest()[:16]
-
-
 def _ref(entry: Entry, store: ArtifactStore) -> ArtifactRef:
     return ArtifactRef(stage=entry.stage, key=entry.key, digest=entry.digest, content=entry.content,
                        uri=store.entry_uri(entry.stage, entry.key), size_bytes=entry.size_bytes,
@@ -252,22 +226,27 @@ def _ref(entry: Entry, store: ArtifactStore) -> ArtifactRef:
 
 
 # ---- the decorator ---------------------------------------------------------------------------------
-def grove_stage(name: str, tags: tuple[str, ...] = (), also: tuple[str, ...] = ()):
+def grove_stage(name: str, tags: tuple[str, ...] = ()):
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}")
 
     def decorate(fn: Callable[..., dict[str, Any]]):
         signature = inspect.signature(fn)
-        version = code_version(fn, also)
+        version = code_digest(fn.__module__)
 
         def params_of(args, kwargs) -> dict[str, Any]:
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             return dict(bound.arguments)
 
+        def key_of(params: dict[str, Any]) -> str:
+            """The one key of this stage for these parameters: the store's, Prefect's, the plan's."""
+            return stage_key(name, version, params)
+
         def run_stage(*args, **kwargs) -> ArtifactRef:
             run = current_run()
-            key = stage_key(name, version, params_of(args, kwargs))
+            params = params_of(args, kwargs)
+            key = key_of(params)
             if not run.forced(name):
                 entry = run.store.lookup(name, key)
                 if entry is not None:  # stored already (e.g. by a run with another Prefect database)
@@ -278,7 +257,7 @@ def grove_stage(name: str, tags: tuple[str, ...] = (), also: tuple[str, ...] = (
             try:
                 summary = fn(*args, **kwargs) or {}
                 publish_stage(name, run.model_name, summary)
-                meta = {"summary": summary, "code_version": version,
+                meta = {"summary": summary, "code_version": version, "settings": settings_record(params),
                         "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
                 ref = _ref(run.store.put_dir(name, key, out, meta), run.store)
                 _drop_checkpoints(run.store, name, key)
@@ -295,7 +274,7 @@ def grove_stage(name: str, tags: tuple[str, ...] = (), also: tuple[str, ...] = (
         prefect_task = task(
             run_stage,
             name=name,
-            cache_key_fn=lambda _context, parameters: stage_key(name, version, parameters),
+            cache_key_fn=lambda _context, parameters: key_of(parameters),
             persist_result=True,
             result_serializer="json",
             retry_jitter_factor=0.5,
@@ -307,7 +286,7 @@ def grove_stage(name: str, tags: tuple[str, ...] = (), also: tuple[str, ...] = (
         def call(*args, **kwargs) -> ArtifactRef:
             run = current_run()
             params = params_of(args, kwargs)
-            key = stage_key(name, version, params)
+            key = key_of(params)
             upstream = [v for v in params.values() if isinstance(v, ArtifactRef) and v.pending]
             entry = None if run.forced(name) or upstream else run.store.lookup(name, key)
             if run.from_stage and not run.forced(name) and entry is None and not run.dry_run:

@@ -182,7 +182,7 @@ def test_training_processes_auto_is_one_without_gpus_and_explicit_counts_are_kep
 
 
 def test_the_training_setup_is_part_of_the_train_key(raw, tmp_path):
-    from grove.stage import stage_key
+    from grove.cache import stage_key
 
     keys = set()
     for options in ({}, {"packing": False}, {"kernels": "none"}, {"compile": True}, {"processes": 2}):

@@ -23,6 +23,7 @@ from grove.settings import BenchmarkSettings, EvalSettings, ModelSettings
 from grove.stage import ArtifactRef, current_run, grove_stage, open_artifact, output_dir
 from grove.store import folder_bytes
 from grove.textdata import encode, prompt_and_answer, read_jsonl
+from tasks.benchmark import worker  # run in a subprocess below: imported so the cache key covers it
 
 # Peak memory bandwidth (bytes/s) by GPU name, from the vendors' data sheets; the longest key
 # found in torch.cuda.get_device_name() wins ("H100 PCIe" before "H100").
@@ -127,7 +128,7 @@ def measure_engine(engine: str, folder: Path, tokenizer_folder: Path, prompts: l
     request = {"engine": engine, "folder": str(folder), "tokenizer": str(tokenizer_folder),
                "prompts": prompts, "max_new_tokens": settings.max_new_tokens,
                "warmup": settings.warmup, "repeats": settings.repeats, "device": device}
-    done = subprocess.run([sys.executable, "-m", "tasks.benchmark.worker"], input=json.dumps(request),
+    done = subprocess.run([sys.executable, "-m", worker.__name__], input=json.dumps(request),
                           capture_output=True, text=True, check=False, env=worker_environment())
     if done.returncode != 0:
         raise RuntimeError(f"benchmark of the {engine} engine failed:\n{done.stderr[-3000:]}")

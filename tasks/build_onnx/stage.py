@@ -84,7 +84,7 @@ def build_settings_summary(build: BuildSettings) -> dict:
             "shared_embeddings": build.shared_embeddings, "execution_provider": build.execution_provider}
 
 
-@grove_stage("build_onnx", also=("tasks.build_onnx.quantization",))
+@grove_stage("build_onnx")
 def build_onnx(build: BuildSettings, evaluation: EvalSettings, model: ModelSettings,
                merged: ArtifactRef | None, data: ArtifactRef, speed: BenchmarkSettings | None = None,
                candidate: bool = False) -> dict:

@@ -28,6 +28,7 @@ from pathlib import Path
 from grove.models import resolve_device
 from grove.settings import ModelSettings, TrainSettings
 from grove.stage import ArtifactRef, current_run, current_stage_key, grove_stage, open_artifact, output_dir
+from tasks.train import ddp  # run by torchrun below: imported so the cache key covers it
 from tasks.train.fit import _checkpoint_callback, _progress_callback, fit
 
 log = logging.getLogger("grove.train")
@@ -53,7 +54,7 @@ def _fit_distributed(settings: TrainSettings, model: ModelSettings, corpus_folde
                "corpus": str(corpus_folder), "device": device, "out": str(out), "workdir": str(workdir),
                "checkpoint_steps": checkpoint_steps, "resume": resume}
     (workdir / "request.json").write_text(json.dumps(request))
-    command = torchrun_command(settings.processes, "-m", "tasks.train.ddp", str(workdir / "request.json"))
+    command = torchrun_command(settings.processes, "-m", ddp.__name__, str(workdir / "request.json"))
     log.info("train: %s", " ".join(command))
     store, stored = current_run().store, set()
     with open(workdir / "torchrun.log", "w") as output:
@@ -77,8 +78,7 @@ def _fit_distributed(settings: TrainSettings, model: ModelSettings, corpus_folde
     return json.loads((workdir / "summary.json").read_text())
 
 
-@grove_stage("train", tags=("gpu",), also=("tasks.train.fit", "tasks.train.base", "tasks.train.cuda_setup",
-                                             "tasks.train.ddp"))
+@grove_stage("train", tags=("gpu",))
 def train(settings: TrainSettings, corpus: ArtifactRef, model: ModelSettings) -> dict:
     """Fine-tune LoRA/QLoRA adapters on the templated corpus; stores adapter/ and train_log.json."""
     run = current_run()

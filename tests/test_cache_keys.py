@@ -1,0 +1,213 @@
+"""A stage's cache key covers all of its code and only its code; its entry records its settings.
+
+Key completeness runs on a copy of grove/, tasks/ and flows/: every stage's code digest is
+computed in a fresh process with the copy first on sys.path, one helper module gets a comment
+line, and exactly the stages whose imports reach that module get a new digest. Which stages
+those are comes from concrete expectations and, independently of grove/cache.py, from the
+standard library's modulefinder (which follows the imports in the compiled bytecode).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import modulefinder
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, tiny_config
+
+PACKAGES = ("grove", "tasks", "flows")
+STAGE_MODULES = {"load_data": "tasks.load_data", "template_corpus": "tasks.template_corpus",
+                 "train": "tasks.train.stage", "evaluate": "tasks.evaluate", "merge_adapters": "tasks.merge_adapters",
+                 "build_onnx": "tasks.build_onnx.stage", "benchmark": "tasks.benchmark.stage"}
+
+# Run in a fresh interpreter: argv[1] the project copy, argv[2] {stage: module} as JSON.
+DIGESTS = """
+import json, sys, time
+from grove import cache
+assert cache.__file__.startswith(sys.argv[1]), f"grove came from {cache.__file__}, not the copy"
+start = time.process_time()
+digests = {stage: cache.code_digest(module) for stage, module in json.loads(sys.argv[2]).items()}
+print(json.dumps({"digests": digests, "cpu_seconds": time.process_time() - start}))
+"""
+
+
+def digests_of(root: Path, modules: dict[str, str] = STAGE_MODULES) -> dict:
+    done = subprocess.run([sys.executable, "-c", DIGESTS, str(root), json.dumps(modules)], cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def stages_reaching(root: Path, module: str) -> set[str]:
+    """The stages whose modules import `module`, directly or not, by modulefinder."""
+    found = set()
+    for stage, stage_module in STAGE_MODULES.items():
+        finder = modulefinder.ModuleFinder(path=[str(root)])  # project modules only
+        finder.import_hook(stage_module)
+        if module in finder.modules:
+            found.add(stage)
+    return found
+
+
+def append_comment(root: Path, module: str) -> None:
+    path = root.joinpath(*module.split(".")).with_suffix(".py")
+    path.write_text(path.read_text() + "\n# an edit that changes no behaviour\n")
+
+
+@pytest.fixture
+def project_copy(tmp_path) -> Path:
+    root = tmp_path / "project"
+    for package in PACKAGES:
+        shutil.copytree(ROOT / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def test_every_stage_is_keyed_by_the_digest_of_its_own_module():
+    from grove.cache import code_digest
+    from grove.stage import STAGES
+    from tasks.benchmark import benchmark
+    from tasks.build_onnx import build_onnx
+    from tasks.evaluate import evaluate
+    from tasks.load_data import load_data
+    from tasks.merge_adapters import merge_adapters
+    from tasks.template_corpus import template_corpus
+    from tasks.train import train
+
+    stages = (load_data, template_corpus, train, evaluate, merge_adapters, build_onnx, benchmark)
+    assert tuple(STAGE_MODULES) == STAGES == tuple(s.stage_name for s in stages)
+    for stage in stages:
+        assert stage.__module__ == STAGE_MODULES[stage.stage_name]
+        assert stage.code_version == code_digest(stage.__module__)
+    assert len({stage.code_version for stage in stages}) == len(stages)
+
+
+def test_the_walk_finds_what_modulefinder_finds(project_copy):
+    """The ast walk and the bytecode walk agree on every stage's project imports."""
+    listing = "import json, sys\nfrom grove import cache\nprint(json.dumps({m: cache.import_closure(m) " \
+              "for m in json.loads(sys.argv[1])}))"
+    done = subprocess.run([sys.executable, "-c", listing, json.dumps(list(STAGE_MODULES.values()))],
+                          cwd=project_copy, env={**os.environ, "PYTHONPATH": str(project_copy)},
+                          capture_output=True, text=True, check=True)
+    closures = json.loads(done.stdout)
+    for module in STAGE_MODULES.values():
+        finder = modulefinder.ModuleFinder(path=[str(project_copy)])
+        finder.import_hook(module)
+        assert set(closures[module]) == {m for m in finder.modules if m.split(".")[0] in PACKAGES}, module
+
+
+@pytest.mark.parametrize("helper, expected", [
+    ("grove.textdata", {"template_corpus", "train", "evaluate", "build_onnx", "benchmark"}),
+    ("tasks.build_onnx.quantization", {"build_onnx"}),
+    ("tasks.benchmark.worker", {"benchmark"}),  # run as `python -m`, never imported at run time
+    ("tasks.train.ddp", {"train"}),  # likewise, under torchrun
+    ("grove.engines", {"evaluate", "build_onnx", "benchmark"}),  # benchmark: inside the worker's functions
+    ("tasks.train.cuda_setup", {"train"}),  # imported only inside fit's functions
+    ("grove.store", set(STAGE_MODULES)),
+])
+def test_editing_a_module_changes_exactly_the_keys_of_the_stages_that_import_it(project_copy, helper, expected):
+    assert stages_reaching(project_copy, helper) == expected
+    before = digests_of(project_copy)
+    assert before["cpu_seconds"] < 0.2, "all seven digests must cost a cached rerun next to nothing"
+    append_comment(project_copy, helper)
+    after = digests_of(project_copy)
+    changed = {stage for stage, digest in before["digests"].items() if after["digests"][stage] != digest}
+    assert changed == expected
+
+
+def test_a_module_imported_only_inside_a_function_is_in_the_key(project_copy):
+    (project_copy / "tasks" / "probe.py").write_text(
+        "def run():\n    from . import probe_helper\n\n    return probe_helper.VALUE\n")
+    (project_copy / "tasks" / "probe_helper.py").write_text("VALUE = 1\n")
+    probe = {"probe": "tasks.probe"}
+    before = digests_of(project_copy, probe)["digests"]["probe"]
+    append_comment(project_copy, "tasks.merge_adapters")  # not imported: no change
+    assert digests_of(project_copy, probe)["digests"]["probe"] == before
+    append_comment(project_copy, "tasks.probe_helper")
+    assert digests_of(project_copy, probe)["digests"]["probe"] != before
+
+
+def _python_files(*packages: str):
+    for package in packages:
+        yield from sorted((ROOT / package).rglob("*.py"))
+
+
+def _imported(tree: ast.AST, package: str) -> set[str]:
+    """Every module name an import statement in the tree can bind (absolute and relative)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_no_runtime_module_imports_bench_code():
+    """bench/ holds measurement-only code: keeping it out of grove/ and tasks/ keeps it out of every key."""
+    for path in _python_files("grove", "tasks"):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        imported = _imported(ast.parse(path.read_text()), module.rpartition(".")[0])
+        assert not [name for name in imported if name.split(".")[0] == "bench"], f"{path} imports bench code"
+
+
+def test_a_module_named_in_a_string_is_also_imported():
+    """A `-m package.module` command spelled as a string would escape the key: such a module
+    must be imported by the file that names it (and the command built from its __name__)."""
+    for path in _python_files("grove", "tasks"):
+        tree = ast.parse(path.read_text())
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        named = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)
+                 and isinstance(node.value, str) and node.value.split(".")[0] in PACKAGES and "." in node.value
+                 and ROOT.joinpath(*node.value.split(".")).with_suffix(".py").is_file()}
+        named.discard(module)  # its own logger
+        assert named <= _imported(tree, package), f"{path} names {sorted(named)} without importing them"
+
+
+def test_a_stored_entry_records_the_settings_it_was_built_with(tiny_model, tone_copy, tmp_path, write_config):
+    from flows.config import load_config
+    from grove.cache import stage_key
+    from grove.stage import RunContext, stage_run
+    from grove.store import ArtifactStore
+    from tasks.load_data import load_data
+    from tasks.template_corpus import template_corpus
+
+    cfg = load_config(write_config(tiny_config(tiny_model, tone_copy, tmp_path / "store", tmp_path / "out")))
+    with stage_run(RunContext(store=ArtifactStore(cfg.artifact_root))):
+        data = load_data(cfg.data)
+        corpus = template_corpus(cfg.corpus, data, cfg.model)
+    manifest = json.loads((tmp_path / "store" / "entries" / "template_corpus" / corpus.key / "MANIFEST.json")
+                          .read_text())
+    recorded = manifest["meta"]["settings"]
+    assert recorded == {"corpus": cfg.corpus.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
+                        "data": {"artifact": "load_data", "content": data.content}}
+    assert stage_key("template_corpus", template_corpus.code_version, recorded) == corpus.key
+    assert manifest["meta"]["code_version"] == template_corpus.code_version
+
+
+def test_recorded_settings_hold_no_secret(tiny_model, tone_copy, tmp_path):
+    from flows.config import parse_config
+    from grove.cache import settings_record, stage_key
+
+    raw = tiny_config(tiny_model, tone_copy, tmp_path / "store", tmp_path / "out")
+    raw["passes"]["lora"]["config"]["training_args"]["hub_token"] = "hf_not_a_real_token"
+    cfg = parse_config(raw, base_dir=tmp_path)
+    assert "hf_not_a_real_token" not in json.dumps(settings_record({"settings": cfg.train, "model": cfg.model}))
+
+    signed = cfg.data.model_copy(update={"files": ["https://reader:pa55word@data.example/a.json?X-Amz-Signature=5ig"]})
+    record = json.dumps(settings_record({"data": signed}))
+    assert "pa55word" not in record and "5ig" not in record and "https://data.example/a.json" in record
+    resigned = signed.model_copy(update={"files": ["https://reader:pa55word@data.example/a.json?X-Amz-Signature=x"]})
+    assert stage_key("load_data", "v", {"data": signed}) != stage_key("load_data", "v", {"data": resigned})
