@@ -194,17 +194,53 @@ def test_unsupported_strategy_is_refused_naming_the_key(base, tmp_path):
     assert error.path.endswith("pre_process_data_config.params.corpus_strategy")
 
 
-def test_input_model_adapter_path_is_resolved_and_digested(base, tmp_path):
+def _adapter_folder(tmp_path: Path, **config) -> Path:
     adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    (adapter / "adapter_config.json").write_text('{"r": 4}')
+    adapter.mkdir(exist_ok=True)
+    body = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], **config}
+    (adapter / "adapter_config.json").write_text(json.dumps(body))
+    return adapter
+
+
+def test_input_model_adapter_path_is_resolved_and_digested(base, tmp_path):
+    adapter = _adapter_folder(tmp_path)
     base["input_model"]["adapter_path"] = str(adapter)
     first = parse_config(base, base_dir=tmp_path).model
     assert first.adapter_path == str(adapter) and len(first.adapter_sha256) == 64
-    (adapter / "adapter_config.json").write_text('{"r": 8}')
+    (adapter / "adapter_model.safetensors").write_bytes(b"other weights")
     assert parse_config(base, base_dir=tmp_path).model.adapter_sha256 != first.adapter_sha256
     base["input_model"]["adapter_path"] = str(tmp_path / "nowhere")
     assert error_of(base, tmp_path).path == "input_model.adapter_path"
+
+
+def test_training_from_an_adapter_takes_its_shape_where_the_pass_leaves_it_unset(base, tmp_path):
+    base["input_model"]["adapter_path"] = str(_adapter_folder(tmp_path, r=2, lora_alpha=6))
+    lora = next(p for p in base["passes"].values() if p["type"] in ("LoRA", "QLoRA"))["config"]
+    for key in ("lora_r", "r", "lora_alpha", "alpha", "target_modules"):
+        lora.pop(key, None)
+    train = parse_config(base, base_dir=tmp_path).train
+    assert (train.r, train.alpha, train.target_modules) == (2, 6, ["q_proj", "v_proj"])
+    lora["r"] = 16  # a shape the adapter does not have: refused before any work, naming the key
+    error = error_of(base, tmp_path)
+    assert error.path.endswith(".r") and "r=2" in error.message
+
+
+def test_an_adapter_that_is_not_lora_or_without_a_training_pass_is_refused(base, tmp_path):
+    base["input_model"]["adapter_path"] = str(_adapter_folder(tmp_path, peft_type="IA3"))
+    error = error_of(base, tmp_path)
+    assert error.path == "input_model.adapter_path" and "IA3" in error.message
+    base["input_model"]["adapter_path"] = str(_adapter_folder(tmp_path))
+    base["passes"] = {k: v for k, v in base["passes"].items() if v["type"] == "ModelBuilder"}
+    error = error_of(base, tmp_path)
+    assert error.path == "input_model.adapter_path" and "LoRA or QLoRA pass" in error.message
+
+
+def test_a_dtype_the_cpu_cannot_train_in_is_refused_before_work(base, tmp_path):
+    lora = next(p for p in base["passes"].values() if p["type"] in ("LoRA", "QLoRA"))["config"]
+    lora["torch_dtype"] = "float16"
+    base.setdefault("grove", {})["device"] = "cpu"
+    error = error_of(base, tmp_path)
+    assert error.path.endswith(".torch_dtype") and "CUDA" in error.message
 
 
 def test_data_dir_and_subset_locate_the_data_files(base, tmp_path):

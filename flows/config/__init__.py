@@ -91,7 +91,11 @@ def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None, list_
         _, (kind, cfg, where) = lora
         spec = lora_pass(kind, cfg, where, warn)
         train_data, eval_data, eval_size = _train_data(spec, where, data)
-        train = train_settings(kind, spec, where, grove, warn)
+        train = train_settings(kind, spec, where, grove, warn, model.adapter_path)
+    elif model.adapter_path is not None:
+        raise ConfigError("input_model.adapter_path", "needs a LoRA or QLoRA pass: Grove trains further from "
+                                                      "the adapter (to ship it as it is, merge it into the base "
+                                                      "yourself and name the merged folder as the model)")
     elif not data:
         raise ConfigError("data_configs", "at least one data config is needed (Grove evaluates on its eval split)")
     data_s = data_settings(train_data, eval_data, eval_size, grove.seed, sources)

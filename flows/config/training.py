@@ -33,7 +33,10 @@ def lora_pass(kind: str, cfg: dict, where: str, warn) -> LoraPass:
     return spec
 
 
-def train_settings(kind: str, spec: LoraPass, where: str, grove: GroveSection, warn) -> TrainSettings:
+def train_settings(kind: str, spec: LoraPass, where: str, grove: GroveSection, warn,
+                   adapter_path: str | None = None) -> TrainSettings:
+    """The pass's settings; training from an existing adapter (input_model adapter_path), the LoRA
+    shape the pass leaves unset is the adapter's, and a shape it does set must match it."""
     training_args = training_args_of(spec.training_args, f"{where}.training_args", warn)
     given = {
         "r": spec.lora_r or spec.r, "alpha": spec.lora_alpha or spec.alpha, "dropout": spec.lora_dropout,
@@ -42,7 +45,17 @@ def train_settings(kind: str, spec: LoraPass, where: str, grove: GroveSection, w
         "compute_dtype": getattr(spec, "compute_dtype", None), "double_quant": getattr(spec, "double_quant", None),
         "quant_type": getattr(spec, "quant_type", None),
     }
-    return TrainSettings(
+    if adapter_path is not None:
+        from tasks.train.base import adapter_lora_config
+
+        try:
+            shape = adapter_lora_config(adapter_path)
+        except ValueError as exc:
+            raise ConfigError("input_model.adapter_path", str(exc).removeprefix("adapter_path: ")) from None
+        for key in ("r", "alpha", "target_modules", "modules_to_save"):
+            if given[key] is None and shape[key] is not None:
+                given[key] = shape[key]
+    settings = TrainSettings(
         method=kind.lower(),
         **{k: v for k, v in given.items() if v is not None},  # unset: TrainSettings' defaults
         training_args=training_args,
@@ -53,6 +66,23 @@ def train_settings(kind: str, spec: LoraPass, where: str, grove: GroveSection, w
         compile=grove.train.compile,
         processes=training_processes(grove, "grove.train.processes"),
     )
+    _check_training(settings, where, grove.device, adapter_path, spec.model_fields_set)
+    return settings
+
+
+def _check_training(settings: TrainSettings, where: str, device: str, adapter_path: str | None,
+                    written: set[str]) -> None:
+    """What the train stage would refuse after loading the model, refused here instead."""
+    from tasks.train.base import adapter_conflicts, dtype_problems
+
+    # only a dtype the config names can be refused; the check imports torch, which a cached rerun skips
+    problems = dtype_problems(settings, device) if settings.torch_dtype or settings.compute_dtype else []
+    if adapter_path is not None:
+        problems += adapter_conflicts(settings, adapter_path)
+    if problems:
+        key, _, message = problems[0].partition(": ")
+        spelled = {"lora_r": "r", "lora_alpha": "alpha"}.get(key)  # name the key as the config wrote it
+        raise ConfigError(f"{where}.{spelled if spelled in written else key}", message)
 
 
 def training_processes(grove: GroveSection, where: str) -> int:
