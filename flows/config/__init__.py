@@ -34,6 +34,7 @@ from grove.settings import (
     SearchSettings,
     TrainSettings,
 )
+from grove.errors import UserError
 from grove.machine import gpu_count, machine_description
 from grove.stage import STAGES
 
@@ -42,7 +43,7 @@ DATA_FORMATS = {"json": "json", "jsonl": "json", "csv": "csv", "parquet": "parqu
 NOT_HERE = "is not supported here, use a local path or s3:// URL"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config problem, with the key path (and file) it concerns."""
 
     def __init__(self, path: str, message: str, source: str | None = None):
@@ -312,12 +313,15 @@ def load_config(path: str | Path, base_dir: Path | None = None, list_remote_data
     except yaml.YAMLError as exc:
         raise ConfigError("", f"invalid YAML: {exc}", str(path)) from exc
     try:
-        return parse_config(raw, base_dir=base_dir or Path.cwd(), config_dir=path.parent.resolve(),
-                            list_remote_data=list_remote_data)
+        config = parse_config(raw, base_dir=base_dir or Path.cwd(), config_dir=path.parent.resolve(),
+                              list_remote_data=list_remote_data)
     except ConfigError as exc:
         if exc.source is None:
             raise ConfigError(exc.path, exc.message, str(path)) from None
         raise
+    from flows.config.checks import check_run_config
+
+    return check_run_config(config, raw, str(path), on_this_machine=list_remote_data)
 
 
 def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None, list_remote_data: bool = True) -> RunConfig:
@@ -818,28 +822,10 @@ def _format_of(path: str, where: str) -> str:
 
 def _file_columns(path: str) -> list[str] | None:
     """Column names from the first record of a local json/jsonl/csv file (None: not checked here)."""
-    if "://" in path:
-        return None
-    suffix = path.rsplit(".", 1)[-1].lower()
-    with open(path, encoding="utf-8") as handle:
-        if suffix == "csv":
-            import csv
+    from grove.data_check import first_columns
 
-            return next(csv.reader(handle), [])
-        if suffix in ("json", "jsonl"):
-            head = handle.read(1)
-            handle.seek(0)
-            if head == "[":
-                records = json.load(handle)
-                return sorted(records[0]) if records else []
-            for lineno, line in enumerate(handle, 1):
-                if line.strip():
-                    try:
-                        return sorted(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise ConfigError("", f"{path}, line {lineno}: not valid JSON ({exc.msg})") from None
-            return []
-    return None
+    suffix = path.rsplit(".", 1)[-1].lower()
+    return None if "://" in path or suffix not in DATA_FORMATS else first_columns(path, DATA_FORMATS[suffix])
 
 
 def _file_digest(path: str, paths: _Paths) -> str:
