@@ -92,6 +92,35 @@ def user_mistakes() -> tuple[type[BaseException], ...]:
     return UserError, MissingStageError, StoreError, FileNotFoundError, PermissionError
 
 
+class _NoUserErrorTracebacks:
+    """A logging filter for Prefect's console handler: a stage that stops on a user's mistake is
+    said once, by the CLI, in one line; Prefect's own lines and traceback (still sent to the API,
+    for the UI) would bury it."""
+
+    def filter(self, record) -> bool:
+        from grove.errors import UserError
+
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, UserError):
+            return False
+        names = {cls.__name__ for cls in (UserError, *UserError.__subclasses__())}
+        return not any(f"exception {name}:" in record.getMessage() for name in names)
+
+
+def _quiet_user_errors_in_prefect_console() -> None:
+    import logging
+
+    from prefect.logging import configuration
+    from prefect.logging.handlers import APILogHandler
+
+    if not configuration.PROCESS_LOGGING_CONFIG:  # Prefect sets its handlers up at the first run
+        configuration.setup_logging()
+    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):  # "": the console handler
+        for handler in logging.getLogger(name).handlers:
+            if not isinstance(handler, APILogHandler):
+                handler.addFilter(_NoUserErrorTracebacks())
+
+
 @contextmanager
 def _clean_errors():
     try:
@@ -176,6 +205,7 @@ def run(config: Path = CONFIG, from_stage: Optional[str] = FROM_STAGE) -> None:
         progress.update(bars[record.stage], completed=total, total=total,
                         info=f"[green]{record.status}[/] {key_result(record.stage, record.ref.summary)}")
 
+    _quiet_user_errors_in_prefect_console()
     token = observers.set({"on_stage_start": start, "on_progress": step, "on_stage_end": end})
     started = time.monotonic()
     try:
