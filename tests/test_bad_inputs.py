@@ -123,7 +123,7 @@ def cuda_device_without_cuda_torch(raw, tmp):
     import torch
 
     if torch.cuda.is_available():
-        pytest.skip("this machine trains on CUDA")
+        pytest.skip("this machine trains on CUDA")  # the test process has torch already (tiny_model)
     raw["grove"]["device"] = "cuda"
     return "grove.device: cuda, but torch"
 

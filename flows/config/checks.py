@@ -204,12 +204,13 @@ def _check_data_files(config: RunConfig) -> None:
 
 def _check_runtimes(config: RunConfig, where: _Where) -> None:
     if config.device == "cuda":
-        import torch
+        from grove.machine import gpu_count
 
-        if not torch.cuda.is_available():
-            why = "is a CPU build" if torch.version.cuda is None else "finds no CUDA GPU"
-            raise ConfigError("grove.device", f"cuda, but torch {torch.__version__} here {why}; "
-                                              f"set device auto or cpu (LoRA and QLoRA train on a CPU too)")
+        version, cuda = torch_build()
+        why = "is a CPU build" if cuda is None else None if gpu_count() else "finds no NVIDIA GPU (nvidia-smi)"
+        if why:
+            raise ConfigError("grove.device", f"cuda, but torch {version} here {why}; set device auto or cpu "
+                                              f"(LoRA and QLoRA train on a CPU too)")
     if config.train is not None and config.train.method == "qlora":
         import importlib.util
 
@@ -223,6 +224,21 @@ def _check_runtimes(config: RunConfig, where: _Where) -> None:
         if problem:
             at = next((a for a, ep in where.providers() if ep == "CUDAExecutionProvider"), "engine.execution_providers")
             raise ConfigError(at, problem)
+
+
+def torch_build() -> tuple[str, str | None]:
+    """torch's version and the CUDA version it was built for (None: a CPU build), read from
+    torch/version.py: importing torch costs seconds."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("torch")
+    values: dict[str, Any] = {}
+    for node in ast.parse((Path(spec.origin).parent / "version.py").read_text()).body:
+        target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+        if isinstance(target, ast.Name) and isinstance(getattr(node, "value", None), ast.Constant):
+            values[target.id] = node.value.value
+    return values.get("__version__", "?"), values.get("cuda")
 
 
 def cuda_onnx_problem() -> str | None:
