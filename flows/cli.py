@@ -93,17 +93,16 @@ def user_mistakes() -> tuple[type[BaseException], ...]:
 
 
 class _NoUserErrorTracebacks:
-    """A logging filter for Prefect's console handler: a stage that stops on a user's mistake is
-    said once, by the CLI, in one line; Prefect's own lines and traceback (still sent to the API,
-    for the UI) would bury it."""
+    """A logging filter for Prefect's console handler: a run that stops on a user's mistake (bad
+    remote data, a denied store) is said once, by the CLI, in one line; Prefect's own lines and
+    traceback (still sent to the API, for the UI) would bury it."""
 
     def filter(self, record) -> bool:
-        from grove.errors import UserError
-
+        mistakes = user_mistakes()
         error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, UserError):
+        if isinstance(error, mistakes):
             return False
-        names = {cls.__name__ for cls in (UserError, *UserError.__subclasses__())}
+        names = {cls.__name__ for kind in mistakes for cls in (kind, *kind.__subclasses__())}
         return not any(f"exception {name}:" in record.getMessage() for name in names)
 
 
@@ -113,6 +112,8 @@ def _quiet_user_errors_in_prefect_console() -> None:
     from prefect.logging import configuration
     from prefect.logging.handlers import APILogHandler
 
+    if DEBUG["traceback"]:
+        return
     if not configuration.PROCESS_LOGGING_CONFIG:  # Prefect sets its handlers up at the first run
         configuration.setup_logging()
     for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):  # "": the console handler
