@@ -6,7 +6,9 @@ import json
 import os
 import sys
 import time
+import traceback
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -57,14 +59,75 @@ def _skip_tls_setup_for_plain_http() -> None:
         os.environ["PREFECT_API_TLS_INSECURE_SKIP_VERIFY"] = "true"
 
 
+DEBUG = {"traceback": False}
+
+
 @app.callback()
-def _setup() -> None:
+def _setup(debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error, too.")) -> None:
+    DEBUG["traceback"] = debug
     _quiet_libraries()
 
 
-def _fail(error: Exception) -> None:
-    console.print(f"[bold red]error:[/] {error}", highlight=False, markup=True)
+def _message(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{error.filename}: {error.strerror or error}"
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _fail(error: BaseException) -> None:
+    """A user's mistake: one line on stderr, `error: <where>: <what>`, exit code 2."""
+    if DEBUG["traceback"]:
+        traceback.print_exception(error, file=sys.stderr)
+    print(f"error: {_message(error)}", file=sys.stderr, flush=True)
     raise typer.Exit(2)
+
+
+def user_mistakes() -> tuple[type[BaseException], ...]:
+    """What a user can fix: a config, data file or folder, a missing input file, a store that
+    cannot be reached or is denied, --from-stage without the earlier stages stored."""
+    from grove.errors import UserError
+    from grove.stage import MissingStageError
+    from grove.store import StoreError
+
+    return UserError, MissingStageError, StoreError, FileNotFoundError, PermissionError
+
+
+class _NoUserErrorTracebacks:
+    """A logging filter for Prefect's console handler: a run that stops on a user's mistake (bad
+    remote data, a denied store) is said once, by the CLI, in one line; Prefect's own lines and
+    traceback (still sent to the API, for the UI) would bury it."""
+
+    def filter(self, record) -> bool:
+        mistakes = user_mistakes()
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, mistakes):
+            return False
+        names = {cls.__name__ for kind in mistakes for cls in (kind, *kind.__subclasses__())}
+        return not any(f"exception {name}:" in record.getMessage() for name in names)
+
+
+def _quiet_user_errors_in_prefect_console() -> None:
+    import logging
+
+    from prefect.logging import configuration
+    from prefect.logging.handlers import APILogHandler
+
+    if DEBUG["traceback"]:
+        return
+    if not configuration.PROCESS_LOGGING_CONFIG:  # Prefect sets its handlers up at the first run
+        configuration.setup_logging()
+    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):  # "": the console handler
+        for handler in logging.getLogger(name).handlers:
+            if not isinstance(handler, APILogHandler):
+                handler.addFilter(_NoUserErrorTracebacks())
+
+
+@contextmanager
+def _clean_errors():
+    try:
+        yield
+    except user_mistakes() as exc:
+        _fail(exc)
 
 
 @app.command()
@@ -72,13 +135,11 @@ def validate(config: Path = CONFIG,
              resolved: bool = typer.Option(False, "--resolved", help="print each stage's resolved settings "
                                                                     "(JSON) and every warning")) -> None:
     """Check a run config without running anything."""
-    from flows.config import ConfigError, load_config
+    from flows.config import load_config
 
     warnings: list[str] = []
-    try:
+    with _clean_errors():
         cfg = load_config(config, warnings=warnings)
-    except ConfigError as exc:
-        _fail(exc)
     if resolved:
         print(cfg.model_dump_json(indent=2))
         for warning in warnings:
@@ -91,14 +152,11 @@ def validate(config: Path = CONFIG,
 @app.command()
 def stages(config: Path = CONFIG, from_stage: Optional[str] = FROM_STAGE) -> None:
     """The plan: each stage, whether it would be a cache hit, and why not."""
-    from flows.config import ConfigError
     from flows.optimize import plan
     from grove.stage import STAGES
 
-    try:
+    with _clean_errors():
         records = {r.stage: r for r in plan(str(config), from_stage)}
-    except ConfigError as exc:
-        _fail(exc)
     table = Table(title=f"Plan for {config}")
     for column in ("stage", "cache", "why", "key"):
         table.add_column(column)
@@ -115,7 +173,9 @@ def stages(config: Path = CONFIG, from_stage: Optional[str] = FROM_STAGE) -> Non
 
 def _stage_failed(bars: dict[str, int], finished: set[str], exc: Exception) -> None:
     failed = next((s for s in reversed(bars) if s not in finished), "?")
-    console.print(f"[bold red]error:[/] stage {failed} failed: {exc}", highlight=False)
+    if DEBUG["traceback"]:
+        traceback.print_exception(exc, file=sys.stderr)
+    print(f"error: stage {failed} failed: {_message(exc)}", file=sys.stderr, flush=True)
     console.print("stages that finished are stored; run again to resume from the failed stage")
     raise typer.Exit(1) from exc
 
@@ -123,17 +183,16 @@ def _stage_failed(bars: dict[str, int], finished: set[str], exc: Exception) -> N
 @app.command()
 def run(config: Path = CONFIG, from_stage: Optional[str] = FROM_STAGE) -> None:
     """Run the recipe: seven cached stages, progress per stage, then a summary table."""
-    from flows.config import ConfigError, load_config
+    from flows.config import load_config
     from flows.optimize import check_from_stage, observers, optimize
     from flows.report import key_result
+    from grove.errors import UserError
     from grove.stage import MissingStageError
     from grove.store import StoreError
 
-    try:
+    with _clean_errors():  # bad input fails here: before Prefect starts, before the store is touched
         check_from_stage(from_stage)
-        load_config(config)  # fail on bad input before Prefect starts
-    except ConfigError as exc:
-        _fail(exc)
+        load_config(config)
     progress = Progress(TextColumn("[bold]{task.description:<15}"), BarColumn(bar_width=20),
                         TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), TextColumn("eta"),
                         TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console)
@@ -154,12 +213,13 @@ def run(config: Path = CONFIG, from_stage: Optional[str] = FROM_STAGE) -> None:
         progress.update(bars[record.stage], completed=total, total=total,
                         info=f"[green]{record.status}[/] {key_result(record.stage, record.ref.summary)}")
 
+    _quiet_user_errors_in_prefect_console()
     token = observers.set({"on_stage_start": start, "on_progress": step, "on_stage_end": end})
     started = time.monotonic()
     try:
         with progress:
             result = optimize(str(config), from_stage)
-    except (ConfigError, MissingStageError) as exc:
+    except (UserError, MissingStageError) as exc:  # e.g. remote data that load_data found bad
         _fail(exc)
     except StoreError as exc:
         if not bars:  # the store could not be used at all: nothing ran
@@ -193,18 +253,16 @@ STORE_URI = typer.Option(None, "--store", help="Artifact root (folder or s3://bu
 
 def _open_store(config: Optional[Path], store: Optional[str]):
     """The artifact store named directly or by a run config (keys from the environment or its block)."""
-    from flows.config import ConfigError, load_config
+    from flows.config import load_config
     from grove.store import ArtifactStore
 
     if (config is None) == (store is None):
         _fail(ValueError("give either --config or --store"))
-    if store is not None:
-        return ArtifactStore(store)
-    try:
+    with _clean_errors():
+        if store is not None:
+            return ArtifactStore(store)
         cfg = load_config(config)
-    except ConfigError as exc:
-        _fail(exc)
-    return ArtifactStore(cfg.artifact_root, cfg.aws_credentials_block)
+        return ArtifactStore(cfg.artifact_root, cfg.aws_credentials_block)
 
 
 @app.command()
@@ -330,13 +388,10 @@ def serve(config: str = typer.Option(..., "--config", "-c", help="Run config (pa
           name: str = typer.Option("grove-nightly", help="Deployment name."),
           from_stage: Optional[str] = FROM_STAGE) -> None:
     """Serve the flow on a schedule from this process (no work pool needed); Ctrl-C stops it."""
-    from flows.config import ConfigError
     from flows.deployments import serve as serve_flow
 
-    try:
+    with _clean_errors():
         serve_flow(config, cron, timezone, name, from_stage)
-    except ConfigError as exc:
-        _fail(exc)
 
 
 @app.command()
@@ -345,13 +400,10 @@ def deploy(prefect_yaml: Path = typer.Option(Path("prefect.yaml"), "--file", hel
     """Check prefect.yaml, create the process work pool if missing, then `prefect deploy --all`."""
     import subprocess
 
-    from flows.config import ConfigError
     from flows.deployments import check_prefect_yaml
 
-    try:
+    with _clean_errors():
         deployments = check_prefect_yaml(prefect_yaml)
-    except ConfigError as exc:
-        _fail(exc)
     prefect = [sys.executable, "-m", "prefect", "--no-prompt"]
     env = {**os.environ, "GROVE_PROJECT_DIR": str(prefect_yaml.resolve().parent)}
     pools = subprocess.run(prefect + ["work-pool", "inspect", pool], capture_output=True, text=True, env=env)
@@ -369,7 +421,15 @@ def deploy(prefect_yaml: Path = typer.Option(Path("prefect.yaml"), "--file", hel
 
 
 def main() -> None:
-    app()
+    """The `grove` command. A user's mistake raised outside a command's own handling still ends as
+    one line (exit 2); anything else keeps its traceback, it is a bug to report."""
+    try:
+        app(standalone_mode=True)
+    except user_mistakes() as exc:
+        try:
+            _fail(exc)
+        except typer.Exit as done:
+            sys.exit(done.exit_code)
 
 
 if __name__ == "__main__":

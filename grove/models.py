@@ -27,7 +27,7 @@ BUNDLED = {
 # not wait for the one-time conversion (e.g. an int8 LM head on tied embeddings).
 BUNDLED_CONFIG = {
     "smollm2-135m-instruct": {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                              "tie_word_embeddings": True},
+                              "tie_word_embeddings": True, "num_hidden_layers": 30},
 }
 # Bump when the GGUF -> HF conversion changes, so converted folders are rebuilt.
 CONVERTER_VERSION = "1"
@@ -70,6 +70,35 @@ def model_config(model: ModelSettings) -> dict | None:
         return BUNDLED_CONFIG.get(model.bundled)
     path = Path(model.path) / "config.json" if model.path else None
     return json.loads(path.read_text()) if path and path.is_file() else None
+
+
+def module_types(model: ModelSettings) -> dict[str, str]:
+    """Every module name of the model and its class name, from its config alone: built on the
+    meta device, no weights read. Importing torch and transformers costs seconds (~10 s on a
+    busy 2-core machine), so the answer is kept in GROVE_HOME under the model's content digest."""
+    memo = grove_home() / "module-names" / f"{model.content_sha256[:24]}.json"
+    try:
+        return json.loads(memo.read_text())
+    except (OSError, ValueError):
+        pass
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if model.path:
+        config = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+    else:
+        # the names need the architecture and layer count, not the sizes: reading them from the
+        # GGUF (or converting it) costs ~10-20 s more
+        shape = {k: v for k, v in BUNDLED_CONFIG[model.bundled].items() if k not in ("architectures", "model_type")}
+        config = AutoConfig.for_model(BUNDLED_CONFIG[model.bundled]["model_type"], **shape)
+    with init_empty_weights():
+        built = AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code)
+    found = {name: type(module).__name__ for name, module in built.named_modules() if name}
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(found))
+    tmp.replace(memo)
+    return found
 
 
 def bundled_gguf(bundled: str) -> Path:

@@ -14,6 +14,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+from grove.data_check import check_data
 from grove.data_files import content_digest, is_remote, open_data
 from grove.credentials import s3_access
 from grove.settings import DataSettings
@@ -97,10 +98,11 @@ def load_data(data: DataSettings) -> dict:
 
 
 def _dedupe_split_store(data: DataSettings, files: list[str], eval_files: list[str]) -> dict:
+    # Read through first, as local data was at run start (flows/config/checks.py): remote data
+    # is read here for the first time, and gets the same one-line errors naming the URL.
+    check_data(files, data.format, data.text_cols, data.eval_size, eval_files or None, data.max_samples,
+               shown=dict(zip(files + eval_files, data.files + (data.eval_files or []))))
     rows = read_rows(files, data.format, data.split)
-    missing = [c for c in data.text_cols if rows and c not in rows[0]]
-    if missing:
-        raise ValueError(f"{data.files[0]}: columns {missing} are missing (has {sorted(rows[0])})")
     if data.max_samples:
         rows = rows[: data.max_samples]
     unique, duplicates = dedupe(rows, data.text_cols)
@@ -112,8 +114,6 @@ def _dedupe_split_store(data: DataSettings, files: list[str], eval_files: list[s
         train_text = {row_text(r, data.text_cols) for r in train}
         eval_rows = [r for r in eval_rows if row_text(r, data.text_cols) not in train_text]
     else:
-        if len(unique) < 2:
-            raise ValueError(f"{data.files[0]}: need at least 2 distinct rows to split train/eval, got {len(unique)}")
         train, eval_rows = split_rows(unique, data.eval_size, data.seed)
     out = output_dir()
     for name, part in (("train.jsonl", train), ("eval.jsonl", eval_rows)):

@@ -11,6 +11,7 @@ import yaml
 
 from conftest import ROOT, TONE_DATA, tiny_config
 from flows.config import ConfigError, load_config, parse_config
+from grove.errors import UserError
 
 
 @pytest.fixture
@@ -156,8 +157,9 @@ def test_bad_data_line_names_file_and_line(base, tmp_path):
     data.write_text("not json\n")
     raw = copy.deepcopy(base)
     raw["data_configs"][0]["load_dataset_config"]["params"]["data_files"] = str(data)
-    error = error_of(raw, tmp_path)
-    assert "bad.jsonl, line 1" in str(error)
+    with pytest.raises(UserError) as caught:
+        parse_config(raw, base_dir=tmp_path)
+    assert str(caught.value).startswith(f"{data}:1: not valid JSON")
 
 
 # ---- Olive 0.13 names and the keys a fine-tuning user expects honoured ------------------------------

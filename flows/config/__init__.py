@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from flows.config.checks import check_run_config
 from flows.config.build import build_settings, execution_provider, search_settings
 from flows.config.data import corpus_settings, data_configs, data_settings
 from flows.config.errors import ConfigError, Warnings, check_keys, did_you_mean, validate
@@ -52,12 +53,14 @@ def load_config(path: str | Path, base_dir: Path | None = None, list_remote_data
     except yaml.YAMLError as exc:
         raise ConfigError("", f"invalid YAML: {exc}", str(path)) from exc
     try:
-        return parse_config(raw, base_dir=base_dir or Path.cwd(), config_dir=path.parent.resolve(),
-                            list_remote_data=list_remote_data, warnings=warnings)
+        config = parse_config(raw, base_dir=base_dir or Path.cwd(), config_dir=path.parent.resolve(),
+                              list_remote_data=list_remote_data, warnings=warnings)
     except ConfigError as exc:
         if exc.source is None:
             raise ConfigError(exc.path, exc.message, str(path)) from None
         raise
+    # what the machine must offer, and every data file read through, before any work
+    return check_run_config(config, raw, str(path), on_this_machine=list_remote_data)
 
 
 def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None, list_remote_data: bool = True,
@@ -129,7 +132,6 @@ def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None, list_
         benchmark=BenchmarkSettings(**grove.benchmark.model_dump(), machine=machine_description(grove.device)),
         promotion=promotion_settings(grove.promotion, name, bool(builders), bool(merges)),
     )
-    # checks hook: environment checks after parsing (flows/config/checks.py, written separately) go here
     return config
 
 

@@ -10,10 +10,12 @@ from typing import Any, Iterable
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from grove.errors import UserError
+
 log = logging.getLogger("grove.config")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config problem, with the key path (and file) it concerns."""
 
     def __init__(self, path: str, message: str, source: str | None = None):

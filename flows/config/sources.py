@@ -142,26 +142,9 @@ def format_of(path: str, where: str) -> str:
 
 
 def file_columns(path: str) -> list[str] | None:
-    """Column names from the first record of a local json/jsonl/csv file (None: not checked here)."""
-    if "://" in path:
-        return None
-    suffix = path.rsplit(".", 1)[-1].lower()
-    with open(path, encoding="utf-8") as handle:
-        if suffix == "csv":
-            import csv
+    """Column names from the first record of a local json/jsonl/csv file (None: not checked here).
+    A file that is not readable text is named here, by file and line (grove/data_check.py)."""
+    from grove.data_check import first_columns
 
-            return next(csv.reader(handle), [])
-        if suffix in ("json", "jsonl"):
-            head = handle.read(1)
-            handle.seek(0)
-            if head == "[":
-                records = json.load(handle)
-                return sorted(records[0]) if records else []
-            for lineno, line in enumerate(handle, 1):
-                if line.strip():
-                    try:
-                        return sorted(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise ConfigError("", f"{path}, line {lineno}: not valid JSON ({exc.msg})") from None
-            return []
-    return None
+    suffix = path.rsplit(".", 1)[-1].lower()
+    return None if "://" in path or suffix not in DATA_FORMATS else first_columns(path, DATA_FORMATS[suffix])
