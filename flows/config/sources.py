@@ -4,7 +4,6 @@ Olive does), then the config's folder."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from flows.config.errors import ConfigError

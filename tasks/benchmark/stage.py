@@ -12,7 +12,6 @@ one row of them).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -1,39 +1,13 @@
-"""The artifact store: content-addressed files and per-entry manifests over fsspec.
-
-Layout under the artifact root (a local folder or s3://bucket/prefix, any fsspec URL):
-
-    blobs/<sha[:2]>/<sha>                each distinct file once, named by its sha256
-    manifests/<digest>.json              every manifest ever written, immutable, by digest
-    entries/<stage>/<key>/MANIFEST.json  the entry for one stage's cache key (a manifest copy)
-    runs/<run id>.json                   what each run used and produced (grove runs / gc)
-    checkpoints/<stage>/<key>/<step:08d>/MANIFEST.json
-                                         a running stage's checkpoint (training state)
-
-A manifest lists every file of the entry (relative path, size, sha256) and is written
-LAST, after all blobs are in place: an entry without a manifest is incomplete and never
-counts as a cache hit. Downstream stages open an upstream artifact by its digest, through
-the immutable copy, so two runs racing on one key each read a consistent set of files
-whichever manifest ends up as the entry. The store knows nothing of stages beyond the
-names it is given.
-
-Checkpoints follow the same rules (blobs, manifest written last, verified when read). The
-newest two of a (stage, key) are kept while the stage runs and all are dropped once its
-entry is stored; dropping one deletes the blobs no other manifest lists, so optimizer
-states do not pile up between `grove gc` runs.
-"""
+"""ArtifactStore: content-addressed blobs and per-entry manifests over fsspec, with retries."""
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
-import time
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -43,79 +17,14 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 
 from grove.credentials import S3Access, s3_access
 
-MANIFEST = "MANIFEST.json"
-_CHUNK = 8 * 1024 * 1024
+from grove.store.checkpoints import Checkpoints
+from grove.store.entries import MANIFEST, Entry, StoreError, _transient, manifest_digest, sha256_file
+
 log = logging.getLogger("grove.store")
 T = TypeVar("T")
 
 
-class StoreError(RuntimeError):
-    """The store cannot be used (unreachable, denied, full, corrupted entry)."""
-
-    def __init__(self, message: str, transient: bool = False):
-        super().__init__(message)
-        self.transient = transient  # a retry later may succeed (connection dropped, 5xx)
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def manifest_digest(files: Any, meta: Any) -> str:
-    return sha256_bytes(json.dumps({"files": files, "meta": meta}, sort_keys=True).encode())
-
-
-@dataclass(frozen=True)
-class Entry:
-    """A complete, verified entry: its manifest and where its files are."""
-
-    stage: str
-    key: str
-    manifest: dict[str, Any]
-
-    @property
-    def digest(self) -> str:
-        return self.manifest["digest"]
-
-    @property
-    def files(self) -> dict[str, dict[str, Any]]:
-        return self.manifest["files"]
-
-    @property
-    def size_bytes(self) -> int:
-        return sum(f["size"] for f in self.files.values())
-
-    @property
-    def step(self) -> int | None:
-        """A checkpoint's training step (None for an entry)."""
-        return self.manifest["meta"].get("step")
-
-    @property
-    def content(self) -> str:
-        """The files alone (names and sha256), not when or how fast they were made: a stage
-        that reruns and writes the same bytes leaves every downstream cache key unchanged."""
-        return sha256_bytes(json.dumps(self.files, sort_keys=True).encode())
-
-
-def _transient(exc: BaseException) -> bool:
-    """Errors worth another try: dropped connections, timeouts, 5xx; never a missing file,
-    a denied request or a full disk."""
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
-        return False
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
-        return False
-    return isinstance(exc, (OSError, TimeoutError, ConnectionError)) or "botocore" in type(exc).__module__
-
-
-class ArtifactStore:
+class ArtifactStore(Checkpoints):
     """Stores directories of stage outputs under content-addressed blobs."""
 
     def __init__(self, root: str, credentials_block: str | None = None, local_cache: str | Path | None = None,
@@ -408,192 +317,7 @@ class ArtifactStore:
                 log.warning("skipping %s: %s", path, exc)
         return documents
 
-    # ---- checkpoints -------------------------------------------------------------------
-    def put_checkpoint(self, stage: str, key: str, step: int, local_dir: Path, keep: int = 2) -> Entry:
-        """Store local_dir as the checkpoint at `step` of (stage, key), manifest last; then
-        drop all but the newest `keep` checkpoints of (stage, key) (0 keeps all)."""
-        label = f"checkpoint {stage}/{key}@{step}"
-        files = self._put_files(local_dir, label)
-        meta = {"step": step, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        body = {"stage": stage, "key": key, "files": files, "meta": meta, "digest": manifest_digest(files, meta)}
-        self._retry(f"writing the manifest of {label}",
-                    lambda: self._write_json(self._checkpoint_path(stage, key, step, MANIFEST), body))
-        if keep > 0:
-            self._drop_checkpoints(stage, key, self.checkpoint_steps(stage, key)[:-keep])
-        return Entry(stage, key, body)
-
-    def checkpoint_steps(self, stage: str, key: str) -> list[int]:
-        """Steps of (stage, key) that have a checkpoint manifest, oldest first (not verified)."""
-        paths = self._retry(f"listing the checkpoints of {stage}/{key}",
-                            lambda: self.fs.glob(self._checkpoint_path(stage, key, "*", MANIFEST)))
-        names = [path.rstrip("/").split("/")[-2] for path in paths]
-        return sorted(int(name) for name in names if name.isdigit())
-
-    def latest_checkpoint(self, stage: str, key: str) -> Entry | None:
-        """The newest complete, verified checkpoint of (stage, key); a damaged one is skipped
-        (with a warning) in favour of the one before it."""
-        skipped = []
-        for step in reversed(self.checkpoint_steps(stage, key)):
-            entry = self._load(self._checkpoint_path(stage, key, step, MANIFEST), f"{stage}/{key} checkpoint {step}")
-            if entry is not None:
-                if skipped:
-                    log.warning("checkpoint %s/%s: step %s unusable; falling back to step %d", stage, key,
-                                ", ".join(map(str, skipped)), step)
-                return entry
-            skipped.append(step)
-        return None
-
-    def drop_checkpoints(self, stage: str, key: str) -> int:
-        """Drop every checkpoint of (stage, key) (once its entry is stored); how many there were."""
-        folder = self._path("checkpoints", stage, key)
-        if not self._retry(f"listing the checkpoints of {stage}/{key}", lambda: self.fs.exists(folder)):
-            return 0
-        steps = self.checkpoint_steps(stage, key)
-        self._drop_checkpoints(stage, key, steps)
-        try:
-            self._retry(f"removing the checkpoints of {stage}/{key}", lambda: self.fs.rm(folder, recursive=True))
-        except FileNotFoundError:
-            pass
-        return len(steps)
-
-    def _checkpoint_path(self, stage: str, key: str, step: int | str, *parts: str) -> str:
-        return self._path(_checkpoint_rel(stage, key, step, *parts))
-
-    def _drop_checkpoints(self, stage: str, key: str, steps: list[int]) -> None:
-        """Manifests first (a half-dropped checkpoint never counts), then the blobs no other
-        manifest lists, then the local views."""
-        if not steps:
-            return
-        shas, digests = set(), []
-        for step in steps:
-            manifest = _checkpoint_rel(stage, key, step, MANIFEST)
-            try:
-                body = self._read_json(self._path(manifest), f"reading the manifest of {stage}/{key} checkpoint {step}")
-                shas |= {info["sha256"] for info in body["files"].values()}
-                digests.append(body["digest"])
-            except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
-                pass  # unreadable: its blobs stay for `grove gc`
-            self.remove(manifest)
-        live = self._listed_blobs()
-        if live is not None:
-            for sha in shas - live:
-                self.remove(f"blobs/{sha[:2]}/{sha}")
-        for digest in digests:
-            shutil.rmtree(self.materialized / digest, ignore_errors=True)
-        if self.is_local:  # the emptied step folders (S3 has no folders)
-            for step in steps:
-                shutil.rmtree(self._checkpoint_path(stage, key, step), ignore_errors=True)
-
-    def _listed_blobs(self) -> set[str] | None:
-        """Every blob a manifest (entry, by-digest copy or checkpoint) lists; None if one cannot
-        be read. The manifests are fetched in one batch (concurrently on S3)."""
-        patterns = (self._path("entries", "*", "*", MANIFEST), self._path("manifests", "*.json"),
-                    self._checkpoint_path("*", "*", "*", MANIFEST))
-        paths = [path for pattern in patterns
-                 for path in self._retry("listing manifests", lambda: self.fs.glob(pattern))]
-        shas: set[str] = set()
-        for body in self.read_manifests(paths).values():
-            if body is None:
-                return None  # cannot tell what it lists: delete nothing (grove gc will)
-            shas |= {info["sha256"] for info in body["files"].values()}
-        return shas
-
-    def read_manifests(self, paths: list[str]) -> dict[str, dict | None]:
-        """Manifests fetched in one batch (concurrently on S3): path -> body, None for one that
-        cannot be parsed; those removed meanwhile are left out."""
-        if not paths:
-            return {}
-        raw = self._retry("reading manifests", lambda: self.fs.cat(paths, on_error="return"))
-        bodies: dict[str, dict | None] = {}
-        for path, data in raw.items():
-            if isinstance(data, FileNotFoundError):
-                continue  # dropped meanwhile
-            try:
-                body = json.loads(data) if not isinstance(data, Exception) else None
-                bodies[path] = body if isinstance(body, dict) and isinstance(body.get("files"), dict) else None
-            except ValueError:
-                bodies[path] = None
-        return bodies
-
-
-def _checkpoint_rel(stage: str, key: str, step: int | str, *parts: str) -> str:
-    return "/".join(["checkpoints", stage, key, f"{step:08d}" if isinstance(step, int) else step, *parts])
-
-
-def folder_bytes(folder: str | Path) -> int:
-    """Size on disk of every file under a local folder."""
-    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
-
 
 def _ensure(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-# ---- garbage collection -------------------------------------------------------------------------
-@dataclass
-class GcReport:
-    entries: list[str]
-    blobs: int
-    bytes_freed: int
-    other: int  # superseded manifests, Prefect result records, leftovers of interrupted writes
-
-
-def _age_seconds(info: dict[str, Any]) -> float:
-    stamp = info.get("mtime") or info.get("LastModified") or info.get("created")
-    if stamp is None:
-        return float("inf")
-    seconds = stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp)
-    return time.time() - seconds
-
-
-def collect_garbage(store: ArtifactStore, keep: set[tuple[str, str]], grace_seconds: float,
-                    dry_run: bool = False) -> GcReport:
-    """Remove every entry not in `keep`, then every file no remaining manifest refers to.
-
-    Files younger than grace_seconds are left alone: a run in progress may have uploaded
-    blobs whose manifest it has not written yet.
-    """
-    fs, path = store.fs, store._path
-    removed, remove_paths = [], []
-    live_shas: set[str] = set()
-    live_digests: set[str] = set()
-    manifests = store._retry("listing manifests", lambda: fs.glob(path("entries", "*", "*", MANIFEST))
-                             + fs.glob(path("checkpoints", "**", MANIFEST)))
-    for manifest, body in store.read_manifests(manifests).items():
-        parts = manifest.rstrip("/").split("/")
-        if parts[-4] == "entries" and (parts[-3], parts[-2]) not in keep:
-            removed.append(f"{parts[-3]}/{parts[-2]}")
-            remove_paths.append(manifest)
-            continue
-        if body is None:  # a kept manifest we cannot read: its files cannot be told apart from garbage
-            raise StoreError(f"cannot read {manifest}; gc removed nothing (fix or remove that entry first)")
-        live_digests.add(body.get("digest", ""))
-        live_shas.update(f["sha256"] for f in body["files"].values())
-    blob_bytes, blobs, other = 0, 0, 0
-    for blob, info in fs.find(path("blobs"), detail=True).items():
-        name = blob.rstrip("/").split("/")[-1]
-        if name.split(".tmp-")[0] in live_shas and ".tmp-" not in name:
-            continue
-        if _age_seconds(info) < grace_seconds:
-            continue
-        remove_paths.append(blob)
-        blobs += ".tmp-" not in name
-        blob_bytes += info.get("size", 0)
-    kept_keys = {key for _, key in keep}
-    for folder, keep_name in (("manifests", lambda n: n.removesuffix(".json") in live_digests),
-                              ("prefect-results", lambda n: n in kept_keys)):
-        for leftover, info in fs.find(path(folder), detail=True).items():
-            if not keep_name(leftover.rstrip("/").split("/")[-1]) and _age_seconds(info) >= grace_seconds:
-                remove_paths.append(leftover)
-                other += 1
-    if not dry_run:
-        for victim in remove_paths:  # manifests first (listed first): an entry never outlives its files
-            store._retry(f"removing {victim}", lambda: fs.rm_file(victim))
-        if store.is_local:  # empty entry folders, and views whose hard links keep blobs on disk
-            for name in removed:
-                shutil.rmtree(path("entries", name), ignore_errors=True)
-            for view in store.materialized.glob("*"):
-                if not view.name.startswith(".") and view.name not in live_digests:
-                    shutil.rmtree(view, ignore_errors=True)
-    return GcReport(entries=removed, blobs=blobs, bytes_freed=blob_bytes, other=other)
