@@ -83,6 +83,7 @@ class TrainSettings(Frozen):
     packing: bool = True
     compile: bool = False
     processes: int = 1  # data-parallel training processes (torchrun + DDP), one per GPU
+    nodes: int = 1  # machines of one torchrun job (c10d rendezvous, tasks/train/nodes.py); processes on each
 
 
 class EvalSettings(Frozen):

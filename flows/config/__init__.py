@@ -232,6 +232,8 @@ class GroveTrain(Strict):
     processes: int | Literal["auto"] = Field(
         "auto", description="data-parallel training processes (torchrun + DDP); auto: one per GPU when "
                             "training on CUDA, else 1. Each process takes per_device_train_batch_size examples")
+    nodes: int = Field(1, ge=1, strict=True, description="machines of one torchrun job (c10d rendezvous; "
+                                                         "`processes` on each): tasks/train/nodes.py")
 
 
 class GroveBuild(Strict):
@@ -688,6 +690,7 @@ def _train_settings(kind, cfg, where, data_configs, grove: GroveSection):
         packing=grove.train.packing,
         compile=grove.train.compile,
         processes=_training_processes(grove, "grove.train.processes"),
+        nodes=grove.train.nodes,
     )
     return train, data_configs[train_name], eval_data, eval_size
 
