@@ -185,3 +185,4 @@ class RunConfig(Frozen):
     search: SearchSettings | None = None  # grove.quantization_search: several builds, one kept
     benchmark: BenchmarkSettings
     promotion: PromotionSettings | None = None
+    placement: dict[str, str] = {}  # stage -> Prefect work pool (grove.placement); {}: all in the flow's process

@@ -258,6 +258,14 @@ class GrovePromotion(Strict):
     max_drop: float = Field(0.02, ge=0, description="and not more than this below the current model's")
 
 
+class GrovePlacement(Strict):
+    """Which Prefect work pool runs each stage (flows/placement.py): adjacent stages on one pool run
+    as one child flow run there. Not part of any key: placement never changes an artifact."""
+
+    default: str = Field(min_length=1, description="the work pool of every stage not listed in `stages`")
+    stages: dict[str, str] = Field({}, description="stage -> work pool, e.g. train: gpu")
+
+
 class GroveSection(Strict):
     name: str | None = None
     artifact_root: str | None = None
@@ -274,6 +282,7 @@ class GroveSection(Strict):
     build: GroveBuild = Field(default_factory=GroveBuild)
     promotion: GrovePromotion = Field(default_factory=GrovePromotion)
     quantization_search: GroveSearch | None = None
+    placement: GrovePlacement | None = None
 
 
 ENGINE_KEYS = set(Engine.model_fields)
@@ -383,8 +392,10 @@ def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None, list_
         close = difflib.get_close_matches(unknown_stage, STAGES, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"grove.retries.{unknown_stage}", f"unknown stage{hint}; stages are: {', '.join(STAGES)}")
+    placement = _placement(grove.placement, paths.storage(artifact_root))
     return RunConfig(
         name=name,
+        placement=placement,
         artifact_root=paths.storage(artifact_root),
         aws_credentials_block=grove.aws_credentials_block,
         output_dir=paths.storage(output_dir),
@@ -693,6 +704,23 @@ def _train_settings(kind, cfg, where, data_configs, grove: GroveSection):
         nodes=grove.train.nodes,
     )
     return train, data_configs[train_name], eval_data, eval_size
+
+
+def _placement(placement: GrovePlacement | None, artifact_root: str) -> dict[str, str]:
+    """grove.placement as stage -> work pool for every stage ({} without one)."""
+    if placement is None:
+        return {}
+    for stage, pool in placement.stages.items():
+        if stage not in STAGES:
+            close = difflib.get_close_matches(stage, STAGES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"grove.placement.stages.{stage}", f"unknown stage{hint}; stages are: {', '.join(STAGES)}")
+        if not pool.strip():
+            raise ConfigError(f"grove.placement.stages.{stage}", "names no work pool")
+    if not artifact_root.startswith(("s3://", "s3a://")):
+        raise ConfigError("grove.placement", f"stages on several work pools pass their artifacts through the store, "
+                                             f"which must be s3:// (grove.artifact_root); have {artifact_root}")
+    return {stage: placement.stages.get(stage, placement.default) for stage in STAGES}
 
 
 def _training_processes(grove: GroveSection, where: str) -> int:
