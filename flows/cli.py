@@ -334,7 +334,10 @@ def serve(config: str = typer.Option(..., "--config", "-c", help="Run config (pa
 
 @app.command()
 def deploy(prefect_yaml: Path = typer.Option(Path("prefect.yaml"), "--file", help="The deployments file."),
-           pool: str = typer.Option("grove-process", help="Process work pool to create if missing.")) -> None:
+           pool: str = typer.Option("grove-process", help="Process work pool to create if missing."),
+           crash_after: float = typer.Option(
+               None, min=30, help="With a placement: seconds without a heartbeat after which a child flow run "
+                                  "counts as crashed and its group starts again (default: 3 heartbeats)")) -> None:
     """Check prefect.yaml, create the process work pool if missing, then `prefect deploy --all`."""
     import subprocess
 
@@ -365,6 +368,10 @@ def deploy(prefect_yaml: Path = typer.Option(Path("prefect.yaml"), "--file", hel
     if done.returncode != 0:
         console.print(done.stdout[-3000:] + done.stderr[-3000:], highlight=False, markup=False)
         raise typer.Exit(1)
+    if group_pools:
+        from flows.placement import DEFAULT_CRASH_AFTER, ensure_crash_automation
+
+        ensure_crash_automation(crash_after or DEFAULT_CRASH_AFTER)
     names = ", ".join([d["name"] for d in deployments] + [f"grove-stages/{p}" for p in group_pools])
     console.print(f"deployed {names}; start a worker on each pool: prefect worker start --pool NAME "
                   f"({', '.join([pool, *group_pools])})")

@@ -63,6 +63,48 @@ def pools(placement: dict[str, str]) -> list[str]:
     return sorted(set(placement.values()))
 
 
+CRASH_AUTOMATION = "grove: crash silent flow runs"
+# Prefect's flow runs send a heartbeat every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (180 by default);
+# three missed in a row mark the run Crashed, and the parent starts its group again.
+DEFAULT_CRASH_AFTER = 3 * 180
+
+
+def ensure_crash_automation(within_seconds: float = DEFAULT_CRASH_AFTER) -> bool:
+    """Prefect's zombie-flow automation: a child run whose machine died stops sending heartbeats
+    and would stay Running forever; this marks it Crashed so the parent can retry its group.
+    One per Prefect server (by name); True when created or replaced now."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    try:
+        existing = Automation.read(name=CRASH_AUTOMATION)
+    except ValueError:
+        existing = None
+    if existing is not None:
+        if existing.trigger.within == timedelta(seconds=within_seconds):
+            return False
+        existing.delete()  # another crash delay asked for: replaced
+    Automation(
+        name=CRASH_AUTOMATION,
+        description="Grove placement: a flow run silent for this long lost its machine",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+            within=timedelta(seconds=within_seconds)),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                    message=f"no heartbeat for {within_seconds:.0f} s: its machine went away")],
+    ).create()
+    return True
+
+
 def deployment_name(pool: str) -> str:
     return f"{GROUP_FLOW}/{pool}"
 

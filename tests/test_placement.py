@@ -77,6 +77,26 @@ def stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
+def deploy(config: Path, tag: str, cpu: str, api: str, *extra: str) -> None:
+    """`grove deploy` of a prefect.yaml whose one deployment runs `config` (placed on cpu and gpu)."""
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    spec["deployments"] = [{**spec["deployments"][0], "name": f"placed-{tag}", "parameters": {"config": str(config)},
+                            "work_pool": {"name": cpu}}]
+    (ROOT / f".prefect-{tag}.yaml").write_text(yaml.safe_dump(spec))  # deploys resolve entrypoints from its folder
+    try:
+        deployed = runner.invoke(app, ["deploy", "--file", str(ROOT / f".prefect-{tag}.yaml"), "--pool", cpu, *extra])
+    finally:
+        (ROOT / f".prefect-{tag}.yaml").unlink()
+    assert deployed.exit_code == 0, deployed.output
+    pools = {p["name"]: p["type"] for p in httpx.post(f"{api}/work_pools/filter", json={}, timeout=30).json()}
+    assert pools[cpu] == pools[f"gpu-{tag}"] == "process"
+
+
+def worker_env(api: str, **extra: str) -> dict:
+    return {**os.environ, "PREFECT_API_URL": api, "PYTHONPATH": str(ROOT), "PREFECT_WORKER_QUERY_SECONDS": "1",
+            "PREFECT_WORKER_PREFETCH_SECONDS": "1", **extra}
+
+
 def grove_run(config: Path, env: dict, log: Path, *extra: str) -> float:
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", str(config), *extra], cwd=ROOT,
@@ -85,12 +105,12 @@ def grove_run(config: Path, env: dict, log: Path, *extra: str) -> float:
     return time.monotonic() - started
 
 
-def child_runs(api: str) -> dict[str, dict]:
-    """Flow runs of the stage-group deployments, by id."""
+def child_runs(api: str, pools: tuple[str, ...]) -> dict[str, dict]:
+    """Flow runs of the stage-group deployments on these pools, by id."""
     runs = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"tags": {"all_": ["grove"]}}}, timeout=30).json()
     deployments = {d["id"]: d["name"] for d in httpx.post(f"{api}/deployments/filter", json={}, timeout=30).json()}
     return {r["id"]: {**r, "deployment": deployments.get(r["deployment_id"])} for r in runs
-            if r["deployment_id"] in deployments and r["name"].startswith("tiny: ")}
+            if r["deployment_id"] in deployments and r["work_pool_name"] in pools}
 
 
 def submitted_by(api: str) -> dict[str, str]:
@@ -117,26 +137,14 @@ def test_a_placed_run_puts_each_group_on_its_pool_then_reruns_cached_and_from_a_
     cpu, gpu = f"cpu-{tag}", f"gpu-{tag}"
     root = f"s3://grove-tests/placed-{tag}"
     config = write_config(placed_config(tiny_model, tone_copy, tmp_path, root, cpu, gpu), "placed.json")
-    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-    spec["deployments"] = [{**spec["deployments"][0], "name": f"placed-{tag}", "parameters": {"config": str(config)},
-                            "work_pool": {"name": cpu}}]
-    (ROOT / f".prefect-{tag}.yaml").write_text(yaml.safe_dump(spec))  # deploys resolve entrypoints from its folder
-    try:
-        deployed = runner.invoke(app, ["deploy", "--file", str(ROOT / f".prefect-{tag}.yaml"), "--pool", cpu])
-    finally:
-        (ROOT / f".prefect-{tag}.yaml").unlink()
-    assert deployed.exit_code == 0, deployed.output
-    pools = {p["name"]: p["type"] for p in httpx.post(f"{prefect_api}/work_pools/filter", json={}, timeout=30).json()}
-    assert pools[cpu] == pools[gpu] == "process"
-
-    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PYTHONPATH": str(ROOT),
-           "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
+    deploy(config, tag, cpu, prefect_api)
+    env = worker_env(prefect_api)
     workers = [start_worker(cpu, "cpu-worker", env, tmp_path / "cpu-worker.log"),
                start_worker(gpu, "gpu-worker", env, tmp_path / "gpu-worker.log")]
     try:
         first = grove_run(config, env, tmp_path / "first.log")
         assert set(report(tmp_path).values()) == {"ran"}, report(tmp_path)
-        children = child_runs(prefect_api)
+        children = child_runs(prefect_api, (cpu, gpu))
         workers_of = submitted_by(prefect_api)
         placed = {run["name"].split(": ", 1)[1]: (run["deployment"], run["work_pool_name"], workers_of.get(run["id"]))
                   for run in children.values()}
@@ -150,7 +158,7 @@ def test_a_placed_run_puts_each_group_on_its_pool_then_reruns_cached_and_from_a_
 
         cached = grove_run(config, env, tmp_path / "cached.log")
         assert set(report(tmp_path).values()) == {"cached"}, report(tmp_path)
-        assert child_runs(prefect_api).keys() == children.keys(), "a cached rerun starts no child run"
+        assert child_runs(prefect_api, (cpu, gpu)).keys() == children.keys(), "a cached rerun starts no child run"
         one_pool = placed_config(tiny_model, tone_copy, tmp_path, root, cpu, gpu)
         del one_pool["grove"]["placement"]
         one_pool_seconds = grove_run(write_config(one_pool, "one-pool.json"), env, tmp_path / "one-pool.log")
@@ -163,8 +171,71 @@ def test_a_placed_run_puts_each_group_on_its_pool_then_reruns_cached_and_from_a_
         assert statuses["build_onnx"] == statuses["benchmark"] == "ran", statuses
         assert {statuses[s] for s in ("load_data", "template_corpus", "train", "evaluate", "merge_adapters")} == \
                {"cached"}, statuses
-        new = {run["name"].split(": ", 1)[1] for rid, run in child_runs(prefect_api).items() if rid not in children}
+        new = {run["name"].split(": ", 1)[1] for rid, run in child_runs(prefect_api, (cpu, gpu)).items() if rid not in children}
         assert new == {f"{'+'.join(GPU_STAGES)} on {gpu}", f"benchmark on {cpu}"}, new
     finally:
         for worker in workers:
             stop(worker)
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL a worker and everything it started (its flow-run process too): a machine lost."""
+    import psutil
+
+    tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    for member in tree:
+        member.kill()
+    process.wait()
+
+
+def test_a_worker_killed_mid_training_crashes_its_run_and_the_group_reruns_on_the_same_pool(
+        s3_env, prefect_api, tiny_model, tone_copy, tmp_path, write_config):
+    """The gpu worker and its flow-run process are killed once training stored a checkpoint. Prefect's
+    heartbeat automation (made by grove deploy) marks the child run Crashed; the parent starts the
+    group again on the gpu pool (a new worker there), training resumes from the stored checkpoint,
+    and the cpu group's entries are not touched."""
+    import s3fs
+
+    tag = uuid.uuid4().hex[:6]
+    cpu, gpu = f"cpu-{tag}", f"gpu-{tag}"
+    root = f"s3://grove-tests/killed-{tag}"
+    raw = placed_config(tiny_model, tone_copy, tmp_path, root, cpu, gpu)
+    raw["passes"] = {"lora": raw["passes"]["lora"]}  # train and evaluate on gpu: no ONNX needed here
+    raw["passes"]["lora"]["config"]["training_args"].update(max_steps=80, per_device_train_batch_size=2)
+    raw["grove"].update(checkpoint_steps=4, promotion={"enabled": False})
+    config = write_config(raw, "killed.json")
+    deploy(config, tag, cpu, prefect_api, "--crash-after", "70")
+    env = worker_env(prefect_api, PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30")
+    fs = s3fs.S3FileSystem(key=os.environ["AWS_ACCESS_KEY_ID"], secret=os.environ["AWS_SECRET_ACCESS_KEY"],
+                           client_kwargs={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})
+    workers = [start_worker(cpu, "cpu-worker", env, tmp_path / "cpu-worker.log"),
+               start_worker(gpu, "gpu-worker", env, tmp_path / "gpu-worker.log")]
+    parent = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--config", str(config)], cwd=ROOT, env=env,
+                              stdout=open(tmp_path / "parent.log", "w"), stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not fs.glob(f"{root.removeprefix('s3://')}/checkpoints/train/*/*/MANIFEST.json"):
+            assert time.monotonic() < deadline and parent.poll() is None, (tmp_path / "parent.log").read_text()[-3000:]
+            time.sleep(0.5)
+            fs.invalidate_cache()
+        stored_before = set(fs.glob(f"{root.removeprefix('s3://')}/entries/**/MANIFEST.json"))
+        kill_tree(workers[1])
+        workers[1] = start_worker(gpu, "gpu-worker-2", env, tmp_path / "gpu-worker-2.log")
+        assert parent.wait(timeout=900) == 0, (tmp_path / "parent.log").read_text()[-4000:]
+    finally:
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
+        for worker in workers:
+            stop(worker)
+    body = json.loads((tmp_path / "out" / "tiny" / "report.json").read_text())
+    train = next(s for s in body["stages"] if s["stage"] == "train")
+    assert train["status"] == "ran" and train["summary"]["resumed_from_step"] >= 4 and train["summary"]["steps"] == 80
+    fs.invalidate_cache()
+    assert stored_before <= set(fs.glob(f"{root.removeprefix('s3://')}/entries/**/MANIFEST.json")), "nothing lost"
+    gpu_runs = sorted((run["start_time"], run["state_type"], submitted_by(prefect_api).get(run["id"]))
+                      for run in child_runs(prefect_api, (cpu, gpu)).values() if run["deployment"] == gpu)
+    assert [(state, worker) for _, state, worker in gpu_runs] == [("CRASHED", "gpu-worker"),
+                                                                  ("COMPLETED", "gpu-worker-2")], gpu_runs
+    cpu_groups = [run["name"] for run in child_runs(prefect_api, (cpu, gpu)).values() if run["deployment"] == cpu]
+    assert sorted(cpu_groups) == [f"tiny: benchmark on {cpu}", f"tiny: load_data+template_corpus on {cpu}"]
