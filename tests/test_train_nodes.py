@@ -4,6 +4,7 @@ c10d rendezvous on 127.0.0.1, one as the main node (the train stage), one as a f
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -55,8 +56,11 @@ def test_two_nodes_of_one_process_train_the_adapter_of_one_node_of_two(tiny_mode
                              "nodes.json")
     monkeypatch.setenv("GROVE_TRAIN_RDZV_ENDPOINT", f"127.0.0.1:{free_port()}")
     monkeypatch.setenv("GROVE_TRAIN_RDZV_ID", "test-two-nodes")
+    # the follower learns the endpoint from the job the main node publishes in the store
+    follower_env = {k: v for k, v in os.environ.items() if k != "GROVE_TRAIN_RDZV_ENDPOINT"}
     follower = subprocess.Popen([sys.executable, "-m", "tasks.train.follower", "--store", str(tmp_path / "nodes")],
-                                cwd=ROOT, stdout=open(tmp_path / "follower.log", "w"), stderr=subprocess.STDOUT)
+                                cwd=ROOT, env=follower_env, stdout=open(tmp_path / "follower.log", "w"),
+                                stderr=subprocess.STDOUT)
     try:
         summary = run_train(two_nodes)
         assert follower.wait(timeout=120) == 0, (tmp_path / "follower.log").read_text()[-3000:]
@@ -76,11 +80,16 @@ def test_two_nodes_of_one_process_train_the_adapter_of_one_node_of_two(tiny_mode
         assert torch.allclose(expected[name], got[name], rtol=0, atol=1e-6), name
 
 
-def test_several_nodes_without_a_rendezvous_endpoint_say_which_variable_to_set(monkeypatch):
-    from tasks.train.nodes import Rendezvous
+def test_the_main_node_defaults_to_its_own_address_and_a_bad_endpoint_is_named(monkeypatch):
+    import socket
+
+    from tasks.train.nodes import DEFAULT_PORT, Rendezvous
 
     monkeypatch.delenv("GROVE_TRAIN_RDZV_ENDPOINT", raising=False)
-    with pytest.raises(ValueError, match="set GROVE_TRAIN_RDZV_ENDPOINT=host:port"):
+    assert Rendezvous.from_env().endpoint == f"{socket.gethostbyname(socket.gethostname())}:{DEFAULT_PORT}"
+    assert Rendezvous.from_env(published="10.0.0.7:29400").endpoint == "10.0.0.7:29400"
+    monkeypatch.setenv("GROVE_TRAIN_RDZV_ENDPOINT", "main-host")
+    with pytest.raises(ValueError, match="GROVE_TRAIN_RDZV_ENDPOINT: 'main-host' is not host:port"):
         Rendezvous.from_env()
 
 

@@ -2,18 +2,20 @@
 
 The main node is the one whose Prefect task runs the train stage. It publishes the job (settings,
 the corpus's digest, the checkpoint to resume from) in the artifact store under the rendezvous
-id, then starts its own torchrun. Every other node runs a follower:
+id, with the rendezvous endpoint (its own address unless one is set), then starts its own
+torchrun. Every other node runs a follower:
 
-    GROVE_TRAIN_RDZV_ENDPOINT=main-host:29400 python -m tasks.train.follower --store s3://bucket/grove
+    python -m tasks.train.follower --store s3://bucket/grove
 
-which waits for that job, fetches the corpus (and checkpoint) from the store and starts the same
+which waits for that job, takes the endpoint from it (or from its environment), fetches the corpus (and checkpoint) from the store and starts the same
 torchrun; c10d assigns the node ranks, so no node needs to be told its rank. Only the main node
 stores: each node's first process saves (transformers' save_on_each_node), so the main node
 holds the adapter and the checkpoints whichever global rank c10d gave it, and the stage stores
 them as for one node. A follower keeps nothing.
 
 Environment (the same on every node):
-  GROVE_TRAIN_RDZV_ENDPOINT  host:port of the rendezvous, reachable from every node (required)
+  GROVE_TRAIN_RDZV_ENDPOINT  host:port of the rendezvous, reachable from every node; default: the main
+                             node's address (its hostname's IP, as in a Kubernetes pod) and port 29400
   GROVE_TRAIN_RDZV_ID        names the job; default grove-train (one job at a time per id and store)
   GROVE_TRAIN_RDZV_TIMEOUT   seconds a follower waits for the job and torchrun for all nodes; default 900
 """
@@ -34,7 +36,7 @@ from pathlib import Path
 log = logging.getLogger("grove.train")
 
 ENDPOINT_VAR, ID_VAR, TIMEOUT_VAR = "GROVE_TRAIN_RDZV_ENDPOINT", "GROVE_TRAIN_RDZV_ID", "GROVE_TRAIN_RDZV_TIMEOUT"
-DEFAULT_ID, DEFAULT_TIMEOUT = "grove-train", 900.0
+DEFAULT_ID, DEFAULT_TIMEOUT, DEFAULT_PORT = "grove-train", 900.0, 29400
 
 
 @dataclass(frozen=True)
@@ -44,11 +46,16 @@ class Rendezvous:
     timeout: float = DEFAULT_TIMEOUT
 
     @classmethod
-    def from_env(cls) -> "Rendezvous":
-        endpoint = os.environ.get(ENDPOINT_VAR, "").strip()
-        if not endpoint or ":" not in endpoint:
-            raise ValueError(f"grove.train.nodes above 1: set {ENDPOINT_VAR}=host:port (the rendezvous every "
-                             f"node reaches) on the main node and on each follower (python -m tasks.train.follower)")
+    def from_env(cls, published: str | None = None) -> "Rendezvous":
+        """The main node's (published None: the endpoint defaults to this host) or a follower's
+        (the endpoint the main node published, unless the environment sets one)."""
+        endpoint = os.environ.get(ENDPOINT_VAR, "").strip() or published or ""
+        if not endpoint:
+            import socket
+
+            endpoint = f"{socket.gethostbyname(socket.gethostname())}:{DEFAULT_PORT}"
+        if ":" not in endpoint:
+            raise ValueError(f"{ENDPOINT_VAR}: {endpoint!r} is not host:port")
         try:
             timeout = float(os.environ.get(TIMEOUT_VAR, DEFAULT_TIMEOUT))
         except ValueError:
@@ -81,13 +88,14 @@ def follow(store_root: str, credentials_block: str | None = None, poll: float = 
     from grove.store import ArtifactStore
 
     store = ArtifactStore(store_root, credentials_block)
-    rendezvous = Rendezvous.from_env()
-    deadline = time.monotonic() + rendezvous.timeout
-    while (job := store.get_json(rendezvous.job_path)) is None:
+    waiting = Rendezvous.from_env(published="unknown:0")  # the id and timeout; the endpoint comes with the job
+    deadline = time.monotonic() + waiting.timeout
+    while (job := store.get_json(waiting.job_path)) is None:
         if time.monotonic() > deadline:
-            log.error("no job %s in %s after %.0f s", rendezvous.job_path, store.root, rendezvous.timeout)
+            log.error("no job %s in %s after %.0f s", waiting.job_path, store.root, waiting.timeout)
             return 2
         time.sleep(poll)
+    rendezvous = Rendezvous.from_env(published=job["endpoint"])
     corpus = store.by_digest(job["corpus_digest"])
     if corpus is None:
         log.error("job %s: corpus %s missing from %s", rendezvous.id, job["corpus_digest"][:12], store.root)

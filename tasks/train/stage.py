@@ -50,7 +50,7 @@ def _fit_distributed(settings: TrainSettings, model: ModelSettings, corpus: Arti
     if settings.nodes > 1:
         rendezvous = Rendezvous.from_env()
         store.put_json(rendezvous.job_path, {"request": request, "corpus_digest": corpus.digest, "key": key,
-                                             "resume_step": resume_step})
+                                             "resume_step": resume_step, "endpoint": rendezvous.endpoint})
     command = torchrun_command(settings.processes, "-m", "tasks.train.ddp", str(workdir / "request.json"),
                                nodes=settings.nodes, rendezvous=rendezvous)
     log.info("train: %s", " ".join(command))
