@@ -79,6 +79,30 @@ def check_prefect_yaml(path: Path) -> list[dict[str, Any]]:
     return deployments
 
 
+def placement_pools(deployments: list[dict[str, Any]], base_dir: Path) -> list[str]:
+    """Every work pool the deployments' configs place a stage group on."""
+    from flows.placement import pools
+
+    found: set[str] = set()
+    for deployment in deployments:
+        config = Path(deployment["parameters"]["config"])
+        cfg = load_config(config if config.is_absolute() else base_dir / config, list_remote_data=False)
+        found.update(pools(cfg.placement) if cfg.placement else ())
+    return sorted(found)
+
+
+def with_group_deployments(path: Path, group_pools: list[str]) -> str:
+    """prefect.yaml plus a deployment of the stage-group flow on each placement pool (as YAML)."""
+    from flows.placement import ENTRYPOINT as GROUP_ENTRYPOINT, GROUP_FLOW
+
+    spec = yaml.safe_load(path.read_text())
+    spec["deployments"] = list(spec["deployments"]) + [
+        {"name": pool, "description": f"Grove stage groups placed on work pool {pool} ({GROUP_FLOW})",
+         "entrypoint": GROUP_ENTRYPOINT, "tags": ["grove", "placement"], "work_pool": {"name": pool}}
+        for pool in group_pools]
+    return yaml.safe_dump(spec, sort_keys=False)
+
+
 def serve(config: str, cron: str, timezone: str, name: str, from_stage: str | None = None) -> None:
     """Serve the flow with a cron schedule from this process (flow.serve: no work pool needed)."""
     from prefect.deployments.runner import EntrypointType

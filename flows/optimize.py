@@ -81,6 +81,10 @@ def optimize(config: str, from_stage: str | None = None) -> dict[str, Any]:
                          from_stage=from_stage, retries=cfg.retries,
                          result_storage=prefect_result_storage(store), on_stage_start=stage_started,
                          on_stage_end=stage_ended, **hooks)
+    if cfg.placement:  # each stage group on its work pool, as child flow runs
+        from flows.placement import Dispatcher
+
+        context.route = Dispatcher(config, cfg, context).route
     try:
         with stage_run(context):
             refs = pipeline(cfg)

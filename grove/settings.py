@@ -83,6 +83,7 @@ class TrainSettings(Frozen):
     packing: bool = True
     compile: bool = False
     processes: int = 1  # data-parallel training processes (torchrun + DDP), one per GPU
+    nodes: int = 1  # machines of one torchrun job (c10d rendezvous, tasks/train/nodes.py); processes on each
 
 
 class EvalSettings(Frozen):
@@ -184,3 +185,4 @@ class RunConfig(Frozen):
     search: SearchSettings | None = None  # grove.quantization_search: several builds, one kept
     benchmark: BenchmarkSettings
     promotion: PromotionSettings | None = None
+    placement: dict[str, str] = {}  # stage -> Prefect work pool (grove.placement); {}: all in the flow's process

@@ -113,6 +113,9 @@ class RunContext:
     on_stage_end: Callable[[StageRecord], None] | None = None
     # progress inside a stage: (stage, done, total, details), e.g. training steps and loss
     on_progress: Callable[[str, int, int, dict], None] | None = None
+    # placement (flows/placement.py): asked (stage, key, stored here?) before a stage runs; a
+    # record means the stage ran on another work pool, None that it runs here as usual
+    route: Callable[[str, str, bool], StageRecord | None] | None = None
 
     def forced(self, stage: str) -> bool:
         return self.from_stage is not None and STAGES.index(stage) >= STAGES.index(self.from_stage)
@@ -298,6 +301,12 @@ def grove_stage(name: str, tags: tuple[str, ...] = ()):
             if run.on_stage_start:
                 run.on_stage_start(name)
             started = time.monotonic()
+            routed = run.route(name, key, entry is not None) if run.route else None
+            if routed is not None:
+                run.records.append(routed)
+                if run.on_stage_end:
+                    run.on_stage_end(routed)
+                return routed.ref
             retry = run.retries.get(name)
             retries, delay = (retry.retries, retry.delay_seconds) if retry else DEFAULT_RETRIES[name]
             options = {"refresh_cache": entry is None, "retries": retries, "retry_delay_seconds": delay}

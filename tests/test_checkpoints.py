@@ -235,7 +235,7 @@ def test_a_data_parallel_job_marks_every_checkpoint_but_the_last_steps(tmp_path)
 
     marker = checkpoint_marker(tmp_path)
     for step, main in ((2, True), (4, False), (6, True), (8, True)):
-        marker.on_save(None, SimpleNamespace(global_step=step, max_steps=8, is_world_process_zero=main), None)
+        marker.on_save(None, SimpleNamespace(global_step=step, max_steps=8, is_local_process_zero=main), None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["saved-2", "saved-6"]
 
 

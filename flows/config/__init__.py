@@ -19,7 +19,7 @@ from flows.config.build import build_settings, execution_provider, search_settin
 from flows.config.data import corpus_settings, data_configs, data_settings
 from flows.config.errors import ConfigError, Warnings, check_keys, did_you_mean, validate
 from flows.config.fates import known_keys, sift
-from flows.config.grove_section import GroveSection
+from flows.config.grove_section import GrovePlacement, GroveSection
 from flows.config.input_model import check_systems, model_settings
 from flows.config.olive import TOP_KEYS, Engine, PassLevel
 from flows.config.promotion import promotion_settings
@@ -113,6 +113,8 @@ def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None, list_
                                                         f"stages are: {', '.join(STAGES)}")
     config = RunConfig(
         name=name,
+        placement=placement_of(grove.placement, sources.storage(grove.artifact_root or engine.cache_dir
+                                                                 or ".grove-cache")),
         artifact_root=sources.storage(grove.artifact_root or engine.cache_dir or ".grove-cache"),
         aws_credentials_block=grove.aws_credentials_block,
         output_dir=sources.storage(engine.output_dir or "grove-output"),
@@ -133,6 +135,22 @@ def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None, list_
         promotion=promotion_settings(grove.promotion, name, bool(builders), bool(merges)),
     )
     return config
+
+
+def placement_of(placement: GrovePlacement | None, artifact_root: str) -> dict[str, str]:
+    """grove.placement as stage -> work pool for every stage ({} without one)."""
+    if placement is None:
+        return {}
+    for stage, pool in placement.stages.items():
+        if stage not in STAGES:
+            raise ConfigError(f"grove.placement.stages.{stage}", f"unknown stage{did_you_mean(stage, STAGES)}; "
+                                                                 f"stages are: {', '.join(STAGES)}")
+        if not pool.strip():
+            raise ConfigError(f"grove.placement.stages.{stage}", "names no work pool")
+    if not artifact_root.startswith(("s3://", "s3a://")):
+        raise ConfigError("grove.placement", f"stages on several work pools pass their artifacts through the store, "
+                                             f"which must be s3:// (grove.artifact_root); have {artifact_root}")
+    return {stage: placement.stages.get(stage, placement.default) for stage in STAGES}
 
 
 def check_from_stage(from_stage: str | None, where: str = "from_stage", source: str | None = None) -> None:

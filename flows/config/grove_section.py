@@ -55,6 +55,8 @@ class GroveTrain(Strict):
     processes: int | Literal["auto"] = Field(
         "auto", description="data-parallel training processes (torchrun + DDP); auto: one per GPU when "
                             "training on CUDA, else 1. Each process takes per_device_train_batch_size examples")
+    nodes: int = Field(1, ge=1, strict=True, description="machines of one torchrun job (c10d rendezvous; "
+                                                         "`processes` on each): tasks/train/nodes.py")
 
 
 class GroveBuild(Strict):
@@ -79,6 +81,14 @@ class GrovePromotion(Strict):
     max_drop: float = Field(0.02, ge=0, description="and not more than this below the current model's")
 
 
+class GrovePlacement(Strict):
+    """Which Prefect work pool runs each stage (flows/placement.py): adjacent stages on one pool run
+    as one child flow run there. Not part of any key: placement never changes an artifact."""
+
+    default: str = Field(min_length=1, description="the work pool of every stage not listed in `stages`")
+    stages: dict[str, str] = Field({}, description="stage -> work pool, e.g. train: gpu")
+
+
 class GroveSection(Strict):
     name: str | None = None
     artifact_root: str | None = None
@@ -95,3 +105,4 @@ class GroveSection(Strict):
     build: GroveBuild = Field(default_factory=GroveBuild)
     promotion: GrovePromotion = Field(default_factory=GrovePromotion)
     quantization_search: GroveSearch | None = None
+    placement: GrovePlacement | None = None

@@ -65,6 +65,7 @@ def train_settings(kind: str, spec: LoraPass, where: str, grove: GroveSection, w
         packing=grove.train.packing,
         compile=grove.train.compile,
         processes=training_processes(grove, "grove.train.processes"),
+        nodes=grove.train.nodes,
     )
     _check_training(settings, where, grove.device, adapter_path, spec.model_fields_set)
     return settings

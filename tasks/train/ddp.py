@@ -1,9 +1,10 @@
-"""One process of a data-parallel training job: `torchrun --nproc_per_node N -m tasks.train.ddp REQUEST`.
+"""One process of a data-parallel training job: `torchrun --nproc_per_node N -m tasks.train.ddp REQUEST`
+(on each node of a multi-node job: tasks/train/nodes.py).
 
 Started by the train stage (tasks/train/stage.py `_fit_distributed`) when `grove.train.processes` is
 above 1. Every process runs the same fit() on its share of each batch (the Trainer wraps the
-model in DistributedDataParallel: NCCL on GPUs, gloo on CPUs); the main process saves the
-adapter, the log and the summary, and marks each checkpoint it saved for the stage to store.
+model in DistributedDataParallel: NCCL on GPUs, gloo on CPUs); the main process (each node's first,
+in a multi-node job) saves the adapter, the log and the summary, and marks each checkpoint it saved for the stage to store.
 No Prefect run here: the stage's process owns the artifact store.
 """
 
@@ -29,7 +30,7 @@ def main(request_file: str) -> int:
     summary = fit(TrainSettings.model_validate(request["settings"]), ModelSettings.model_validate(request["model"]),
                   Path(request["corpus"]), device, Path(request["out"]), workdir, request["checkpoint_steps"],
                   request["resume"], [checkpoint_marker(workdir)])
-    if int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # each node's first process (the main node's is read)
         (workdir / "summary.json").write_text(json.dumps(summary))
     leave_the_group()
     return 0
@@ -45,7 +46,7 @@ def checkpoint_marker(workdir: Path):
 
     class MarkSaved(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
-            if state.is_world_process_zero and state.global_step < state.max_steps:
+            if state.is_local_process_zero and state.global_step < state.max_steps:
                 (workdir / f"saved-{state.global_step}").touch()
 
     return MarkSaved()

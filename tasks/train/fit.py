@@ -78,10 +78,14 @@ def training_arguments(settings: TrainSettings, device: str, workdir: str, has_e
         args["fp16"] = True
     if not has_eval:
         args["eval_strategy"] = "no"
-    if settings.processes > 1:
+    if settings.processes > 1 or settings.nodes > 1:
         # Every LoRA weight takes part in every step, so DDP's search for unused parameters
         # (the Trainer's default without gradient checkpointing) would walk the graph each step for nothing.
         args.setdefault("ddp_find_unused_parameters", False)
+    if settings.nodes > 1:
+        # The first process of each node saves, so the main node (the one that stores) holds the
+        # adapter and checkpoints whatever global rank c10d's rendezvous gave it.
+        args["save_on_each_node"] = True
     args.update(output_dir=workdir, report_to="none", save_strategy="no", disable_tqdm=True,
                 use_cpu=device == "cpu", seed=settings.seed, data_seed=args.get("data_seed", settings.seed),
                 remove_unused_columns=False)
@@ -243,7 +247,7 @@ def fit(settings: TrainSettings, model: ModelSettings, corpus_folder: Path, devi
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.monotonic() - started
     history = trainer.state.log_history
-    if trainer.is_world_process_zero():
+    if trainer.is_local_process_zero():  # one node: the main process; several: each node's first
         peft_model.save_pretrained(out / "adapter")
         (out / "train_log.json").write_text(json.dumps(history, indent=1))
     losses = [h["loss"] for h in history if "loss" in h]
@@ -262,6 +266,7 @@ def fit(settings: TrainSettings, model: ModelSettings, corpus_folder: Path, devi
         "fp16_mixed": bool(args.fp16),
         "setup": setup,
         "processes": settings.processes,
+        "nodes": settings.nodes,
     }
     if settings.method == "qlora":
         summary["quantization"] = quantization_of(peft_model)

@@ -30,33 +30,46 @@ from grove.settings import ModelSettings, TrainSettings
 from grove.stage import ArtifactRef, current_run, current_stage_key, grove_stage, open_artifact, output_dir
 from tasks.train import ddp  # run by torchrun below: imported so the cache key covers it
 from tasks.train.fit import _checkpoint_callback, _progress_callback, fit
+from tasks.train.nodes import Rendezvous, torchrun_command
 
 log = logging.getLogger("grove.train")
 
 
-def torchrun_command(processes: int, *program: str) -> list[str]:
-    """How the train stage launches a data-parallel job (bench/gpu_ddp_scaling.py launches the same way)."""
-    import sys
-
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-            *program]
-
-
-def _fit_distributed(settings: TrainSettings, model: ModelSettings, corpus_folder: Path, device: str, out: Path,
-                     workdir: Path, checkpoint_steps: int, resume: str | None, key: str) -> dict:
-    """`settings.processes` data-parallel processes through torchrun (DDP: NCCL on GPUs, gloo on
-    CPUs), each running fit(); checkpoints they write are stored here as they appear."""
-    import subprocess
-
-    from grove.machine import worker_environment
-
+def _fit_distributed(settings: TrainSettings, model: ModelSettings, corpus: ArtifactRef, corpus_folder: Path,
+                     device: str, out: Path, workdir: Path, checkpoint_steps: int, resume: str | None,
+                     resume_step: int | None, key: str) -> dict:
+    """`settings.processes` data-parallel processes on each of `settings.nodes` nodes through torchrun
+    (DDP: NCCL on GPUs, gloo on CPUs), each running fit(); checkpoints this node's first process
+    writes are stored here as they appear. Other nodes follow the job published in the store
+    (tasks/train/nodes.py)."""
     request = {"settings": settings.model_dump(mode="json"), "model": model.model_dump(mode="json"),
                "corpus": str(corpus_folder), "device": device, "out": str(out), "workdir": str(workdir),
                "checkpoint_steps": checkpoint_steps, "resume": resume}
     (workdir / "request.json").write_text(json.dumps(request))
-    command = torchrun_command(settings.processes, "-m", ddp.__name__, str(workdir / "request.json"))
+    store = current_run().store
+    rendezvous = None
+    if settings.nodes > 1:
+        rendezvous = Rendezvous.from_env()
+        store.put_json(rendezvous.job_path, {"request": request, "corpus_digest": corpus.digest, "key": key,
+                                             "resume_step": resume_step, "endpoint": rendezvous.endpoint})
+    command = torchrun_command(settings.processes, "-m", ddp.__name__, str(workdir / "request.json"),
+                               nodes=settings.nodes, rendezvous=rendezvous)
     log.info("train: %s", " ".join(command))
-    store, stored = current_run().store, set()
+    try:
+        _watch(command, workdir, store, key)
+    finally:
+        if rendezvous is not None:
+            store.remove(rendezvous.job_path)  # a follower started later waits for the next job
+    return json.loads((workdir / "summary.json").read_text())
+
+
+def _watch(command: list[str], workdir: Path, store, key: str) -> None:
+    """Run the job; store each checkpoint it marks as it appears."""
+    import subprocess
+
+    from grove.machine import worker_environment
+
+    stored: set[int] = set()
     with open(workdir / "torchrun.log", "w") as output:
         job = subprocess.Popen(command, env=worker_environment(), stdout=output, stderr=subprocess.STDOUT)
         while job.poll() is None:
@@ -75,7 +88,6 @@ def _fit_distributed(settings: TrainSettings, model: ModelSettings, corpus_folde
     if job.returncode != 0:
         tail = (workdir / "torchrun.log").read_text()[-3000:]
         raise RuntimeError(f"the data-parallel training job failed (exit {job.returncode}):\n{tail}")
-    return json.loads((workdir / "summary.json").read_text())
 
 
 @grove_stage("train", tags=("gpu",))
@@ -94,9 +106,9 @@ def train(settings: TrainSettings, corpus: ArtifactRef, model: ModelSettings) ->
             resume = str(run.store.materialize(checkpoint))
             log.warning("train: resuming from step %d (checkpoint stored %s)", checkpoint.step,
                         checkpoint.manifest["meta"].get("created"))
-        if settings.processes > 1:
-            summary = _fit_distributed(settings, model, folder, device, out, workdir, run.checkpoint_steps,
-                                       resume, key)
+        if settings.processes > 1 or settings.nodes > 1:
+            summary = _fit_distributed(settings, model, corpus, folder, device, out, workdir, run.checkpoint_steps,
+                                       resume, checkpoint.step if checkpoint is not None else None, key)
         else:
             callbacks = [_progress_callback()] + ([_checkpoint_callback(key)] if run.checkpoint_steps else [])
             summary = fit(settings, model, folder, device, out, workdir, run.checkpoint_steps, resume, callbacks)
