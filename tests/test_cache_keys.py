@@ -109,7 +109,7 @@ def test_the_walk_finds_what_modulefinder_finds(project_copy):
     ("tasks.train.ddp", {"train"}),  # likewise, under torchrun
     ("grove.engines", {"evaluate", "build_onnx", "benchmark"}),  # benchmark: inside the worker's functions
     ("tasks.train.cuda_setup", {"train"}),  # imported only inside fit's functions
-    ("grove.store", set(STAGE_MODULES)),
+    ("grove.store.artifacts", set(STAGE_MODULES)),
 ])
 def test_editing_a_module_changes_exactly_the_keys_of_the_stages_that_import_it(project_copy, helper, expected):
     assert stages_reaching(project_copy, helper) == expected

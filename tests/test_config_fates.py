@@ -111,6 +111,8 @@ def test_a_value_that_means_what_grove_does_is_accepted_without_a_word(base, tmp
 # honoured now, silently dropped before the split: the only differences allowed
 NEWLY_HONOURED = {"phi3-tone.json": {("train", "compute_dtype"): "bfloat16"},
                   "smollm2-tone-cuda.json": {("train", "compute_dtype"): "bfloat16"}}
+# settings added since the snapshots, at their defaults in every shipped config
+ADDED_SINCE = {("train", "nodes"): 1, (None, "placement"): {}}
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.json")))
@@ -119,4 +121,9 @@ def test_shipped_config_parses_as_before_the_split(name):
     for (section, field), value in NEWLY_HONOURED.get(name, {}).items():
         assert before[section][field] is None
         before[section][field] = value
+    for (section, field), value in ADDED_SINCE.items():
+        target = before if section is None else before[section]
+        if target is not None:
+            assert field not in target
+            target[field] = value
     assert parse_shipped(name) == before

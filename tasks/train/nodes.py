@@ -33,6 +33,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tasks.train import ddp  # the program torchrun runs on every node
+
 log = logging.getLogger("grove.train")
 
 ENDPOINT_VAR, ID_VAR, TIMEOUT_VAR = "GROVE_TRAIN_RDZV_ENDPOINT", "GROVE_TRAIN_RDZV_ID", "GROVE_TRAIN_RDZV_TIMEOUT"
@@ -114,7 +116,7 @@ def follow(store_root: str, credentials_block: str | None = None, poll: float = 
                    "workdir": str(workdir), "resume": resume}
         (workdir / "request.json").write_text(json.dumps(request))
         settings = TrainSettings.model_validate(request["settings"])
-        command = torchrun_command(settings.processes, "-m", "tasks.train.ddp", str(workdir / "request.json"),
+        command = torchrun_command(settings.processes, "-m", ddp.__name__, str(workdir / "request.json"),
                                    nodes=settings.nodes, rendezvous=rendezvous)
         log.info("follower: %s", " ".join(command))
         return subprocess.run(command, env=worker_environment(), check=False).returncode
