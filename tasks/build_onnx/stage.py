@@ -32,9 +32,10 @@ log = logging.getLogger("grove.build_onnx")
 
 
 def run_builder(source: Path, target: Path, build: BuildSettings, trust_remote_code: bool,
-                calibration: list[list[int]] | None = None) -> str:
+                calibration: list[list[int]] | None = None, extra: list[str] = ()) -> str:
     """Runs create_model in-process (then HQQ or GPTQ for those algorithms, GPTQ on the
-    `calibration` token ids); returns what the builder printed."""
+    `calibration` token ids); returns what the builder printed. `extra`: more KEY=VALUE
+    options (nodes_to_exclude lists are joined)."""
     from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
     printed = io.StringIO()
@@ -43,12 +44,19 @@ def run_builder(source: Path, target: Path, build: BuildSettings, trust_remote_c
             contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
         options = parse_extra_options(str(source), str(source), str(target), precision,
                                       build.execution_provider, cache,
-                                      builder_options(build, trust_remote_code))
+                                      merge_options(builder_options(build, trust_remote_code), extra))
         create_model(str(source), str(source), str(target), precision, build.execution_provider,
                      cache, **options)
         if build.algo in quantization.POST_BUILD:
             calibration_quantize(target, build, calibration)
     return printed.getvalue()
+
+
+def merge_options(options: list[str], extra: list[str]) -> list[str]:
+    merged = dict(option.split("=", 1) for option in options)
+    for key, value in (option.split("=", 1) for option in extra):
+        merged[key] = f"{merged[key]},{value}" if key == "nodes_to_exclude" and key in merged else value
+    return [f"{k}={v}" for k, v in merged.items()]
 
 
 def smoke_test(engine: OnnxEngine, tokenizer) -> str:
