@@ -361,6 +361,11 @@ def deploy(prefect_yaml: Path = typer.Option(Path("prefect.yaml"), "--file", hel
     console.print(f"deployed {names}; start a worker: prefect worker start --pool {pool}")
 
 
+from flows.predict import predict as _predict  # noqa: E402 - issue 15: --adapter NAME
+
+app.command("predict")(_predict)
+
+
 def main() -> None:
     app()
 

@@ -184,3 +184,6 @@ class RunConfig(Frozen):
     search: SearchSettings | None = None  # grove.quantization_search: several builds, one kept
     benchmark: BenchmarkSettings
     promotion: PromotionSettings | None = None
+    # What build_onnx ships: a merged int4 model, or one int4 base (stored once per base model and
+    # build options) plus this run's LoRA adapter in onnxruntime-genai's format.
+    ship: Literal["merged", "adapter"] = "merged"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import TONE_DATA, tiny_config
 from grove.engines import OnnxEngine
 from grove.settings import BuildSettings
 from tasks.build_onnx import adapters
@@ -141,3 +142,91 @@ def test_target_modules_the_base_cannot_take_are_refused_at_config_time():
     adapters.check_target_modules(["q_proj", "v_proj"], "passes.lora.target_modules")
     with pytest.raises(adapters.AdapterRefused, match="passes.lora.target_modules.*qkv_proj.*fix"):
         adapters.check_target_modules(["qkv_proj"], "passes.lora.target_modules")
+
+
+# ---- the flow with grove.ship: adapter ------------------------------------------------------------
+def blob_bytes(store: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in (store / "blobs").rglob("*") if p.is_file()}
+
+
+def nightly_bytes(tiny_model, data: Path, tmp_path: Path, write_config, ship: str) -> tuple[int, dict]:
+    """Two runs, the second on one edited row (a nightly retraining); bytes its blobs added."""
+    import json
+
+    from test_flow import grove
+
+    raw = tiny_config(tiny_model, data, tmp_path / ship / "store", tmp_path / ship / "out")
+    raw["grove"]["ship"] = ship
+    config = write_config(raw, f"{ship}.json")
+    grove("run", "--config", str(config))
+    before = blob_bytes(tmp_path / ship / "store")
+    lines = data.read_text().splitlines()
+    first = json.loads(lines[0])
+    first["phrase"] = "X" + first["phrase"][1:]
+    data.write_text("\n".join([json.dumps(first)] + lines[1:]) + "\n")
+    grove("run", "--config", str(config))
+    after = blob_bytes(tmp_path / ship / "store")
+    report = json.loads((tmp_path / ship / "out" / "tiny" / "report.json").read_text())
+    return sum(size for sha, size in after.items() if sha not in before), report
+
+
+def test_adapter_ship_builds_the_base_once_and_a_nightly_run_stores_only_its_adapter(
+        tiny_model, tmp_path, write_config):
+    from test_flow import grove
+
+    from grove.served import adapter_file
+
+    for ship in ("merged", "adapter"):
+        shutil.copyfile(TONE_DATA, tmp_path / f"{ship}.jsonl")
+    merged_bytes, _ = nightly_bytes(tiny_model, tmp_path / "merged.jsonl", tmp_path, write_config, "merged")
+    adapter_bytes, report = nightly_bytes(tiny_model, tmp_path / "adapter.jsonl", tmp_path, write_config, "adapter")
+    stages = {s["stage"]: s for s in report["stages"]}
+    assert "merge_adapters" not in stages and stages["train"]["status"] == "ran"
+    onnx = stages["build_onnx"]
+    assert onnx["status"] == "ran" and onnx["summary"]["base"]["reused"] is True  # a hit across fine-tunes
+    assert onnx["summary"]["accuracy"] is not None and stages["benchmark"]["summary"]["onnx"]["adapter_size_mb"] > 0
+    base_size = onnx["summary"]["size_bytes"]
+    print(f"nightly bytes stored: merged {merged_bytes}, adapter {adapter_bytes}; base {base_size}")
+    assert adapter_bytes < base_size < merged_bytes
+    out = tmp_path / "adapter" / "out" / "tiny"
+    assert (out / "model" / "base.json").is_file() and adapter_file(out, "tiny").is_file()
+    answer = grove("predict", "--model", str(out), "--adapter", "tiny", "--max-new-tokens", "3",
+                   "### Text: I love it\n### The tone is:\n")
+    assert answer.strip()
+
+
+def test_an_adapter_of_another_base_is_refused_before_loading(tiny_model, fp32_base, tmp_path):
+    import json
+
+    from grove.served import AdapterMismatch, adapter_file
+
+    out = tmp_path / "shipped"
+    shutil.copytree(fp32_base, out / "model")
+    (out / "model" / "base.json").write_text(json.dumps({"digest": "a" * 64}))
+    make_adapter(tiny_model, tmp_path, 6)
+    (out / "adapters").mkdir()
+    adapters.export_adapter(tmp_path / "adapter", out / "model", out / "adapters" / "x.onnx_adapter")
+    (out / "adapters" / "x.onnx_adapter.json").write_text(json.dumps({"base_digest": "b" * 64}))
+    with pytest.raises(AdapterMismatch, match="exported for base bbbbbbbbbbbb, but .* holds base aaaaaaaaaaaa.*fix"):
+        adapter_file(out, "x")
+
+
+@pytest.mark.parametrize("change, where, message", [
+    (lambda raw: raw["passes"]["lora"]["config"].update(target_modules=["q_proj", "lm_head"]),
+     "passes.lora.target_modules", "lm_head"),
+    (lambda raw: raw["passes"].update(lora={**raw["passes"]["lora"], "type": "QLoRA"}),
+     "passes.lora", "QLoRA adapter is trained against nf4"),
+    (lambda raw: raw["passes"]["builder"]["config"].update(extra_options={"algo_config": "hqq"}),
+     "passes.builder.extra_options.algo_config", "hqq"),
+])
+def test_adapter_ship_refusals_come_before_any_work(tiny_model, tone_copy, tmp_path, write_config,
+                                                    change, where, message):
+    from flows.config import ConfigError, load_config
+
+    raw = tiny_config(tiny_model, tone_copy, tmp_path / "store", tmp_path / "out")
+    raw["grove"]["ship"] = "adapter"
+    change(raw)
+    with pytest.raises(ConfigError) as caught:
+        load_config(write_config(raw))
+    assert caught.value.path == where and message in caught.value.message and "fix" in caught.value.message
+    assert not (tmp_path / "store").exists()

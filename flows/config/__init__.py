@@ -36,6 +36,7 @@ from grove.settings import (
 )
 from grove.machine import gpu_count, machine_description
 from grove.stage import STAGES
+from flows.config.ship import check_adapter_ship
 
 SUPPORTED_PASSES = ("LoRA", "QLoRA", "MergeAdapterWeights", "ModelBuilder")
 DATA_FORMATS = {"json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet"}
@@ -272,6 +273,7 @@ class GroveSection(Strict):
     build: GroveBuild = Field(default_factory=GroveBuild)
     promotion: GrovePromotion = Field(default_factory=GrovePromotion)
     quantization_search: GroveSearch | None = None
+    ship: Literal["merged", "adapter"] = Field("merged", description="merged model, or int4 base + LoRA adapter")
 
 
 ENGINE_KEYS = set(Engine.model_fields)
@@ -374,6 +376,9 @@ def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None, list_
     search = _search_settings(grove.quantization_search, build, builders, model, data) \
         if grove.quantization_search is not None else None
 
+    if grove.ship == "adapter":
+        check_adapter_ship(train, f"passes.{lora[0][0]}" if lora else None, build,
+                           f"passes.{builders[0][0]}" if builders else None, search, ConfigError)
     artifact_root = grove.artifact_root or engine.cache_dir or ".grove-cache"
     output_dir = engine.output_dir or "grove-output"
     unknown_stage = next((s for s in grove.retries if s not in STAGES), None)
@@ -396,7 +401,8 @@ def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None, list_
         train=train,
         evaluate=EvalSettings(**grove.evaluate.model_dump(), text_template=data.text_template,
                               label_col=data.label_col),
-        merge=bool(merges),
+        merge=bool(merges) and grove.ship == "merged",  # an adapter ships unmerged
+        ship=grove.ship,
         build=build,
         search=search,
         benchmark=BenchmarkSettings(**grove.benchmark.model_dump(), machine=machine_description(grove.device)),
