@@ -436,6 +436,11 @@ def deploy(prefect_yaml: Path = typer.Option(Path("prefect.yaml"), "--file", hel
                   f"({', '.join([pool, *group_pools])})")
 
 
+from flows.predict import predict as _predict  # noqa: E402 - issue 15: --adapter NAME
+
+app.command("predict")(_predict)
+
+
 def main() -> None:
     """The `grove` command. A user's mistake raised outside a command's own handling still ends as
     one line (exit 2); anything else keeps its traceback, it is a bug to report."""

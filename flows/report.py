@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from grove.served import BASE_FILE, publish_served
 from grove.settings import RunConfig
 from grove.stage import ArtifactRef, StageRecord
 from grove.store import ArtifactStore
@@ -59,6 +60,9 @@ def publish(cfg: RunConfig, refs: dict[str, ArtifactRef | None], records: list[S
     if final is not None:
         entry = store.lookup(final.stage, final.key)
         source = store.materialize(entry)
+        if (source / BASE_FILE).is_file():  # grove.ship: adapter: the base once, named adapters
+            model_path = publish_served(store, source, out, cfg.name)
+    if final is not None and model_path is None:
         source = source / "model" if (source / "model").is_dir() else source
         model_path = out / "model"
         staging = out / ".model-staging"

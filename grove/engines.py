@@ -79,7 +79,9 @@ def onnx_providers(folder: Path) -> list[str]:
 class OnnxEngine:
     """onnxruntime-genai model from a builder output folder, on the provider it was built for."""
 
-    def __init__(self, folder: Path, eos_ids: set[int]):
+    def __init__(self, folder: Path, eos_ids: set[int], adapter: Path | None = None):
+        """`adapter`: an .onnx_adapter file for a base built with LoRA slots, active on every
+        generation (served as onnxruntime-genai serves it: og.Adapters + set_active_adapter)."""
         cuda = "cuda" in onnx_providers(folder)
         if cuda:
             # onnxruntime's CUDA provider library needs the CUDA and cuDNN libraries already
@@ -101,6 +103,10 @@ class OnnxEngine:
             raise
         self.device_type = str(self.model.device_type).lower()  # "cpu" or "cuda": where it runs
         self.eos_ids = eos_ids
+        self.adapters = None
+        if adapter is not None:
+            self.adapters = og.Adapters(self.model)
+            self.adapters.load(str(adapter), "active")
 
     def _generator(self, prompt: list[int], max_new_tokens: int, force: bool):
         params = self.og.GeneratorParams(self.model)
@@ -108,7 +114,10 @@ class OnnxEngine:
         if force:
             options["min_length"] = len(prompt) + max_new_tokens
         params.set_search_options(**options)
-        return self.og.Generator(self.model, params)
+        generator = self.og.Generator(self.model, params)
+        if self.adapters is not None:
+            generator.set_active_adapter(self.adapters, "active")
+        return generator
 
     def generate(self, prompt: list[int], max_new_tokens: int) -> list[int]:
         generator = self._generator(prompt, max_new_tokens, force=False)

@@ -186,3 +186,6 @@ class RunConfig(Frozen):
     benchmark: BenchmarkSettings
     promotion: PromotionSettings | None = None
     placement: dict[str, str] = {}  # stage -> Prefect work pool (grove.placement); {}: all in the flow's process
+    # What build_onnx ships: a merged int4 model, or one int4 base (stored once per base model and
+    # build options) plus this run's LoRA adapter in onnxruntime-genai's format.
+    ship: Literal["merged", "adapter"] = "merged"

@@ -78,6 +78,12 @@ def _entry(ref: ArtifactRef) -> dict[str, str]:
     return {"stage": ref.stage, "key": ref.key, "digest": ref.digest, "uri": ref.uri}
 
 
+def _base_entries(final: ArtifactRef) -> list[dict[str, str]]:
+    """grove.ship: adapter: the stored base the promoted adapter runs on is part of the model."""
+    base = (final.summary or {}).get("base")
+    return [{"stage": base["stage"], "key": base["key"], "digest": base["digest"], "uri": ""}] if base else []
+
+
 @task(name="promote", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, tags=["grove", "stage:promote"])
 def promote(gate: PromotionSettings, refs: dict[str, ArtifactRef | None], run_id: str, config: str) -> dict[str, Any]:
     """Move models/<name>/current.json to this run's model if it passes the gate."""
@@ -98,7 +104,7 @@ def promote(gate: PromotionSettings, refs: dict[str, ArtifactRef | None], run_id
               "promoted_at": now.isoformat(timespec="microseconds"), "gate": gate.model_dump(),
               "metrics": metrics, "model": _entry(final),
               # what gc must keep while this model is current
-              "entries": [_entry(r) for r in refs.values() if r is not None],
+              "entries": [_entry(r) for r in refs.values() if r is not None] + _base_entries(final),
               "previous_run_id": current["run_id"] if current else None}
     # history first: a crash between the two writes leaves the old pointer, never a dangling one
     store.put_json(f"{MODELS}/{gate.model_name}/history/{now:%Y%m%dT%H%M%S%fZ}-{run_id[:8]}.json", record)

@@ -23,6 +23,7 @@ from flows.config.grove_section import GrovePlacement, GroveSection
 from flows.config.input_model import check_systems, model_settings
 from flows.config.olive import TOP_KEYS, Engine, PassLevel
 from flows.config.promotion import promotion_settings
+from flows.config.ship import check_adapter_ship
 from flows.config.training import lora_pass, train_settings, training_argument_names
 from grove.machine import machine_description
 from grove.settings import BenchmarkSettings, EvalSettings, RetrySettings, RunConfig
@@ -107,6 +108,9 @@ def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None, list_
     build = build_settings(builders[1][1], builders[1][2], provider, model, grove.build, warn) if builders else None
     search = search_settings(grove.quantization_search, build, model, data_s) \
         if grove.quantization_search is not None else None
+    if grove.ship == "adapter":
+        check_adapter_ship(train, lora[1][2] if lora else None, build,
+                           builders[1][2] if builders else None, search, ConfigError)
     for stage in grove.retries:
         if stage not in STAGES:
             raise ConfigError(f"grove.retries.{stage}", f"unknown stage{did_you_mean(stage, STAGES)}; "
@@ -128,7 +132,8 @@ def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None, list_
         train=train,
         evaluate=EvalSettings(**grove.evaluate.model_dump(), text_template=corpus.eval_text_template or
                               data_s.text_template, label_col=corpus.eval_label_col or data_s.label_col),
-        merge=bool(merges),
+        merge=bool(merges) and grove.ship == "merged",  # an adapter ships unmerged
+        ship=grove.ship,
         build=build,
         search=search,
         benchmark=BenchmarkSettings(**grove.benchmark.model_dump(), machine=machine_description(grove.device)),

@@ -106,3 +106,4 @@ class GroveSection(Strict):
     promotion: GrovePromotion = Field(default_factory=GrovePromotion)
     quantization_search: GroveSearch | None = None
     placement: GrovePlacement | None = None
+    ship: Literal["merged", "adapter"] = Field("merged", description="merged model, or int4 base + LoRA adapter")

@@ -19,6 +19,7 @@ from pathlib import Path
 from grove.machine import worker_environment
 from grove.models import model_folder
 from grove.settings import BenchmarkSettings, EvalSettings, ModelSettings
+from grove.served import served_model
 from grove.stage import ArtifactRef, current_run, grove_stage, open_artifact, output_dir
 from grove.store import folder_bytes
 from grove.textdata import encode, prompt_and_answer, read_jsonl
@@ -122,9 +123,11 @@ def weight_bytes(engine: str, folder: Path) -> int | None:
 
 
 def measure_engine(engine: str, folder: Path, tokenizer_folder: Path, prompts: list[list[int]],
-                   settings: BenchmarkSettings, device: str) -> dict:
-    """Runs one engine in a fresh Python process and returns its JSON report."""
+                   settings: BenchmarkSettings, device: str, adapter: Path | None = None) -> dict:
+    """Runs one engine in a fresh Python process and returns its JSON report (`adapter`: an
+    .onnx_adapter active on the ONNX model, as served)."""
     request = {"engine": engine, "folder": str(folder), "tokenizer": str(tokenizer_folder),
+               "adapter": str(adapter) if adapter else None,
                "prompts": prompts, "max_new_tokens": settings.max_new_tokens,
                "warmup": settings.warmup, "repeats": settings.repeats, "device": device}
     done = subprocess.run([sys.executable, "-m", worker.__name__], input=json.dumps(request),
@@ -133,6 +136,8 @@ def measure_engine(engine: str, folder: Path, tokenizer_folder: Path, prompts: l
         raise RuntimeError(f"benchmark of the {engine} engine failed:\n{done.stderr[-3000:]}")
     report = json.loads(done.stdout.strip().splitlines()[-1])
     report["size_mb"] = round(folder_bytes(folder) / 2**20, 1)
+    if adapter is not None:
+        report["adapter_size_mb"] = round(adapter.stat().st_size / 2**20, 3)
     if report.get("device") == "cuda":
         bound = bandwidth_fraction(weight_bytes(engine, folder), report.get("decode_tokens_per_s"),
                                    peak_bandwidth(report.get("gpu")))
@@ -156,8 +161,8 @@ def benchmark(settings: BenchmarkSettings, evaluation: EvalSettings, model: Mode
     results = {"device": device,
                "pytorch": measure_engine("pytorch", pytorch_folder, pytorch_folder, prompts, settings, device)}
     if onnx is not None:
-        results["onnx"] = measure_engine("onnx", open_artifact(onnx) / "model", pytorch_folder, prompts,
-                                         settings, device)
+        folder, adapter = served_model(current_run().store, open_artifact(onnx))
+        results["onnx"] = measure_engine("onnx", folder, pytorch_folder, prompts, settings, device, adapter)
         base = results["pytorch"]["decode_tokens_per_s"]
         results["onnx_speedup"] = round(results["onnx"]["decode_tokens_per_s"] / base, 2) if base else None
     (output_dir() / "benchmark.json").write_text(json.dumps(results, indent=1))

@@ -35,7 +35,8 @@ def measure(request: dict) -> dict:
         parameter = next(model.parameters())
         device, dtype = parameter.device.type, str(parameter.dtype).removeprefix("torch.")
     else:
-        engine = OnnxEngine(Path(request["folder"]), eos_ids_of(tokenizer))
+        adapter = request.get("adapter")
+        engine = OnnxEngine(Path(request["folder"]), eos_ids_of(tokenizer), adapter=Path(adapter) if adapter else None)
         device, dtype = engine.device_type, None
     prompts, new = request["prompts"], request["max_new_tokens"]
     for _ in range(request["warmup"]):

@@ -22,6 +22,8 @@ from tasks.build_onnx import quantization
 from tasks.build_onnx.quantization import builder_options, builder_precision, calibration_quantize
 from grove.scoring import task_accuracy
 from tasks.build_onnx.search import candidate_row, select_candidate
+from tasks.build_onnx.ship import onnx_base, ship_adapter
+from grove.served import ADAPTER_FILE
 from grove.settings import BenchmarkSettings, BuildSettings, EvalSettings, ModelSettings, SearchSettings
 from grove.stage import (ArtifactRef, StageFailed, current_run, grove_stage, open_artifact, output_dir,
                          pending_ref, task_run_name)
@@ -32,9 +34,10 @@ log = logging.getLogger("grove.build_onnx")
 
 
 def run_builder(source: Path, target: Path, build: BuildSettings, trust_remote_code: bool,
-                calibration: list[list[int]] | None = None) -> str:
+                calibration: list[list[int]] | None = None, extra: list[str] = ()) -> str:
     """Runs create_model in-process (then HQQ or GPTQ for those algorithms, GPTQ on the
-    `calibration` token ids); returns what the builder printed."""
+    `calibration` token ids); returns what the builder printed. `extra`: more KEY=VALUE
+    options (nodes_to_exclude lists are joined)."""
     from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
     printed = io.StringIO()
@@ -43,12 +46,19 @@ def run_builder(source: Path, target: Path, build: BuildSettings, trust_remote_c
             contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
         options = parse_extra_options(str(source), str(source), str(target), precision,
                                       build.execution_provider, cache,
-                                      builder_options(build, trust_remote_code))
+                                      merge_options(builder_options(build, trust_remote_code), extra))
         create_model(str(source), str(source), str(target), precision, build.execution_provider,
                      cache, **options)
         if build.algo in quantization.POST_BUILD:
             calibration_quantize(target, build, calibration)
     return printed.getvalue()
+
+
+def merge_options(options: list[str], extra: list[str]) -> list[str]:
+    merged = dict(option.split("=", 1) for option in options)
+    for key, value in (option.split("=", 1) for option in extra):
+        merged[key] = f"{merged[key]},{value}" if key == "nodes_to_exclude" and key in merged else value
+    return [f"{k}={v}" for k, v in merged.items()]
 
 
 def smoke_test(engine: OnnxEngine, tokenizer) -> str:
@@ -87,8 +97,12 @@ def build_settings_summary(build: BuildSettings) -> dict:
 @grove_stage("build_onnx")
 def build_onnx(build: BuildSettings, evaluation: EvalSettings, model: ModelSettings,
                merged: ArtifactRef | None, data: ArtifactRef, speed: BenchmarkSettings | None = None,
-               candidate: bool = False) -> dict:
+               candidate: bool = False, adapter: ArtifactRef | None = None) -> dict:
     """Builds model/ (ONNX + genai_config.json + tokenizer), loads it, scores it; stores onnx_eval.json.
+
+    With `adapter` (grove.ship: adapter) it stores no model: the base with LoRA slots is the
+    stored entry for the base model and build options (built on its first use), and the run's
+    LoRA weights are stored as adapter.onnx_adapter; what is scored is that base + adapter.
 
     As a search candidate (`candidate`), a model that does not build or load is stored as a
     failed candidate (its builder.log and the error) instead of failing the run, and decode
@@ -104,19 +118,26 @@ def build_onnx(build: BuildSettings, evaluation: EvalSettings, model: ModelSetti
         calibration = [encode(tokenizer, *prompt_and_answer(evaluation.text_template, evaluation.label_col, r))[0]
                        for r in read_jsonl(open_artifact(data), "train")[: quantization.CALIBRATION_ROWS]]
     started = time.monotonic()
+    adapter_file = None
+    if adapter is not None:
+        target, base = onnx_base(build, model)
+        summary.update(base=base, adapter=ship_adapter(open_artifact(adapter) / "adapter", target, base, output_dir()),
+                       build_seconds=round(time.monotonic() - started, 2), size_bytes=folder_bytes(target))
+        adapter_file = output_dir() / ADAPTER_FILE
     try:
-        printed = run_builder(source, target, build, model.trust_remote_code, calibration)
+        printed = None if adapter is not None else \
+            run_builder(source, target, build, model.trust_remote_code, calibration)
     except Exception as exc:  # noqa: BLE001 - the builder's own rejection
         if not candidate:
             raise
         (output_dir() / "builder.log").write_text(f"{type(exc).__name__}: {exc}")
         return {**summary, "loaded": False, "error": f"the builder failed: {type(exc).__name__}: {exc}"[:500],
                 "build_seconds": round(time.monotonic() - started, 2)}
-    build_seconds = time.monotonic() - started
-    (output_dir() / "builder.log").write_text(printed)
-    summary.update(build_seconds=round(build_seconds, 2), size_bytes=folder_bytes(target))
+    if printed is not None:
+        (output_dir() / "builder.log").write_text(printed)
+        summary.update(build_seconds=round(time.monotonic() - started, 2), size_bytes=folder_bytes(target))
     try:
-        engine = OnnxEngine(target, eos_ids_of(tokenizer))
+        engine = OnnxEngine(target, eos_ids_of(tokenizer), adapter=adapter_file)
         sample = smoke_test(engine, tokenizer)
     except Exception as exc:  # noqa: BLE001 - any load/generate failure fails the build
         message = f"the builder wrote a model that does not load or generate ({exc}); builder options: {options}"

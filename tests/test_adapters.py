@@ -1,0 +1,232 @@
+"""Shipping adapters: one base with LoRA slots, many peft adapters served by onnxruntime-genai.
+
+Adapters here are peft LoRA adapters with random non-zero B (a fresh LoRA is the identity), so
+every adapter changes the model; their merged twins (peft merge_and_unload) are the reference.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import TONE_DATA, tiny_config
+from grove.engines import OnnxEngine
+from grove.settings import BuildSettings
+from tasks.build_onnx import adapters
+from tasks.build_onnx.stage import run_builder
+
+PROMPTS = [[1, 5, 9, 30], [1, 40, 41, 42, 43], [1, 100, 7], [1, 12, 250, 3, 77]]
+
+
+def make_adapter(model: Path, folder: Path, seed: int, targets=("q_proj", "v_proj", "down_proj"), rank: int = 4):
+    """Saves a peft adapter with random B under folder/adapter and its merged model under folder/merged."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model),
+                                LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets)))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    peft_model.save_pretrained(folder / "adapter")
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(folder / "merged")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(model / name, folder / "merged" / name)
+    return merged
+
+
+def greedy(engine: OnnxEngine, prompt: list[int], n: int = 6) -> list[int]:
+    return engine.generate_timed(prompt, n).tokens
+
+
+@pytest.fixture(scope="module")
+def fp32_base(tiny_model, tmp_path_factory) -> Path:
+    target = tmp_path_factory.mktemp("base") / "model"
+    adapters.build_base(tiny_model, target, BuildSettings(precision="fp32"), False)
+    return target
+
+
+def test_two_adapters_on_one_base_answer_differently_and_as_their_merged_models(tiny_model, fp32_base, tmp_path):
+    import torch
+
+    answers = {}
+    for seed in (1, 2):
+        merged = make_adapter(tiny_model, tmp_path / str(seed), seed)
+        file = fp32_base / f"a{seed}.onnx_adapter"
+        info = adapters.export_adapter(tmp_path / str(seed) / "adapter", fp32_base, file)
+        assert info["modules"] == 6 and info["ranks"] == [4]  # 2 layers x 3 target modules
+        engine = OnnxEngine(fp32_base, set(), adapter=file)
+        answers[seed] = [greedy(engine, p) for p in PROMPTS]
+        run_builder(tmp_path / str(seed) / "merged", tmp_path / str(seed) / "onnx", BuildSettings(precision="fp32"),
+                    False)
+        merged_onnx = OnnxEngine(tmp_path / str(seed) / "onnx", set())
+        assert answers[seed] == [greedy(merged_onnx, p) for p in PROMPTS]
+        for prompt in PROMPTS:  # and the PyTorch model it was merged into, to float rounding
+            with torch.no_grad():
+                reference = merged(torch.tensor([prompt])).logits[0, -1].numpy()
+            assert abs(first_logits(engine, prompt) - reference).max() < 1e-3
+    plain = [greedy(OnnxEngine(fp32_base, set()), p) for p in PROMPTS]
+    assert answers[1] != answers[2] and answers[1] != plain and answers[2] != plain
+
+
+def test_base_with_no_adapter_active_is_the_plain_base(tiny_model, fp32_base, tmp_path):
+    """The empty (rank 0) defaults add nothing: slots cost no accuracy when unused."""
+    plain_dir = tmp_path / "plain"
+    run_builder(tiny_model, plain_dir, BuildSettings(precision="fp32"), False)
+    assert [greedy(OnnxEngine(fp32_base, set()), p) for p in PROMPTS] == \
+        [greedy(OnnxEngine(plain_dir, set()), p) for p in PROMPTS]
+
+
+def first_logits(engine: OnnxEngine, prompt: list[int]):
+    import numpy as np
+
+    generator = engine._generator(prompt, 1, force=True)
+    generator.append_tokens(prompt)
+    return np.asarray(generator.get_logits())[0, -1]
+
+
+def test_int4_base_with_adapter_tracks_the_merged_int4_model(tiny_model, tmp_path):
+    import numpy as np
+
+    build = BuildSettings(precision="int4")
+    base = tmp_path / "base"
+    adapters.build_base(tiny_model, base, build, False)
+    make_adapter(tiny_model, tmp_path / "a", 3)
+    file = base / "a.onnx_adapter"
+    adapters.export_adapter(tmp_path / "a" / "adapter", base, file)
+    run_builder(tmp_path / "a" / "merged", tmp_path / "merged_int4", build, False)
+    served, merged, plain = (OnnxEngine(base, set(), adapter=file), OnnxEngine(tmp_path / "merged_int4", set()),
+                             OnnxEngine(base, set()))
+    for prompt in PROMPTS:
+        to_merged = np.abs(first_logits(served, prompt) - first_logits(merged, prompt)).mean()
+        to_plain = np.abs(first_logits(served, prompt) - first_logits(plain, prompt)).mean()
+        # int4 rounds the merged weights, not the adapter's: close, not equal, and far nearer
+        # the merged model than the base the adapter sits on.
+        assert to_merged < 0.25 * to_plain
+        assert int(first_logits(served, prompt).argmax()) == int(first_logits(merged, prompt).argmax())
+
+
+def test_adapter_on_layers_the_base_has_no_slot_for_is_refused(tiny_model, fp32_base, tmp_path):
+    make_adapter(tiny_model, tmp_path, 4, targets=("q_proj", "lm_head"))
+    with pytest.raises(adapters.AdapterRefused, match="lm_head.*no LoRA slot"):
+        adapters.export_adapter(tmp_path / "adapter", fp32_base, tmp_path / "x.onnx_adapter")
+    assert not (tmp_path / "x.onnx_adapter").exists()
+
+
+def test_adapter_of_a_model_of_another_shape_is_refused(tiny_model, fp32_base, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = tmp_path / "other"
+    config = LlamaConfig.from_pretrained(tiny_model)
+    config.intermediate_size = 192
+    LlamaForCausalLM(config).save_pretrained(other)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model / name, other / name)
+    make_adapter(other, tmp_path, 5, targets=("down_proj",))
+    with pytest.raises(adapters.AdapterRefused, match="down_proj: the adapter is 192->128, the base 256->128"):
+        adapters.export_adapter(tmp_path / "adapter", fp32_base, tmp_path / "x.onnx_adapter")
+
+
+def test_merged_model_folder_is_not_a_base(tiny_model):
+    with pytest.raises(adapters.AdapterRefused, match="merged model, not a base"):
+        adapters.read_slots(tiny_model)
+
+
+def test_target_modules_the_base_cannot_take_are_refused_at_config_time():
+    adapters.check_target_modules(["q_proj", "v_proj"], "passes.lora.target_modules")
+    with pytest.raises(adapters.AdapterRefused, match="passes.lora.target_modules.*qkv_proj.*fix"):
+        adapters.check_target_modules(["qkv_proj"], "passes.lora.target_modules")
+
+
+# ---- the flow with grove.ship: adapter ------------------------------------------------------------
+def blob_bytes(store: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in (store / "blobs").rglob("*") if p.is_file()}
+
+
+def nightly_bytes(tiny_model, data: Path, tmp_path: Path, write_config, ship: str) -> tuple[int, dict]:
+    """Two runs, the second on one edited row (a nightly retraining); bytes its blobs added."""
+    import json
+
+    from test_flow import grove
+
+    raw = tiny_config(tiny_model, data, tmp_path / ship / "store", tmp_path / ship / "out")
+    raw["grove"]["ship"] = ship
+    config = write_config(raw, f"{ship}.json")
+    grove("run", "--config", str(config))
+    before = blob_bytes(tmp_path / ship / "store")
+    lines = data.read_text().splitlines()
+    first = json.loads(lines[0])
+    first["phrase"] = "X" + first["phrase"][1:]
+    data.write_text("\n".join([json.dumps(first)] + lines[1:]) + "\n")
+    grove("run", "--config", str(config))
+    after = blob_bytes(tmp_path / ship / "store")
+    report = json.loads((tmp_path / ship / "out" / "tiny" / "report.json").read_text())
+    return sum(size for sha, size in after.items() if sha not in before), report
+
+
+def test_adapter_ship_builds_the_base_once_and_a_nightly_run_stores_only_its_adapter(
+        tiny_model, tmp_path, write_config):
+    from test_flow import grove
+
+    from grove.served import adapter_file
+
+    for ship in ("merged", "adapter"):
+        shutil.copyfile(TONE_DATA, tmp_path / f"{ship}.jsonl")
+    merged_bytes, _ = nightly_bytes(tiny_model, tmp_path / "merged.jsonl", tmp_path, write_config, "merged")
+    adapter_bytes, report = nightly_bytes(tiny_model, tmp_path / "adapter.jsonl", tmp_path, write_config, "adapter")
+    stages = {s["stage"]: s for s in report["stages"]}
+    assert "merge_adapters" not in stages and stages["train"]["status"] == "ran"
+    onnx = stages["build_onnx"]
+    assert onnx["status"] == "ran" and onnx["summary"]["base"]["reused"] is True  # a hit across fine-tunes
+    assert onnx["summary"]["accuracy"] is not None and stages["benchmark"]["summary"]["onnx"]["adapter_size_mb"] > 0
+    base_size = onnx["summary"]["size_bytes"]
+    print(f"nightly bytes stored: merged {merged_bytes}, adapter {adapter_bytes}; base {base_size}")
+    assert adapter_bytes < base_size < merged_bytes
+    out = tmp_path / "adapter" / "out" / "tiny"
+    assert (out / "model" / "base.json").is_file() and adapter_file(out, "tiny").is_file()
+    answer = grove("predict", "--model", str(out), "--adapter", "tiny", "--max-new-tokens", "3",
+                   "### Text: I love it\n### The tone is:\n")
+    assert answer.strip()
+
+
+def test_an_adapter_of_another_base_is_refused_before_loading(tiny_model, fp32_base, tmp_path):
+    import json
+
+    from grove.served import AdapterMismatch, adapter_file
+
+    out = tmp_path / "shipped"
+    shutil.copytree(fp32_base, out / "model")
+    (out / "model" / "base.json").write_text(json.dumps({"digest": "a" * 64}))
+    make_adapter(tiny_model, tmp_path, 6)
+    (out / "adapters").mkdir()
+    adapters.export_adapter(tmp_path / "adapter", out / "model", out / "adapters" / "x.onnx_adapter")
+    (out / "adapters" / "x.onnx_adapter.json").write_text(json.dumps({"base_digest": "b" * 64}))
+    with pytest.raises(AdapterMismatch, match="exported for base bbbbbbbbbbbb, but .* holds base aaaaaaaaaaaa.*fix"):
+        adapter_file(out, "x")
+
+
+@pytest.mark.parametrize("change, where, message", [
+    (lambda raw: raw["passes"]["lora"]["config"].update(target_modules=["q_proj", "lm_head"]),
+     "passes.lora.target_modules", "lm_head"),
+    (lambda raw: raw["passes"].update(lora={**raw["passes"]["lora"], "type": "QLoRA"}),
+     "passes.lora", "QLoRA adapter is trained against nf4"),
+    (lambda raw: raw["passes"]["builder"]["config"].update(extra_options={"algo_config": "hqq"}),
+     "passes.builder.extra_options.algo_config", "hqq"),
+])
+def test_adapter_ship_refusals_come_before_any_work(tiny_model, tone_copy, tmp_path, write_config,
+                                                    change, where, message):
+    from flows.config import ConfigError, load_config
+
+    raw = tiny_config(tiny_model, tone_copy, tmp_path / "store", tmp_path / "out")
+    raw["grove"]["ship"] = "adapter"
+    change(raw)
+    with pytest.raises(ConfigError) as caught:
+        load_config(write_config(raw))
+    assert caught.value.path == where and message in caught.value.message and "fix" in caught.value.message
+    assert not (tmp_path / "store").exists()
