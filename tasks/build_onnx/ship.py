@@ -8,7 +8,6 @@ builds and stores only its adapter. The build_onnx artifact then holds `adapter.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -18,11 +17,12 @@ from pathlib import Path
 from grove.models import model_folder
 from grove.settings import BuildSettings, ModelSettings
 from grove.served import ADAPTER_FILE, BASE_FILE, BASE_PREFIX, META_SUFFIX
-from grove.stage import current_run, stage_key
+from grove.cache import code_digest, stage_key
+from grove.stage import current_run
 from tasks.build_onnx import adapters
 
-_CODE = Path(adapters.__file__).read_bytes() + Path(__file__).read_bytes()
-CODE_VERSION = hashlib.sha256(_CODE).hexdigest()[:16]
+# the base's code key: this module and every project module it imports (the base builder in adapters.py)
+CODE_VERSION = code_digest(__name__)
 
 
 def base_key(build: BuildSettings, model: ModelSettings) -> str:
