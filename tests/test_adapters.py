@@ -213,9 +213,9 @@ def test_an_adapter_of_another_base_is_refused_before_loading(tiny_model, fp32_b
 
 @pytest.mark.parametrize("change, where, message", [
     (lambda raw: raw["passes"]["lora"]["config"].update(target_modules=["q_proj", "lm_head"]),
-     "passes.lora.target_modules", "lm_head"),
+     "passes.lora.config.target_modules", "lm_head"),
     (lambda raw: raw["passes"].update(lora={**raw["passes"]["lora"], "type": "QLoRA"}),
-     "passes.lora", "QLoRA adapter is trained against nf4"),
+     "passes.lora.config", "QLoRA adapter is trained against nf4"),
     (lambda raw: raw["passes"]["builder"]["config"].update(extra_options={"algo_config": "hqq"}),
      "passes.builder.extra_options.algo_config", "hqq"),
 ])

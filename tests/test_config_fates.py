@@ -112,7 +112,7 @@ def test_a_value_that_means_what_grove_does_is_accepted_without_a_word(base, tmp
 NEWLY_HONOURED = {"phi3-tone.json": {("train", "compute_dtype"): "bfloat16"},
                   "smollm2-tone-cuda.json": {("train", "compute_dtype"): "bfloat16"}}
 # settings added since the snapshots, at their defaults in every shipped config
-ADDED_SINCE = {("train", "nodes"): 1, (None, "placement"): {}}
+ADDED_SINCE = {("train", "nodes"): 1, (None, "placement"): {}, (None, "ship"): "merged"}
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.json")))
