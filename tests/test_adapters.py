@@ -217,7 +217,7 @@ def test_an_adapter_of_another_base_is_refused_before_loading(tiny_model, fp32_b
     (lambda raw: raw["passes"].update(lora={**raw["passes"]["lora"], "type": "QLoRA"}),
      "passes.lora.config", "QLoRA adapter is trained against nf4"),
     (lambda raw: raw["passes"]["builder"]["config"].update(extra_options={"algo_config": "hqq"}),
-     "passes.builder.extra_options.algo_config", "hqq"),
+     "passes.builder.config.extra_options.algo_config", "hqq"),
 ])
 def test_adapter_ship_refusals_come_before_any_work(tiny_model, tone_copy, tmp_path, write_config,
                                                     change, where, message):
