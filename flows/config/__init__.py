@@ -185,8 +185,11 @@ class GroveCandidate(Strict):
 
 
 class GroveSearch(Strict):
-    candidates: Literal["builtin"] | list[GroveCandidate] = Field(
-        "builtin", description="the variants to build, or 'builtin' for Grove's list")
+    candidates: Literal["builtin", "ladder"] | list[GroveCandidate] = Field(
+        "builtin", description="the variants to build, or 'builtin' for Grove's list, or 'ladder' for the "
+                               "default search's short list")
+    early_stop: bool | None = Field(None, description="stop at the first candidate within tolerance "
+                                                      "(default: true for 'ladder', else false)")
     tolerance_points: float = Field(2.0, ge=0, le=100, description="accuracy points below the merged PyTorch model")
 
 
@@ -254,6 +257,12 @@ class GrovePromotion(Strict):
                                                      "ModelBuilder pass the default is fine_tuned_accuracy")
     min: float = Field(0.0, description="the new model's metric must be at least this")
     max_drop: float = Field(0.02, ge=0, description="and not more than this below the current model's")
+    max_drop_from_fine_tuned: float = Field(
+        PromotionSettings.model_fields["max_drop_from_fine_tuned"].default, ge=0,
+        description="the shipped model's accuracy at most this below the model it was built from")
+    min_gain_over_base: float = Field(
+        PromotionSettings.model_fields["min_gain_over_base"].default,
+        description="the shipped model's accuracy at least this above the base model's (with a fine-tune)")
 
 
 class GroveSection(Strict):
@@ -271,7 +280,8 @@ class GroveSection(Strict):
     train: GroveTrain = Field(default_factory=GroveTrain)
     build: GroveBuild = Field(default_factory=GroveBuild)
     promotion: GrovePromotion = Field(default_factory=GrovePromotion)
-    quantization_search: GroveSearch | None = None
+    # None: the ladder search when the ModelBuilder pass is a plain CPU int4 build; false: never
+    quantization_search: GroveSearch | bool | None = None
 
 
 ENGINE_KEYS = set(Engine.model_fields)
@@ -371,8 +381,8 @@ def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None, list_
         label_col=data.label_col,
     )
     build = _build_settings(builders[0][1], engine, raw, model, grove) if builders else None
-    search = _search_settings(grove.quantization_search, build, builders, model, data) \
-        if grove.quantization_search is not None else None
+    search_section = _default_search(grove.quantization_search, builders, build, data)
+    search = _search_settings(search_section, build, builders, model, data) if search_section else None
 
     artifact_root = grove.artifact_root or engine.cache_dir or ".grove-cache"
     output_dir = engine.output_dir or "grove-output"
@@ -432,7 +442,8 @@ def _promotion_settings(section: GrovePromotion, name: str, has_builder: bool,
         raise ConfigError(at, f"{model_name!r} cannot name a model in the store: use letters, digits, '.', '_' "
                               f"and '-' (set grove.promotion.model_name)")
     return PromotionSettings(model_name=model_name, metric=section.metric, min=section.min,
-                             max_drop=section.max_drop)
+                             max_drop=section.max_drop, max_drop_from_fine_tuned=section.max_drop_from_fine_tuned,
+                             min_gain_over_base=section.min_gain_over_base)
 
 
 # ---- sections -----------------------------------------------------------------------------------
@@ -904,6 +915,20 @@ def _parse_build(spec: ModelBuilderPass | GroveCandidate, provider: str, model: 
         raise ConfigError(f"{where}.{exc.path}", exc.message) from None
 
 
+def _default_search(section: GroveSearch | bool | None, builders, build: BuildSettings | None,
+                    data: DataSettings) -> GroveSearch | None:
+    """The search a config asks for; without one, the ladder (early stop) for a plain CPU int4 build
+    with a label to score: the builder's default int4 lost 16 points on the bundled model."""
+    if section is True:
+        return GroveSearch()
+    if section is not None:
+        return section or None
+    if build is None or not data.label_col or build.precision != "int4" or build.execution_provider != "cpu":
+        return None
+    spec_keys = set((builders[0][1][1] or {}).keys()) - {"precision", "type"}
+    return GroveSearch(candidates="ladder") if not spec_keys else None
+
+
 def _search_settings(search: GroveSearch, build: BuildSettings | None, builders, model: ModelSettings,
                      data: DataSettings) -> SearchSettings:
     """grove.quantization_search: the candidates, each checked like a ModelBuilder pass."""
@@ -913,11 +938,12 @@ def _search_settings(search: GroveSearch, build: BuildSettings | None, builders,
     if not data.label_col:
         raise ConfigError(where, "needs task accuracy: the data's text_template must end with the label column "
                                  "(e.g. '...{tone}') so each candidate can be scored on the eval split")
-    if search.candidates == "builtin":
+    if search.candidates in ("builtin", "ladder"):
         from grove.models import model_config
-        from flows.config.candidates import builtin_candidates
+        from flows.config.candidates import builtin_candidates, ladder_candidates
 
-        pairs = builtin_candidates(build, model_config(model))
+        pairs = (builtin_candidates if search.candidates == "builtin" else ladder_candidates)(
+            build, model_config(model))
     else:
         pairs, seen = [], set()
         for index, candidate in enumerate(search.candidates):
@@ -929,8 +955,9 @@ def _search_settings(search: GroveSearch, build: BuildSettings | None, builders,
                                                        inherited=build.extra_options)))
         if not pairs:
             raise ConfigError(f"{where}.candidates", "lists no candidates; give some or write \"builtin\"")
+    early_stop = search.candidates == "ladder" if search.early_stop is None else search.early_stop
     return SearchSettings(candidates=[Candidate(name=n, build=b) for n, b in pairs],
-                          tolerance_points=search.tolerance_points)
+                          tolerance_points=search.tolerance_points, early_stop=early_stop)
 
 
 # ---- helpers --------------------------------------------------------------------------------------
