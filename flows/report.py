@@ -193,6 +193,9 @@ def search_markdown(search: dict[str, Any]) -> list[str]:
     for row in search_table(search):
         cells = ["-" if row[c] is None else str(row[c]).replace("|", "/") for c in SEARCH_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
+    if search.get("not_built"):
+        lines += ["", f"Not built (early stop at the first candidate within tolerance): "
+                      f"{', '.join(search['not_built'])}."]
     if search.get("plot"):
         lines += ["", f"![accuracy against size]({search['plot']})"]
     else:
