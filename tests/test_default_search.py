@@ -26,11 +26,12 @@ def test_the_bundled_config_ships_through_the_ladder_by_default():
     (lambda raw: None, True),
     (lambda raw: raw["passes"]["builder"]["config"].update(int4_block_size=64), False),  # the user chose a build
     (lambda raw: raw["passes"]["builder"]["config"].update(precision="fp32"), False),
-    (lambda raw: raw["grove"].update(quantization_search=False), False),
+    (lambda raw: raw["grove"].update(quantization_search={"enabled": False}), False),
     (lambda raw: raw["grove"].update(quantization_search={"candidates": "builtin"}), True),
 ])
 def test_which_configs_search_by_default(tiny_model, tone_copy, tmp_path, write_config, change, searched):
     raw = tiny_config(tiny_model, tone_copy, tmp_path / "store", tmp_path / "out")
+    raw["grove"].pop("quantization_search")  # the default
     change(raw)
     cfg = load_config(write_config(raw))
     assert (cfg.search is not None) == searched
@@ -45,6 +46,7 @@ def test_the_ladder_stops_at_the_first_candidate_within_tolerance(tiny_model, tm
     data.write_text(one_label_rows(0, 80))
     raw = learnable_config(tiny_model, str(data), str(tmp_path / "store"), tmp_path / "out")
     raw["passes"]["builder"]["config"] = {"precision": "int4"}
+    raw["grove"].pop("quantization_search")  # the default
     (tmp_path / "run.json").write_text(json.dumps(raw))
     result = optimize(str(tmp_path / "run.json"))
     built = [s for s in result["stages"] if s["stage"] == "build_onnx"]

@@ -17,7 +17,6 @@ from grove.stage import STAGES
 def test_piped_output_has_a_line_per_stage_start_and_end_and_training_steps(tiny_model, tone_copy, tmp_path):
     raw = tiny_config(tiny_model, tone_copy, tmp_path / "store", tmp_path / "out")
     raw["passes"]["lora"]["config"]["training_args"]["max_steps"] = 4
-    raw["grove"]["quantization_search"] = False  # one build_onnx, whatever the tiny model scores
     config = tmp_path / "run.json"
     config.write_text(json.dumps(raw))
     process = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--config", str(config), "--log-every", "2"],

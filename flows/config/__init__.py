@@ -185,6 +185,7 @@ class GroveCandidate(Strict):
 
 
 class GroveSearch(Strict):
+    enabled: bool = Field(True, description="false: no search, not even the default one (the build as written)")
     candidates: Literal["builtin", "ladder"] | list[GroveCandidate] = Field(
         "builtin", description="the variants to build, or 'builtin' for Grove's list, or 'ladder' for the "
                                "default search's short list")
@@ -280,8 +281,8 @@ class GroveSection(Strict):
     train: GroveTrain = Field(default_factory=GroveTrain)
     build: GroveBuild = Field(default_factory=GroveBuild)
     promotion: GrovePromotion = Field(default_factory=GrovePromotion)
-    # None: the ladder search when the ModelBuilder pass is a plain CPU int4 build; false: never
-    quantization_search: GroveSearch | bool | None = None
+    # None: the ladder search when the ModelBuilder pass is a plain CPU int4 build
+    quantization_search: GroveSearch | None = None
 
 
 ENGINE_KEYS = set(Engine.model_fields)
@@ -915,14 +916,12 @@ def _parse_build(spec: ModelBuilderPass | GroveCandidate, provider: str, model: 
         raise ConfigError(f"{where}.{exc.path}", exc.message) from None
 
 
-def _default_search(section: GroveSearch | bool | None, builders, build: BuildSettings | None,
+def _default_search(section: GroveSearch | None, builders, build: BuildSettings | None,
                     data: DataSettings) -> GroveSearch | None:
     """The search a config asks for; without one, the ladder (early stop) for a plain CPU int4 build
     with a label to score: the builder's default int4 lost 16 points on the bundled model."""
-    if section is True:
-        return GroveSearch()
     if section is not None:
-        return section or None
+        return section if section.enabled else None
     if build is None or not data.label_col or build.precision != "int4" or build.execution_provider != "cpu":
         return None
     spec_keys = set((builders[0][1][1] or {}).keys()) - {"precision", "type"}
