@@ -5,8 +5,9 @@
 Prints one JSON object. The cold run uses a fresh artifact store (the bundled model's
 one-time GGUF conversion is reported separately when it happens); the cached rerun is
 a separate `grove run` process, timed from start to exit, so it includes Python start-up
-and the Prefect client. Targets (issue: Grove v1): whole default run under 300 s, cached
-rerun under 10 s.
+and the Prefect client; it runs twice (the first may start grove's local Prefect server,
+which the bench stops again if it started it). Targets (issue: the model Grove ships is as
+good as the model it trained): default run under 240 s, cached rerun under 5 s.
 """
 
 from __future__ import annotations
@@ -93,12 +94,22 @@ def main() -> None:
     cold_s = time.monotonic() - started
     observers.reset(token)
 
-    started = time.monotonic()
-    rerun = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", str(config)],
-                           capture_output=True, text=True)
-    cached_s = time.monotonic() - started
-    if rerun.returncode != 0:
-        raise SystemExit(rerun.stdout[-3000:] + rerun.stderr[-3000:])
+    from flows import server
+
+    had_server = server.running() is not None
+    reruns = []
+    # the first rerun starts grove's local Prefect server when none is configured (flows/server.py);
+    # the second is the everyday case: the server already up
+    for _ in range(2):
+        started = time.monotonic()
+        rerun = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", str(config)],
+                               capture_output=True, text=True)
+        reruns.append(round(time.monotonic() - started, 1))
+        if rerun.returncode != 0:
+            raise SystemExit(rerun.stdout[-3000:] + rerun.stderr[-3000:])
+    if not had_server and "PREFECT_API_URL" not in os.environ:
+        server.stop()
+    cached_s = reruns[-1]
     report = json.loads(Path(json.loads(json.dumps(result))["report_path"]).read_text())
     cached_all = all(s["status"] == "cached" for s in report["stages"])
     print(json.dumps({
@@ -109,8 +120,9 @@ def main() -> None:
         "cold_run_s": round(cold_s, 1),
         "stages": stages,
         "cached_rerun_s": round(cached_s, 1),
+        "cached_reruns_s": reruns,
         "cached_rerun_all_cached": cached_all,
-        "targets": {"cold_run_s": 300, "cached_rerun_s": 10},
+        "targets": {"cold_run_s": 240, "cached_rerun_s": 5},
         "results": key_results(report),
     }, indent=1))
 
@@ -129,6 +141,7 @@ def key_results(report: dict) -> dict:
     """What the run produced: training, accuracy (base, fine-tuned, ONNX), the benchmark."""
     s = {stage["stage"]: stage["summary"] for stage in report["stages"]}
     train, evaluate, onnx, bench = (s.get(k) or {} for k in ("train", "evaluate", "build_onnx", "benchmark"))
+    onnx = report.get("onnx") or onnx  # the kept model when a search built several
     keep = ("device", "dtype", "latency_ms", "time_to_first_token_ms", "decode_tokens_per_s", "peak_rss_mb",
             "peak_gpu_mb", "size_mb")
     return {
@@ -139,8 +152,11 @@ def key_results(report: dict) -> dict:
                      "onnx": onnx.get("accuracy")},
         "eval_loss": {"base": (evaluate.get("base") or {}).get("eval_loss"),
                       "fine_tuned": (evaluate.get("fine_tuned") or {}).get("eval_loss")},
-        "onnx": {k: onnx.get(k) for k in ("precision", "execution_provider", "device_type", "build_seconds",
-                                          "size_bytes")},
+        "onnx": {k: onnx.get(k) for k in ("candidate", "precision", "algo", "mixed_precision", "execution_provider",
+                                          "device_type", "build_seconds", "size_bytes", "prompts_unlike_training")},
+        "search": {k: (report.get("quantization_search") or {}).get(k) for k in ("chosen", "within_tolerance",
+                                                                                "not_built")},
+        "promotion": {k: (report.get("promotion") or {}).get(k) for k in ("decision", "rule", "reason")},
         "benchmark": {engine: {k: v for k, v in (bench.get(engine) or {}).items() if k in keep}
                       for engine in ("pytorch", "onnx")} | {"onnx_speedup": bench.get("onnx_speedup")},
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -16,6 +17,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from flows.progress_lines import DEFAULT_EVERY, ProgressLines
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Grove: run an Olive fine-tune -> int4 ONNX recipe as a cached Prefect flow.")
@@ -63,9 +66,50 @@ DEBUG = {"traceback": False}
 
 
 @app.callback()
-def _setup(debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error, too.")) -> None:
+def _setup(ctx: typer.Context,
+           debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error, too.")) -> None:
     DEBUG["traceback"] = debug
+    if ctx.invoked_subcommand != "server":
+        # before anything imports prefect: its settings are fixed for the process at import
+        from flows.server import use_local_server
+
+        started = use_local_server(start_if_missing=ctx.invoked_subcommand == "run")
+        if started:
+            console.print(started, highlight=False)
     _quiet_libraries()
+
+
+server_app = typer.Typer(help="The local Prefect server grove runs use when no PREFECT_API_URL is set.",
+                         no_args_is_help=True)
+app.add_typer(server_app, name="server")
+
+
+@server_app.command("start")
+def server_start(port: Optional[int] = typer.Option(None, "--port", help="Default: a free port.")) -> None:
+    """Start it in the background (grove run also starts it when needed)."""
+    from flows.server import start
+
+    record, started = start(port)
+    console.print(f"{'started' if started else 'already running'}: UI {record['ui']}, API {record['url']} "
+                  f"(pid {record['pid']})", highlight=False)
+
+
+@server_app.command("stop")
+def server_stop() -> None:
+    """Stop the local server grove started."""
+    from flows.server import stop
+
+    record = stop()
+    console.print(f"stopped the local Prefect server (pid {record['pid']})" if record else
+                  "no local Prefect server is running", highlight=False)
+
+
+@server_app.command("status")
+def server_status() -> None:
+    from flows.server import running
+
+    record = running()
+    console.print(f"running: UI {record['ui']} (pid {record['pid']})" if record else "not running", highlight=False)
 
 
 def _message(error: BaseException) -> str:
@@ -181,8 +225,13 @@ def _stage_failed(bars: dict[str, int], finished: set[str], exc: Exception) -> N
 
 
 @app.command()
-def run(config: Path = CONFIG, from_stage: Optional[str] = FROM_STAGE) -> None:
-    """Run the recipe: seven cached stages, progress per stage, then a summary table."""
+def run(config: Path = CONFIG, from_stage: Optional[str] = FROM_STAGE,
+        log_every: int = typer.Option(DEFAULT_EVERY, "--log-every", min=1,
+                                      help="When stdout is not a terminal: a training line every N steps.")) -> None:
+    """Run the recipe: seven cached stages, progress per stage, then a summary table.
+
+    On a terminal the progress is live bars; anywhere else (a log file, CI, a worker) plain
+    lines as stages start and end (flows/progress_lines.py)."""
     from flows.config import load_config
     from flows.optimize import check_from_stage, observers, optimize
     from flows.report import key_result
@@ -214,10 +263,18 @@ def run(config: Path = CONFIG, from_stage: Optional[str] = FROM_STAGE) -> None:
                         info=f"[green]{record.status}[/] {key_result(record.stage, record.ref.summary)}")
 
     _quiet_user_errors_in_prefect_console()
-    token = observers.set({"on_stage_start": start, "on_progress": step, "on_stage_end": end})
+    hooks = {"on_stage_start": start, "on_progress": step, "on_stage_end": end}
+    display = progress
+    if not sys.stdout.isatty():
+        lines = ProgressLines(sys.stdout, log_every)
+        display = contextlib.nullcontext()
+        hooks = {"on_stage_start": lambda stage: (bars.setdefault(stage, len(bars)), lines.start(stage)),
+                 "on_progress": lines.step,
+                 "on_stage_end": lambda record: (finished.add(record.stage), lines.end(record))}
+    token = observers.set(hooks)
     started = time.monotonic()
     try:
-        with progress:
+        with display:
             result = optimize(str(config), from_stage)
     except (UserError, MissingStageError) as exc:  # e.g. remote data that load_data found bad
         _fail(exc)
@@ -240,11 +297,11 @@ def run(config: Path = CONFIG, from_stage: Optional[str] = FROM_STAGE) -> None:
                   f"run:         {result['run_id']} (grove show {result['run_id'][:8]} --config {config})")
     promotion = result.get("promotion")
     if promotion:
-        from tasks.promote import VERDICTS
+        from tasks.promote import verdict_words
 
         colour = {"promoted": "green", "not_promoted": "yellow"}.get(promotion["decision"], "default")
-        verdict = f"[{colour}]{VERDICTS[promotion['decision']]}[/]"
-        console.print(f"model:       {promotion.get('model_name')}: {verdict}: {promotion['reason']}")
+        words, why = verdict_words(promotion)
+        console.print(f"model:       {promotion.get('model_name')}: [{colour}]{words}[/]: {why}")
 
 
 STORE_CONFIG = typer.Option(None, "--config", "-c", help="Run config whose artifact root to use.")
@@ -296,6 +353,46 @@ def models(config: Optional[Path] = STORE_CONFIG, store: Optional[str] = STORE_U
                           model["promoted_at"][:19], model["run_id"][:8],
                           *(_metric(model["metrics"].get(m)) for m in PROMOTION_METRICS), model["model"]["uri"])
     console.print(table)
+
+
+@app.command()
+def predict(model: Path = typer.Option(..., "--model", help="A shipped folder: <output_dir>/<name> or its model/."),
+            texts: Optional[list[str]] = typer.Argument(None, help="Texts to answer, one answer line each."),
+            field: Optional[list[str]] = typer.Option(None, "--field", help="NAME=VALUE for a template with "
+                                                                           "several fields."),
+            adapter: Optional[str] = typer.Option(None, "--adapter", help="A named adapter in adapters/ "
+                                                                          "(grove.ship: adapter), active on the base."),
+            max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1,
+                                                         help="Default: as the evaluation scored it.")) -> None:
+    """Answer with a shipped ONNX model exactly as the evaluation scored it (its README.md snippet)."""
+    from grove.errors import UserError
+    from grove.served import adapter_file, adapter_prompt
+    from grove.shipped import ShippedModel
+
+    with _clean_errors():
+        folder = model / "model" if (model / "model").is_dir() else model
+        if adapter:
+            from grove.engines import OnnxEngine
+
+            file = adapter_file(model, adapter)
+            spec = adapter_prompt(file)
+            if spec is None:
+                raise UserError(f"{file}: no prompt template shipped with it (adapters/{adapter}.grove_prompt.json)")
+            shipped = ShippedModel(folder, OnnxEngine(folder, set(spec["eos_token_ids"]), adapter=file), spec)
+        else:
+            shipped = ShippedModel(folder)
+        if max_new_tokens:
+            shipped.spec = {**shipped.spec, "max_new_tokens": max_new_tokens}
+        rows = [shipped.row_from_text(text) for text in texts or []]
+        if field:
+            pairs = [f.split("=", 1) for f in field]
+            if any(len(p) != 2 for p in pairs):
+                raise UserError("--field takes NAME=VALUE")
+            rows.append(dict(pairs))
+        if not rows:
+            raise UserError("give a text to answer (or --field NAME=VALUE)")
+        for row in rows:
+            print(shipped.answer(row))
 
 
 def _metric(value: float | None) -> str:
@@ -434,11 +531,6 @@ def deploy(prefect_yaml: Path = typer.Option(Path("prefect.yaml"), "--file", hel
     names = ", ".join([d["name"] for d in deployments] + [f"grove-stages/{p}" for p in group_pools])
     console.print(f"deployed {names}; start a worker on each pool: prefect worker start --pool NAME "
                   f"({', '.join([pool, *group_pools])})")
-
-
-from flows.predict import predict as _predict  # noqa: E402 - issue 15: --adapter NAME
-
-app.command("predict")(_predict)
 
 
 def main() -> None:

@@ -109,11 +109,11 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"- artifact store: `{report['artifact_root']}`"]
     promotion = report.get("promotion")
     if promotion:
-        from tasks.promote import VERDICTS
+        from tasks.promote import verdict_words
 
-        words = VERDICTS[promotion["decision"]]
+        words, why = verdict_words(promotion)
         verdict = words if promotion["decision"] == "unchanged" else f"**{words}**"
-        lines.append(f"- {promotion.get('model_name', report['name'])}: {verdict}: {promotion['reason']}")
+        lines.append(f"- {promotion.get('model_name', report['name'])}: {verdict}: {why}")
     lines += ["", "## Stages", "",
              "| stage | status | seconds | result | stored at |", "|---|---|---|---|---|"]
     for stage in report["stages"]:
@@ -156,12 +156,10 @@ def log_promotion(promotion: dict[str, Any]) -> None:
         logger = get_run_logger()
     except MissingContextError:
         logger = logging.getLogger("grove.promote")
-    if promotion["decision"] == "not_promoted":
-        logger.warning("not promoted: %s", promotion["reason"])
-    else:
-        from tasks.promote import VERDICTS
+    from tasks.promote import verdict_words
 
-        logger.info("%s: %s", VERDICTS[promotion["decision"]], promotion["reason"])
+    words, why = verdict_words(promotion)
+    (logger.warning if promotion["decision"] == "not_promoted" else logger.info)("%s: %s", words, why)
 
 
 def _prefect_artifact(markdown: str, name: str) -> None:
@@ -199,6 +197,9 @@ def search_markdown(search: dict[str, Any]) -> list[str]:
     for row in search_table(search):
         cells = ["-" if row[c] is None else str(row[c]).replace("|", "/") for c in SEARCH_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
+    if search.get("not_built"):
+        lines += ["", f"Not built (early stop at the first candidate within tolerance): "
+                      f"{', '.join(search['not_built'])}."]
     if search.get("plot"):
         lines += ["", f"![accuracy against size]({search['plot']})"]
     else:

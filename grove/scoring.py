@@ -58,4 +58,5 @@ def summarize(predictions: list[str], labels: list[str]) -> dict[str, Any]:
         "per_label": per_label,
         "predicted": dict(Counter(predictions).most_common(10)),
         "examples": [{"label": l, "predicted": p} for p, l in list(zip(predictions, labels))[:5]],
+        "predictions": predictions,  # every row's answer, in row order
     }

@@ -16,6 +16,9 @@ import json
 import shutil
 from pathlib import Path
 
+from grove.errors import UserError
+from grove.shipped import PROMPT_FILE
+
 ADAPTER_FILE = "adapter.onnx_adapter"  # inside a build_onnx artifact
 ADAPTER_SUFFIX = ".onnx_adapter"
 BASE_FILE = "base.json"
@@ -23,7 +26,7 @@ BASE_PREFIX = "base-"  # build_onnx entries holding a base (key base-<key>)
 META_SUFFIX = ".json"
 
 
-class AdapterMismatch(ValueError):
+class AdapterMismatch(UserError):
     """An adapter exported for another base than the one it is asked to run on."""
 
 
@@ -59,7 +62,17 @@ def publish_served(store, artifact: Path, out: Path, name: str) -> Path:
     (out / "adapters").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(adapter, out / "adapters" / f"{name}{ADAPTER_SUFFIX}")
     shutil.copyfile(artifact / f"{ADAPTER_FILE}{META_SUFFIX}", out / "adapters" / f"{name}{ADAPTER_SUFFIX}{META_SUFFIX}")
+    prompt = artifact / PROMPT_FILE  # the template this adapter was trained and scored with
+    if prompt.is_file():
+        shutil.copyfile(prompt, out / "adapters" / f"{name}.{PROMPT_FILE}")
     return target
+
+
+def adapter_prompt(adapter: Path) -> dict | None:
+    """The prompt spec shipped next to an adapter (adapters/<name>.grove_prompt.json), if any."""
+    name = adapter.name.removesuffix(ADAPTER_SUFFIX)
+    spec = adapter.with_name(f"{name}.{PROMPT_FILE}")
+    return json.loads(spec.read_text()) if spec.is_file() else None
 
 
 def adapter_file(folder: Path, name: str) -> Path:
@@ -86,17 +99,3 @@ def check_same_base(adapter: Path, model_dir: Path) -> None:
         raise AdapterMismatch(f"{adapter.name} was exported for base {wanted[:12]}, but {model_dir} holds base "
                               f"{have[:12]} (another base model or other ModelBuilder options); fix: rerun its "
                               f"fine-tune with this base's model and build options, or ship it merged")
-
-
-def predict(folder: Path, text: str, adapter: str | None = None, max_new_tokens: int = 64) -> str:
-    """Greedy completion of `text` by a shipped model, with the named adapter active."""
-    from grove.engines import OnnxEngine, eos_ids_of
-    from grove.models import load_tokenizer
-
-    folder = Path(folder)
-    model_dir = folder / "model" if (folder / "model").is_dir() else folder
-    file = adapter_file(folder, adapter) if adapter else None
-    tokenizer = load_tokenizer(model_dir)
-    prompt = tokenizer(text, add_special_tokens=True)["input_ids"]
-    engine = OnnxEngine(model_dir, eos_ids_of(tokenizer), adapter=file)
-    return tokenizer.decode(engine.generate(prompt, max_new_tokens), skip_special_tokens=True)

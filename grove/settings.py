@@ -128,6 +128,9 @@ class SearchSettings(Frozen):
 
     candidates: list[Candidate]
     tolerance_points: float = 2.0  # accuracy points (percent) below the merged PyTorch model
+    # Build the candidates in order and stop at the first within tolerance (the default search's
+    # ladder: most likely to pass first, then ever more precise) instead of building them all.
+    early_stop: bool = False
 
 
 class BenchmarkSettings(Frozen):
@@ -155,6 +158,11 @@ class PromotionSettings(Frozen):
     metric: str = "onnx_accuracy"  # a name in PROMOTION_METRICS
     min: float = 0.0  # the new model's metric must be at least this
     max_drop: float = 0.02  # and not more than this below the current model's
+    # Accuracy rules (fractions, 0.02 = 2 points), checked whatever the gate metric:
+    # the shipped model within this of the model it was built from (the merged fine-tune) ...
+    max_drop_from_fine_tuned: float = 0.02
+    # ... and, when there is a fine-tune, at least this above the base model.
+    min_gain_over_base: float = 0.05
 
 
 class RetrySettings(Frozen):

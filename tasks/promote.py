@@ -2,9 +2,13 @@
 
 The current model of a name is a pointer object in the artifact store,
 `models/<name>/current.json`, and every model that was ever current has a copy under
-`models/<name>/history/`. A model is promoted only if its gate metric is at least
-`min` and not more than `max_drop` below the current model's; otherwise the run still
-completes, says why it was not promoted, and the current model stays.
+`models/<name>/history/`. A model is promoted only if it passes every rule of RULES:
+its gate metric is at least `min`; its accuracy (the shipped ONNX model's, or the merged
+model's without a build) is at most `max_drop_from_fine_tuned` below the model it was
+built from and, when it was fine-tuned, at least `min_gain_over_base` above the base
+model; and its gate metric is not more than `max_drop` below the current model's.
+Otherwise the run still completes, says which rule failed and why, and the current
+model stays.
 
 This step is not cached: its answer depends on the current model, which other runs move.
 """
@@ -24,37 +28,96 @@ from grove.store import ArtifactStore
 MODELS = "models"
 # How each decision reads in the CLI, the report and the run's log.
 VERDICTS = {"promoted": "promoted", "unchanged": "current model unchanged", "not_promoted": "not promoted"}
+# The gate's rules, in the order they are checked; a not-promoted result names the one that failed.
+RULES = {
+    "measured": "the gate metric was measured",
+    "min": "gate metric >= min",
+    "max_drop_from_fine_tuned": "shipped accuracy within max_drop_from_fine_tuned of the model it was built from",
+    "min_gain_over_base": "shipped accuracy at least min_gain_over_base above the base model",
+    "max_drop": "gate metric within max_drop of the current model",
+}
+
+
+def verdict_words(promotion: dict[str, Any]) -> tuple[str, str]:
+    """(verdict, why) as the CLI, the report and the log show a decision: a model that was not
+    promoted names the rule it failed."""
+    words = VERDICTS[promotion["decision"]]
+    if promotion.get("rule"):
+        words += f" (failed rule {promotion['rule']})"
+    return words, promotion["reason"]
+
+
+# Accuracies are fractions rounded to 4 places; compare with a little slack.
+EPS = 1e-9
+
+
+def _read(refs: dict[str, ArtifactRef | None], stage: str, path: str) -> float | None:
+    value: Any = refs[stage].summary if refs.get(stage) is not None else None
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def metrics_of(refs: dict[str, ArtifactRef | None]) -> dict[str, float | None]:
     """Every gate metric this run measured (None where a stage did not run or did not measure it)."""
-    found: dict[str, float | None] = {}
-    for name, (stage, path) in PROMOTION_METRICS.items():
-        value: Any = refs[stage].summary if refs.get(stage) is not None else None
-        for part in path.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        found[name] = float(value) if isinstance(value, (int, float)) else None
-    return found
+    return {name: _read(refs, stage, path) for name, (stage, path) in PROMOTION_METRICS.items()}
+
+
+def accuracies_of(refs: dict[str, ArtifactRef | None]) -> dict[str, float | None]:
+    """The accuracies the accuracy rules compare: the shipped model (the ONNX build, else the merged
+    model), the model it was built from (the fine-tune, else the base) and the base model."""
+    base = _read(refs, "evaluate", "base.accuracy")
+    tuned = _read(refs, "evaluate", "fine_tuned.accuracy")
+    shipped = _read(refs, "build_onnx", "accuracy") if refs.get("build_onnx") is not None else tuned
+    return {"shipped": shipped, "built_from": tuned if refs.get("train") is not None else base,
+            "base": base if refs.get("train") is not None else None}
+
+
+def _pts(value: float) -> str:
+    return f"{value * 100:.1f}"
+
+
+def accuracy_failure(gate: PromotionSettings, accuracy: dict[str, float | None]) -> tuple[str, str] | None:
+    """(rule, why) for the first accuracy rule the shipped model breaks; None if it breaks none.
+    A rule whose accuracies were not measured (no label column) is not applied."""
+    shipped, source, base = accuracy.get("shipped"), accuracy.get("built_from"), accuracy.get("base")
+    if shipped is None:
+        return None
+    if source is not None and shipped < source - gate.max_drop_from_fine_tuned - EPS:
+        return "max_drop_from_fine_tuned", (
+            f"the shipped model's accuracy {_pts(shipped)} is {_pts(source - shipped)} points below the model it "
+            f"was built from ({_pts(source)}); the gate allows {_pts(gate.max_drop_from_fine_tuned)} "
+            f"(grove.promotion.max_drop_from_fine_tuned)")
+    if base is not None and shipped < base + gate.min_gain_over_base - EPS:
+        return "min_gain_over_base", (
+            f"the shipped model's accuracy {_pts(shipped)} is not clearly above the base model's {_pts(base)}: "
+            f"the gate asks for {_pts(gate.min_gain_over_base)} points more (grove.promotion.min_gain_over_base)")
+    return None
 
 
 def decide(gate: PromotionSettings, metrics: dict[str, float | None], model_digest: str,
-           current: dict[str, Any] | None) -> tuple[str, str]:
-    """(decision, why): decision is promoted, not_promoted or unchanged."""
+           current: dict[str, Any] | None, accuracy: dict[str, float | None] | None = None) -> tuple[str, str, str | None]:
+    """(decision, why, rule): decision is promoted, not_promoted or unchanged; rule names the gate
+    rule that failed (a key of RULES), None unless not promoted."""
     value = metrics.get(gate.metric)
     if current is not None and current["model"]["digest"] == model_digest:
-        return "unchanged", f"this model is already the current {gate.model_name} (run {current['run_id'][:8]})"
+        return "unchanged", f"this model is already the current {gate.model_name} (run {current['run_id'][:8]})", None
     if value is None:
-        return "not_promoted", f"{gate.metric} was not measured by this run"
+        return "not_promoted", f"{gate.metric} was not measured by this run", "measured"
     if value < gate.min:
-        return "not_promoted", f"{gate.metric} {value:.4g} is below the gate's min {gate.min:.4g}"
+        return "not_promoted", f"{gate.metric} {value:.4g} is below the gate's min {gate.min:.4g}", "min"
+    failed = accuracy_failure(gate, accuracy or {})
+    if failed is not None:
+        return "not_promoted", failed[1], failed[0]
     if current is not None:
         before = current.get("metrics", {}).get(gate.metric)
         if before is not None and value < before - gate.max_drop:
             return "not_promoted", (f"{gate.metric} {value:.4g} is {before - value:.4g} below the current model's "
-                                    f"{before:.4g} (run {current['run_id'][:8]}); the gate allows {gate.max_drop:.4g}")
+                                    f"{before:.4g} (run {current['run_id'][:8]}); the gate allows "
+                                    f"{gate.max_drop:.4g}"), "max_drop"
         shown = "" if before is None else f", current {before:.4g}, allowed drop {gate.max_drop:.4g}"
-        return "promoted", f"{gate.metric} {value:.4g} passes the gate (min {gate.min:.4g}{shown})"
-    return "promoted", f"{gate.metric} {value:.4g} passes the gate (min {gate.min:.4g}); first model of this name"
+        return "promoted", f"{gate.metric} {value:.4g} passes the gate (min {gate.min:.4g}{shown})", None
+    return "promoted", f"{gate.metric} {value:.4g} passes the gate (min {gate.min:.4g}); first model of this name", None
 
 
 def current_model(store: ArtifactStore, name: str) -> dict[str, Any] | None:
@@ -90,11 +153,14 @@ def promote(gate: PromotionSettings, refs: dict[str, ArtifactRef | None], run_id
     store = current_run().store
     final = refs.get("build_onnx") or refs.get("merge_adapters")
     if final is None:
-        return {"decision": "not_promoted", "reason": "this run produced no model (no merge or ModelBuilder pass)"}
+        return {"decision": "not_promoted", "rule": None,
+                "reason": "this run produced no model (no merge or ModelBuilder pass)"}
     metrics = metrics_of(refs)
     current = current_model(store, gate.model_name)
-    decision, reason = decide(gate, metrics, final.digest, current)
-    result = {"decision": decision, "reason": reason, "model_name": gate.model_name, "metric": gate.metric,
+    accuracy = accuracies_of(refs)
+    decision, reason, rule = decide(gate, metrics, final.digest, current, accuracy)
+    result = {"decision": decision, "reason": reason, "rule": rule, "model_name": gate.model_name, "metric": gate.metric,
+              "accuracy": accuracy,
               "value": metrics.get(gate.metric), "model_uri": final.uri,
               "current_run_id": current["run_id"] if current else None}
     if decision != "promoted":

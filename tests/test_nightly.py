@@ -165,9 +165,9 @@ def test_nights_without_new_data_rerun_nothing_new_data_retrains_and_a_worse_mod
     assert load["rows"] == 120
     assert new_data["promotion"]["decision"] == "promoted", new_data["promotion"]
 
-    def worse(config):  # barely trained; the absolute floor off, so only the drop can stop it
+    def worse(config):  # barely trained; the absolute floor and accuracy rules off, so only the drop can stop it
         config["passes"]["lora"]["config"]["training_args"]["max_steps"] = 2
-        config["grove"]["promotion"]["min"] = 0.0
+        config["grove"]["promotion"].update(min=0.0, min_gain_over_base=0.0, max_drop_from_fine_tuned=1.0)
 
     rejected = run(worse)
     assert {s["stage"]: s["status"] for s in rejected["stages"]}["train"] == "ran"

@@ -76,11 +76,12 @@ def search_settings(search: GroveSearch, build: BuildSettings | None, model: Mod
     if not data.label_col:
         raise ConfigError(where, "needs task accuracy: the data's text_template must end with the label column "
                                  "(e.g. '...{tone}') so each candidate can be scored on the eval split")
-    if search.candidates == "builtin":
-        from flows.config.candidates import builtin_candidates
+    if search.candidates in ("builtin", "ladder"):
+        from flows.config.candidates import builtin_candidates, ladder_candidates
         from grove.models import model_config
 
-        pairs = builtin_candidates(build, model_config(model))
+        pairs = (builtin_candidates if search.candidates == "builtin" else ladder_candidates)(
+            build, model_config(model))
     else:
         pairs, seen = [], set()
         for index, candidate in enumerate(search.candidates):
@@ -92,5 +93,18 @@ def search_settings(search: GroveSearch, build: BuildSettings | None, model: Mod
                                                    inherited=build.extra_options)))
         if not pairs:
             raise ConfigError(f"{where}.candidates", "lists no candidates; give some or write \"builtin\"")
+    early_stop = search.candidates == "ladder" if search.early_stop is None else search.early_stop
     return SearchSettings(candidates=[Candidate(name=n, build=b) for n, b in pairs],
-                          tolerance_points=search.tolerance_points)
+                          tolerance_points=search.tolerance_points, early_stop=early_stop)
+
+
+def default_search(section: GroveSearch | None, builder_body: dict | None, build: BuildSettings | None,
+                   data: DataSettings) -> GroveSearch | None:
+    """The search a config asks for; without one, the ladder (early stop) for a plain CPU int4 build
+    with a label to score: the builder's default int4 lost 16 points on the bundled model."""
+    if section is not None:
+        return section if section.enabled else None
+    if build is None or not data.label_col or build.precision != "int4" or build.execution_provider != "cpu":
+        return None
+    spec_keys = set((builder_body or {}).keys()) - {"precision", "type"}
+    return GroveSearch(candidates="ladder") if not spec_keys else None

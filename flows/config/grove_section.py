@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from flows.config.errors import Strict
+from grove.settings import PromotionSettings
 
 PRECISIONS = Literal["int4", "int8", "fp16", "fp32", "bf16"]
 BLOCK_SIZES = Literal[16, 32, 64, 128, 256]
@@ -25,8 +26,12 @@ class GroveCandidate(Strict):
 
 
 class GroveSearch(Strict):
-    candidates: Literal["builtin"] | list[GroveCandidate] = Field(
-        "builtin", description="the variants to build, or 'builtin' for Grove's list")
+    enabled: bool = Field(True, description="false: no search, not even the default one (the build as written)")
+    candidates: Literal["builtin", "ladder"] | list[GroveCandidate] = Field(
+        "builtin", description="the variants to build, or 'builtin' for Grove's list, or 'ladder' for the "
+                               "default search's short list")
+    early_stop: bool | None = Field(None, description="stop at the first candidate within tolerance "
+                                                      "(default: true for 'ladder', else false)")
     tolerance_points: float = Field(2.0, ge=0, le=100, description="accuracy points below the merged PyTorch model")
 
 
@@ -79,6 +84,12 @@ class GrovePromotion(Strict):
                                                      "ModelBuilder pass the default is fine_tuned_accuracy")
     min: float = Field(0.0, description="the new model's metric must be at least this")
     max_drop: float = Field(0.02, ge=0, description="and not more than this below the current model's")
+    max_drop_from_fine_tuned: float = Field(
+        PromotionSettings.model_fields["max_drop_from_fine_tuned"].default, ge=0,
+        description="the shipped model's accuracy at most this below the model it was built from")
+    min_gain_over_base: float = Field(
+        PromotionSettings.model_fields["min_gain_over_base"].default,
+        description="the shipped model's accuracy at least this above the base model's (with a fine-tune)")
 
 
 class GrovePlacement(Strict):
@@ -104,6 +115,7 @@ class GroveSection(Strict):
     train: GroveTrain = Field(default_factory=GroveTrain)
     build: GroveBuild = Field(default_factory=GroveBuild)
     promotion: GrovePromotion = Field(default_factory=GrovePromotion)
+    # None: the ladder search when the ModelBuilder pass is a plain CPU int4 build
     quantization_search: GroveSearch | None = None
     placement: GrovePlacement | None = None
     ship: Literal["merged", "adapter"] = Field("merged", description="merged model, or int4 base + LoRA adapter")

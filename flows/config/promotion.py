@@ -36,4 +36,5 @@ def promotion_settings(section: GrovePromotion, name: str, has_builder: bool,
         raise ConfigError(at, f"{model_name!r} cannot name a model in the store: use letters, digits, '.', '_' "
                               f"and '-' (set grove.promotion.model_name)")
     return PromotionSettings(model_name=model_name, metric=section.metric, min=section.min,
-                             max_drop=section.max_drop)
+                             max_drop=section.max_drop, max_drop_from_fine_tuned=section.max_drop_from_fine_tuned,
+                             min_gain_over_base=section.min_gain_over_base)

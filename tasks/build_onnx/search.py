@@ -26,6 +26,13 @@ def candidate_row(name: str, summary: dict[str, Any], key: str = "") -> dict[str
             "mixed_precision": summary.get("mixed_precision"), "error": summary.get("error")}
 
 
+def within_tolerance(row: dict[str, Any], baseline: float | None, tolerance_points: float) -> bool:
+    """Whether a candidate loaded and scored within tolerance (no baseline: any that loaded)."""
+    if not row.get("loaded") or row.get("accuracy") is None:
+        return False
+    return baseline is None or row["accuracy"] >= baseline - tolerance_points / 100 - EPS
+
+
 @dataclass
 class Selection:
     chosen: str | None  # the kept candidate's name (None: no candidate loaded)
@@ -49,7 +56,7 @@ def select_candidate(rows: list[dict[str, Any]], baseline: float | None, toleran
     is_usable = {id(r) for r in usable}
     floor = None if baseline is None else baseline - tolerance_points / 100
     for row in rows:
-        row["within_tolerance"] = bool(id(row) in is_usable and (floor is None or row["accuracy"] >= floor - EPS))
+        row["within_tolerance"] = id(row) in is_usable and within_tolerance(row, baseline, tolerance_points)
     qualifying = [r for r in usable if r["within_tolerance"]]
     size = lambda r: r["size_bytes"] if r.get("size_bytes") is not None else float("inf")  # noqa: E731
     speed = lambda r: r.get("decode_tokens_per_s") or 0.0  # noqa: E731

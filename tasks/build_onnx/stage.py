@@ -20,10 +20,11 @@ from grove.engines import OnnxEngine, eos_ids_of
 from grove.models import load_tokenizer, model_folder
 from tasks.build_onnx import quantization
 from tasks.build_onnx.quantization import builder_options, builder_precision, calibration_quantize
-from grove.scoring import task_accuracy
-from tasks.build_onnx.search import candidate_row, select_candidate
-from tasks.build_onnx.ship import onnx_base, ship_adapter
+from grove.scoring import score_prompts
 from grove.served import ADAPTER_FILE
+from grove.shipped import ShippedModel, prompt_spec, write_shipped_files
+from tasks.build_onnx.search import candidate_row, select_candidate, within_tolerance
+from tasks.build_onnx.ship import onnx_base, ship_adapter
 from grove.settings import BenchmarkSettings, BuildSettings, EvalSettings, ModelSettings, SearchSettings
 from grove.stage import (ArtifactRef, StageFailed, current_run, grove_stage, open_artifact, output_dir,
                          pending_ref, task_run_name)
@@ -154,10 +155,23 @@ def build_onnx(build: BuildSettings, evaluation: EvalSettings, model: ModelSetti
         run = current_run()
         progress = (lambda done, total: run.on_progress("build_onnx", done, total, {"model": "onnx"})) \
             if run.on_progress else None
-        scores = task_accuracy(engine, tokenizer, rows[: evaluation.max_rows], evaluation.text_template,
-                               evaluation.label_col, evaluation.max_new_tokens, evaluation.batch_size, progress)
+        # scored as a user runs the shipped folder (grove/shipped.py), not through Grove's own tokenizing
+        scored = rows[: evaluation.max_rows]
+        spec = prompt_spec(evaluation.text_template, evaluation.label_col, evaluation.max_new_tokens, tokenizer)
+        # the prompt template travels with what is shipped: the model, or the adapter (the stored
+        # base is shared by every adapter and never written to)
+        write_shipped_files(output_dir() if adapter is not None else target, spec)
+        shipped = ShippedModel(target, engine, spec)
+        prompts = [shipped.encode(r) for r in scored]
+        trained_on = [encode(tokenizer, prompt_and_answer(evaluation.text_template, evaluation.label_col, r)[0],
+                             eos=False)[0] for r in scored]
+        scores = score_prompts(engine, shipped, prompts, [str(r[evaluation.label_col]).strip() for r in scored],
+                               evaluation.max_new_tokens, evaluation.batch_size, progress)
+        # rows whose shipped prompt ids differ from the training tokenization (expected: 0)
+        scores["prompts_unlike_training"] = sum(a != b for a, b in zip(prompts, trained_on))
         (output_dir() / "onnx_eval.json").write_text(json.dumps(scores, indent=1))
-        summary.update(accuracy=scores["accuracy"], per_label=scores["per_label"])
+        summary.update(accuracy=scores["accuracy"], per_label=scores["per_label"],
+                       prompts_unlike_training=scores["prompts_unlike_training"])
     if speed is not None and rows:
         prompts = [encode(tokenizer, prompt_and_answer(evaluation.text_template, evaluation.label_col, r)[0],
                           eos=False)[0] for r in rows[: speed.prompts]]
@@ -168,20 +182,25 @@ def build_onnx(build: BuildSettings, evaluation: EvalSettings, model: ModelSetti
 def search_quantization(search: SearchSettings, evaluation: EvalSettings, speed: BenchmarkSettings,
                         model: ModelSettings, merged: ArtifactRef | None, data: ArtifactRef,
                         scores: ArtifactRef) -> ArtifactRef:
-    """Builds and scores every candidate (each its own cached build_onnx task), keeps one.
+    """Builds and scores every candidate (each its own cached build_onnx task), keeps one; with
+    early_stop, builds them in order only until one is within tolerance.
 
     The candidates run one after another, not concurrently: on a small CPU machine
     concurrent builds would measure each other's load, not their own decode speed.
     Returns the kept candidate's reference, its summary extended with the whole table.
     """
+    tuned = {} if scores.pending else scores.summary.get("fine_tuned") or scores.summary.get("base") or {}
+    baseline = tuned.get("accuracy")
     refs = []
     for candidate in search.candidates:
         with task_run_name(f"build_onnx[{candidate.name}]"):
             refs.append(build_onnx(candidate.build, evaluation, model, merged, data, speed, True))
+        if search.early_stop and (refs[-1].pending or scores.pending or
+                                  within_tolerance(candidate_row(candidate.name, refs[-1].summary),
+                                                   baseline, search.tolerance_points)):
+            break  # planning stops at the first candidate: whether it passes is not known yet
     if scores.pending or any(ref.pending for ref in refs):  # planning: nothing to choose from yet
         return pending_ref("build_onnx")
-    tuned = scores.summary.get("fine_tuned") or scores.summary.get("base") or {}
-    baseline = tuned.get("accuracy")
     rows = [candidate_row(c.name, ref.summary, ref.key) for c, ref in zip(search.candidates, refs)]
     selection = select_candidate(rows, baseline, search.tolerance_points)
     if selection.chosen is None:
@@ -191,5 +210,6 @@ def search_quantization(search: SearchSettings, evaluation: EvalSettings, speed:
     table = {"baseline_accuracy": baseline, "baseline": "merged PyTorch model (evaluate: fine_tuned)",
              "tolerance_points": search.tolerance_points, "chosen": selection.chosen,
              "within_tolerance": selection.within_tolerance, "verdict": selection.verdict,
-             "candidates": selection.rows}
+             "candidates": selection.rows, "early_stop": search.early_stop,
+             "not_built": [c.name for c in search.candidates[len(refs):]]}
     return chosen.model_copy(update={"summary": {**chosen.summary, "candidate": selection.chosen, "search": table}})

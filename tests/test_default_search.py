@@ -1,0 +1,57 @@
+"""Shipping what keeps its accuracy by default: a plain CPU int4 ModelBuilder pass becomes the
+ladder search (int4 k_quant with 8-bit head and sensitive layers first, then more precision),
+built in order and stopped at the first candidate within tolerance."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import ROOT, tiny_config
+from flows.config import load_config
+from flows.config.candidates import LADDER
+from test_nightly import learnable_config, one_label_rows
+
+
+def test_the_bundled_config_ships_through_the_ladder_by_default():
+    cfg = load_config(ROOT / "configs" / "smollm2-tone.json")
+    assert cfg.search is not None and cfg.search.early_stop
+    assert [c.name for c in cfg.search.candidates] == list(LADDER)
+    first = cfg.search.candidates[0].build
+    assert first.algo == "k_quant" and first.mixed_precision == {"last_matmul": "int8", "mixed_layers": "int8"}
+
+
+@pytest.mark.parametrize("change, searched", [
+    (lambda raw: None, True),
+    (lambda raw: raw["passes"]["builder"]["config"].update(int4_block_size=64), False),  # the user chose a build
+    (lambda raw: raw["passes"]["builder"]["config"].update(precision="fp32"), False),
+    (lambda raw: raw["grove"].update(quantization_search={"enabled": False}), False),
+    (lambda raw: raw["grove"].update(quantization_search={"candidates": "builtin"}), True),
+])
+def test_which_configs_search_by_default(tiny_model, tone_copy, tmp_path, write_config, change, searched):
+    raw = tiny_config(tiny_model, tone_copy, tmp_path / "store", tmp_path / "out")
+    raw["grove"].pop("quantization_search")  # the default
+    change(raw)
+    cfg = load_config(write_config(raw))
+    assert (cfg.search is not None) == searched
+    if searched and raw["grove"].get("quantization_search"):
+        assert not cfg.search.early_stop and len(cfg.search.candidates) > len(LADDER)
+
+
+def test_the_ladder_stops_at_the_first_candidate_within_tolerance(tiny_model, tmp_path):
+    from flows.optimize import optimize
+
+    data = tmp_path / "tone.jsonl"
+    data.write_text(one_label_rows(0, 80))
+    raw = learnable_config(tiny_model, str(data), str(tmp_path / "store"), tmp_path / "out")
+    raw["passes"]["builder"]["config"] = {"precision": "int4"}
+    raw["grove"].pop("quantization_search")  # the default
+    (tmp_path / "run.json").write_text(json.dumps(raw))
+    result = optimize(str(tmp_path / "run.json"))
+    built = [s for s in result["stages"] if s["stage"] == "build_onnx"]
+    report = json.loads((tmp_path / "out" / "tiny" / "report.json").read_text())
+    search = report["quantization_search"]
+    assert search["within_tolerance"] and search["chosen"] == LADDER[0], search["verdict"]
+    assert len(built) == 1 and search["not_built"] == list(LADDER[1:])
+    assert report["onnx"]["algo"] == "k_quant"

@@ -1,0 +1,101 @@
+"""The promotion gate's default rules on real tiny runs (local store, the session's Prefect server).
+
+The tiny model learns a one-label task (tests/test_nightly.py), so the base model scores 0
+and a trained one 1: a model that was barely trained is not clearly above the base model.
+Its int4 and fp32 builds keep every answer (measured: fp32, int4, int4 block 128 and hqq
+all score 1.0), so the rule on the drop from the fine-tune is checked on a real run's stored
+results with the ONNX accuracy lowered as a lossy quantization would lower it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from grove.settings import PromotionSettings
+from tasks.promote import RULES, accuracies_of, decide, metrics_of, verdict_words
+from test_nightly import learnable_config, one_label_rows
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, tmp_path_factory):
+    """A trained run with the default gate, then a barely-trained one through the CLI."""
+    from flows.optimize import optimize
+
+    folder = tmp_path_factory.mktemp("gate")
+    data = folder / "tone.jsonl"
+    data.write_text(one_label_rows(0, 80))
+    raw = learnable_config(tiny_model, str(data), str(folder / "store"), folder / "out")
+    raw["grove"].pop("promotion")  # the defaults are what is tested
+    (folder / "trained.json").write_text(json.dumps(raw))
+    trained = optimize(str(folder / "trained.json"))
+    raw["passes"]["lora"]["config"]["training_args"].update(max_steps=1, learning_rate=1e-4)
+    (folder / "barely.json").write_text(json.dumps(raw))
+    cli = runner.invoke(app, ["run", "--config", str(folder / "barely.json")])
+    return {"trained": trained, "cli": cli, "folder": folder}
+
+
+def summary(result: dict, stage: str) -> dict:
+    return next(s for s in result["stages"] if s["stage"] == stage)["summary"]
+
+
+def test_the_default_gate_has_accuracy_rules():
+    gate = PromotionSettings(model_name="x")
+    assert gate.max_drop_from_fine_tuned == 0.02 and gate.min_gain_over_base > 0
+    assert list(RULES) == ["measured", "min", "max_drop_from_fine_tuned", "min_gain_over_base", "max_drop"]
+
+
+def test_a_trained_model_that_keeps_its_accuracy_is_promoted_by_default(runs):
+    trained = runs["trained"]
+    scores, onnx = summary(trained, "evaluate"), summary(trained, "build_onnx")
+    assert onnx["accuracy"] >= scores["fine_tuned"]["accuracy"] - 0.02
+    assert onnx["accuracy"] >= scores["base"]["accuracy"] + 0.05
+    assert trained["promotion"]["decision"] == "promoted" and trained["promotion"]["rule"] is None
+    assert trained["promotion"]["accuracy"] == {"shipped": onnx["accuracy"],
+                                                "built_from": scores["fine_tuned"]["accuracy"],
+                                                "base": scores["base"]["accuracy"]}
+
+
+def test_a_barely_trained_model_is_built_reported_and_not_promoted(runs):
+    cli, folder = runs["cli"], runs["folder"]
+    assert cli.exit_code == 0, cli.output
+    report = json.loads((folder / "out" / "tiny" / "report.json").read_text())
+    scores = summary(report, "evaluate")
+    # the premise: one step at a tiny learning rate leaves the model where the base model is
+    assert scores["fine_tuned"]["accuracy"] < scores["base"]["accuracy"] + 0.05, scores
+    promotion = report["promotion"]
+    assert promotion["decision"] == "not_promoted" and promotion["rule"] == "min_gain_over_base", promotion
+    assert "not clearly above the base model" in promotion["reason"]
+    assert Path(report["model_path"], "model.onnx").is_file()  # built and shipped to output_dir all the same
+    flat = " ".join(cli.output.split())
+    assert "not promoted (failed rule min_gain_over_base)" in flat, cli.output
+    assert "not promoted (failed rule min_gain_over_base)" in (folder / "out" / "tiny" / "report.md").read_text()
+    # the trained model stays current
+    models = runner.invoke(app, ["models", "--store", str(folder / "store"), "--json"])
+    assert json.loads(models.output)["tiny"]["current"]["run_id"] == runs["trained"]["run_id"]
+
+
+def test_an_onnx_model_that_lost_its_fine_tune_fails_max_drop_from_fine_tuned(runs):
+    from grove.stage import ArtifactRef
+
+    trained = runs["trained"]
+    refs = {s["stage"]: ArtifactRef(stage=s["stage"], key=s["key"], uri=s["uri"], digest="d", summary=s["summary"])
+            for s in trained["stages"]}
+    tuned = summary(trained, "evaluate")["fine_tuned"]["accuracy"]
+    gate = PromotionSettings(model_name="tiny")
+    for lost, expected in ((0.019, None), (0.03, "max_drop_from_fine_tuned")):
+        onnx = refs["build_onnx"]
+        lossy = {**refs, "build_onnx": onnx.model_copy(update={"summary": {**onnx.summary,
+                                                                           "accuracy": round(tuned - lost, 4)}})}
+        decision, reason, rule = decide(gate, metrics_of(lossy), "new", None, accuracies_of(lossy))
+        assert rule == expected, reason
+        assert decision == ("promoted" if expected is None else "not_promoted")
+    assert "below the model it was built from" in reason and "max_drop_from_fine_tuned" in reason
+    assert verdict_words({"decision": decision, "rule": rule, "reason": reason})[0] == \
+        "not promoted (failed rule max_drop_from_fine_tuned)"

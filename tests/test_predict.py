@@ -1,0 +1,77 @@
+"""The number Grove reports is the user's number: on a real tiny run, the shipped folder's own
+README snippet, `grove predict` and the build_onnx evaluation give the same answer on every
+eval row, and the shipped prompt tokenizes exactly as training did (bos included)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import tiny_config
+from flows.cli import app
+from grove.store import ArtifactStore
+from grove.textdata import read_jsonl
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def shipped(tiny_model, tmp_path_factory):
+    from flows.optimize import optimize
+
+    folder = tmp_path_factory.mktemp("predict")
+    data = folder / "tone.jsonl"
+    data.write_text(Path(__file__).resolve().parents[1].joinpath("configs/data/tone.jsonl").read_text())
+    raw = tiny_config(tiny_model, data, folder / "store", folder / "out")
+    raw["grove"]["evaluate"]["max_rows"] = 12
+    raw["grove"]["promotion"] = {"enabled": False}
+    (folder / "run.json").write_text(json.dumps(raw))
+    result = optimize(str(folder / "run.json"))
+    store = ArtifactStore(str(folder / "store"))
+
+    def entry(stage: str) -> Path:
+        record = next(s for s in result["stages"] if s["stage"] == stage)
+        return store.materialize(store.lookup(stage, record["key"]))
+
+    evaluation = json.loads((entry("build_onnx") / "onnx_eval.json").read_text())
+    rows = read_jsonl(entry("load_data"), "eval")[:12]
+    return {"model": Path(result["model_path"]), "evaluation": evaluation, "rows": rows}
+
+
+def test_the_shipped_folder_carries_its_prompt_and_tokenizes_as_training_did(shipped, tiny_model):
+    from transformers import AutoTokenizer
+
+    spec = json.loads((shipped["model"] / "grove_prompt.json").read_text())
+    bos = AutoTokenizer.from_pretrained(tiny_model).bos_token
+    assert spec["prompt_template"] == bos + "### Text: {phrase}\n### The tone is:\n"
+    assert spec["fields"] == ["phrase"] and spec["label_col"] == "tone" and spec["max_new_tokens"] == 3
+    assert shipped["evaluation"]["prompts_unlike_training"] == 0
+    assert len(shipped["evaluation"]["predictions"]) == len(shipped["rows"]) == 12
+
+
+def test_the_readme_snippet_answers_every_eval_row_as_the_evaluation_did(shipped):
+    readme = (shipped["model"] / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    code = code.replace('"THIS_FOLDER"', repr(str(shipped["model"]))).replace('phrase="..."', "phrase=PHRASE")
+    answers = []
+    for row in shipped["rows"]:
+        scope = {"PHRASE": row["phrase"]}
+        exec(compile(code, "README.md snippet", "exec"), scope)  # noqa: S102 - the user's code, verbatim
+        answers.append(scope["answer"])
+    assert answers == shipped["evaluation"]["predictions"]
+
+
+def test_grove_predict_answers_every_eval_row_as_the_evaluation_did(shipped):
+    texts = [row["phrase"] for row in shipped["rows"]]
+    result = runner.invoke(app, ["predict", "--model", str(shipped["model"]), *texts])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.split("\n")[: len(texts)] == shipped["evaluation"]["predictions"]
+
+
+def test_predict_refuses_a_folder_grove_did_not_ship(tmp_path):
+    result = runner.invoke(app, ["predict", "--model", str(tmp_path), "hello"])
+    assert result.exit_code == 2 and "has no grove_prompt.json" in " ".join(result.output.split())
