@@ -112,7 +112,11 @@ def test_a_value_that_means_what_grove_does_is_accepted_without_a_word(base, tmp
 NEWLY_HONOURED = {"phi3-tone.json": {("train", "compute_dtype"): "bfloat16"},
                   "smollm2-tone-cuda.json": {("train", "compute_dtype"): "bfloat16"}}
 # settings added since the snapshots, at their defaults in every shipped config
-ADDED_SINCE = {("train", "nodes"): 1, (None, "placement"): {}, (None, "ship"): "merged"}
+ADDED_SINCE = {("train", "nodes"): 1, (None, "placement"): {}, (None, "ship"): "merged",
+               ("promotion", "max_drop_from_fine_tuned"): 0.02, ("promotion", "min_gain_over_base"): 0.05}
+# A plain CPU int4 build with a label to score now gets the ladder search by default (the model
+# shipped keeps its accuracy); every other setting keeps its meaning.
+LADDER_BY_DEFAULT = {"smollm2-tone.json", "smollm2-tone-nightly.json"}
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.json")))
@@ -126,4 +130,11 @@ def test_shipped_config_parses_as_before_the_split(name):
         if target is not None:
             assert field not in target
             target[field] = value
-    assert parse_shipped(name) == before
+    parsed = parse_shipped(name)
+    if name in LADDER_BY_DEFAULT:
+        from flows.config.candidates import LADDER
+
+        assert before["search"] is None and parsed["search"]["early_stop"] is True
+        assert [c["name"] for c in parsed["search"]["candidates"]] == list(LADDER)
+        before["search"] = parsed["search"]
+    assert parsed == before
