@@ -94,11 +94,16 @@ def module_types(model: ModelSettings) -> dict[str, str]:
     with init_empty_weights():
         built = AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code)
     found = {name: type(module).__name__ for name, module in built.named_modules() if name}
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(found))
-    tmp.replace(memo)
+    _write_memo(memo, found)
     return found
+
+
+def _write_memo(path: Path, body) -> None:
+    """A memo under GROVE_HOME, replaced whole: concurrent processes never read half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(body))
+    tmp.replace(path)
 
 
 def bundled_gguf(bundled: str) -> Path:
@@ -152,10 +157,7 @@ def _digest_cached(path: Path) -> str:
 
     value = sha256_file(path)
     memo[memo_key] = value
-    memo_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo_file.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(memo))
-    tmp.replace(memo_file)
+    _write_memo(memo_file, memo)
     return value
 
 
