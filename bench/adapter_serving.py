@@ -2,7 +2,8 @@
 
     python bench/adapter_serving.py [--config configs/smollm2-tone.json] [--out bench/results/adapter_serving.json]
 
-Runs the config twice through `grove run` into one fresh store: grove.ship: merged, then
+Runs the config twice through `grove run` into one fresh store, both on one int4 build (the
+default ladder's first rung, written out): grove.ship: merged, then
 grove.ship: adapter (train and evaluate are cache hits the second time, so both ship the same
 fine-tune). Reports accuracy of merged PyTorch (evaluate: fine_tuned), merged int4 and base +
 adapter (build_onnx), then decode tokens/s of merged int4, the base with no adapter and the base
@@ -24,6 +25,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+SAME_BUILD = {"precision": "int4", "int4_is_symmetric": False,
+              "extra_options": {"algo_config": "rtn", "matmul_mixed_precision": "last_matmul:int8,mixed_layers:int8"}}
 
 
 def run(config: dict, folder: Path, ship: str) -> dict:
@@ -57,6 +62,9 @@ def main() -> None:
     from tasks.benchmark.stage import measure_engine
 
     config = json.loads(Path(args.config).read_text())
+    # both runs on the same int4 build (the default ladder's first rung, the base grove.ship: adapter
+    # builds for a plain int4 pass), written out so the merged run builds exactly that, no search
+    config["passes"]["builder"]["config"] = SAME_BUILD
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="grove-adapter-bench-") as tmp:
         folder = Path(tmp)
@@ -79,7 +87,8 @@ def main() -> None:
         load_after = os.getloadavg()[0]
         cores = os.cpu_count() or 1
         result = {
-            "model": config["input_model"].get("model_path"), "machine_cores": cores,
+            "command": "python bench/adapter_serving.py",
+            "model": config["input_model"].get("model_path"), "machine_cores": cores, "build": SAME_BUILD,
             "accuracy": {"merged_pytorch": tuned, "merged_int4": onnx_merged.get("accuracy"),
                          "base_plus_adapter_int4": onnx_adapter.get("accuracy"),
                          "eval_rows": config.get("grove", {}).get("evaluate", {}).get("max_rows")},

@@ -76,7 +76,18 @@ def _setup(ctx: typer.Context,
         started = use_local_server(start_if_missing=ctx.invoked_subcommand == "run")
         if started:
             console.print(started, highlight=False)
+        if ctx.invoked_subcommand != "run":  # `run` does its start-up work while a new server boots
+            _server_ready()
     _quiet_libraries()
+
+
+def _server_ready() -> None:
+    from flows.server import ServerError, ready
+
+    try:
+        ready()
+    except ServerError as exc:
+        _fail(exc)
 
 
 server_app = typer.Typer(help="The local Prefect server grove runs use when no PREFECT_API_URL is set.",
@@ -241,7 +252,14 @@ def run(config: Path = CONFIG, from_stage: Optional[str] = FROM_STAGE,
 
     with _clean_errors():  # bad input fails here: before Prefect starts, before the store is touched
         check_from_stage(from_stage)
-        load_config(config)
+        cfg = load_config(config)
+    from flows.server import launching
+    from grove.models import model_folder, needs_conversion
+
+    if needs_conversion(cfg.model) and launching():  # the one-time conversion, while the server boots
+        console.print(f"converting the bundled model {cfg.model.name} (once per machine)", highlight=False)
+        model_folder(cfg.model)
+    _server_ready()
     progress = Progress(TextColumn("[bold]{task.description:<15}"), BarColumn(bar_width=20),
                         TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), TextColumn("eta"),
                         TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console)

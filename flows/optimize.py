@@ -21,7 +21,7 @@ from tasks.build_onnx import build_onnx, search_quantization
 from tasks.evaluate import evaluate
 from tasks.load_data import load_data
 from tasks.merge_adapters import merge_adapters
-from tasks.promote import promote
+from tasks.promote import already_current, promote
 from grove.settings import RunConfig
 from grove.stage import ArtifactRef, RunContext, StageRecord, prefect_result_storage, stage_run
 from grove.store import ArtifactStore
@@ -91,8 +91,11 @@ def optimize(config: str, from_stage: str | None = None) -> dict[str, Any]:
             refs = pipeline(cfg)
             promotion = None
             if cfg.promotion is not None:
-                promotion = promote.with_options(tags={"grove", "stage:promote", f"model:{cfg.name}"})(
-                    cfg.promotion, refs, run_log.run_id, config)
+                # Tags cost a concurrency-slot round trip (~2 s of a cached rerun here); a model that
+                # is current already moves nothing, like a cache hit, which also runs untagged.
+                tags = set() if already_current(store, cfg.promotion, refs) else \
+                    {"grove", "stage:promote", f"model:{cfg.name}"}
+                promotion = promote.with_options(tags=tags)(cfg.promotion, refs, run_log.run_id, config)
         run_log.promotion = promotion
         result = publish(cfg, refs, context.records, store, promotion, run_log.run_id)
     except BaseException as exc:

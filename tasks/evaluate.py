@@ -1,6 +1,6 @@
 """Stage 4, evaluate: eval loss, perplexity and task accuracy, base model vs fine-tuned.
 
-The fine-tuned model is the full-precision base plus the adapter: exactly what
+The fine-tuned model is the full-precision base with the adapter merged in: exactly what
 merge_adapters produces (for QLoRA too, which merges into the unquantized base).
 """
 
@@ -10,6 +10,7 @@ import json
 import math
 
 from grove.engines import HfEngine, eos_ids_of
+from grove.lm_head import labelled_logits
 from grove.models import load_causal_lm, load_tokenizer, model_folder, resolve_device
 from grove.scoring import prompts_and_labels, score_prompts
 from grove.settings import EvalSettings, ModelSettings
@@ -19,7 +20,9 @@ from grove.textdata import first_line, read_jsonl
 
 def forward_pass(model, examples: list[dict], batch_size: int) -> tuple[float | None, list[list[int]]]:
     """Token-weighted mean loss over the eval examples (labels as in the training corpus), and
-    the greedy (argmax) next-token prediction at every position of every example."""
+    the greedy (argmax) next-token prediction at every labelled position of every example (-1
+    at the others: the LM head runs only where a label is, grove/lm_head.py; the answer check
+    needs the answer's positions, which a completion-only corpus labels)."""
     import torch
 
     device = next(model.parameters()).device
@@ -31,14 +34,17 @@ def forward_pass(model, examples: list[dict], batch_size: int) -> tuple[float | 
         labels = torch.tensor([e["labels"] + [-100] * (width - len(e["labels"])) for e in batch], device=device)
         mask = torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in batch],
                             device=device)
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
         shifted = labels[:, 1:]
-        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), shifted,
-                                                   ignore_index=-100, reduction="sum")
-        total_loss += losses.item()
-        total_tokens += int((shifted != -100).sum())
-        argmax += [row[: len(e["input_ids"])].tolist() for row, e in zip(logits.argmax(-1), batch)]
+        keep = shifted != -100
+        with torch.no_grad():
+            logits = labelled_logits(model, {"input_ids": ids, "attention_mask": mask}, keep)
+            if logits is None:  # a model that cannot be split: every position
+                logits = model(input_ids=ids, attention_mask=mask).logits.float()[:, :-1][keep]
+        total_loss += torch.nn.functional.cross_entropy(logits, shifted[keep], reduction="sum").item()
+        total_tokens += int(keep.sum())
+        predicted = torch.full(ids.shape, -1, dtype=torch.long, device=device)
+        predicted[:, :-1][keep] = logits.argmax(-1)
+        argmax += [row[: len(e["input_ids"])].tolist() for row, e in zip(predicted, batch)]
     return (total_loss / total_tokens if total_tokens else None), argmax
 
 
@@ -95,7 +101,9 @@ def evaluate(settings: EvalSettings, data: ArtifactRef, corpus: ArtifactRef, mod
     base = load_causal_lm(folder, device, model.trust_remote_code).eval()
     metrics = {"base": measure(base, tokenizer, rows, examples, settings, "base")}
     if adapter is not None:
-        tuned = PeftModel.from_pretrained(base, open_artifact(adapter) / "adapter").eval()
+        # merged into the base's weights: the model merge_adapters stores, and no LoRA branch per
+        # projection on every forward (the base was scored above, so its weights may change)
+        tuned = PeftModel.from_pretrained(base, open_artifact(adapter) / "adapter").merge_and_unload().eval()
         metrics["fine_tuned"] = measure(tuned, tokenizer, rows, examples, settings, "fine-tuned")
     (output_dir() / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return {name: {k: m.get(k) for k in ("accuracy", "eval_loss", "perplexity", "per_label")}

@@ -95,10 +95,36 @@ def accuracy_failure(gate: PromotionSettings, accuracy: dict[str, float | None])
     return None
 
 
+def passed_rules(gate: PromotionSettings, value: float, accuracy: dict[str, float | None],
+                 current: dict[str, Any] | None) -> str:
+    """Every rule a promoted model passed, with its numbers, in the order RULES checks them."""
+    shipped, source, base = accuracy.get("shipped"), accuracy.get("built_from"), accuracy.get("base")
+    rules = [f"{gate.metric} {value:.4g} >= min {gate.min:.4g}"]
+    if shipped is not None and source is not None:
+        rules.append(f"shipped accuracy {_pts(shipped)} is {_pts(source - shipped)} points below the model it was "
+                     f"built from ({_pts(source)}; max_drop_from_fine_tuned {_pts(gate.max_drop_from_fine_tuned)})")
+    if shipped is not None and base is not None:
+        rules.append(f"{_pts(shipped - base)} points above the base model ({_pts(base)}; "
+                     f"min_gain_over_base {_pts(gate.min_gain_over_base)})")
+    before = current.get("metrics", {}).get(gate.metric) if current is not None else None
+    if current is None:
+        rules.append("max_drop: first model of this name")
+    elif before is None:
+        rules.append(f"max_drop: the current model has no {gate.metric}")
+    else:
+        rules.append(f"{gate.metric} {value:.4g} vs the current model's {before:.4g} (max_drop {gate.max_drop:.4g})")
+    unmeasured = [rule for rule, known in (("max_drop_from_fine_tuned", shipped is not None and source is not None),
+                                           ("min_gain_over_base", shipped is not None and base is not None))
+                  if not known]
+    skipped = f"; not applied (accuracy not measured or no fine-tune): {', '.join(unmeasured)}" if unmeasured else ""
+    return "passes every rule of the gate: " + "; ".join(rules) + skipped
+
+
 def decide(gate: PromotionSettings, metrics: dict[str, float | None], model_digest: str,
            current: dict[str, Any] | None, accuracy: dict[str, float | None] | None = None) -> tuple[str, str, str | None]:
     """(decision, why, rule): decision is promoted, not_promoted or unchanged; rule names the gate
-    rule that failed (a key of RULES), None unless not promoted."""
+    rule that failed (a key of RULES), None unless not promoted. A promoted model's why names every
+    rule it passed, with the numbers."""
     value = metrics.get(gate.metric)
     if current is not None and current["model"]["digest"] == model_digest:
         return "unchanged", f"this model is already the current {gate.model_name} (run {current['run_id'][:8]})", None
@@ -109,15 +135,12 @@ def decide(gate: PromotionSettings, metrics: dict[str, float | None], model_dige
     failed = accuracy_failure(gate, accuracy or {})
     if failed is not None:
         return "not_promoted", failed[1], failed[0]
-    if current is not None:
-        before = current.get("metrics", {}).get(gate.metric)
-        if before is not None and value < before - gate.max_drop:
-            return "not_promoted", (f"{gate.metric} {value:.4g} is {before - value:.4g} below the current model's "
-                                    f"{before:.4g} (run {current['run_id'][:8]}); the gate allows "
-                                    f"{gate.max_drop:.4g}"), "max_drop"
-        shown = "" if before is None else f", current {before:.4g}, allowed drop {gate.max_drop:.4g}"
-        return "promoted", f"{gate.metric} {value:.4g} passes the gate (min {gate.min:.4g}{shown})", None
-    return "promoted", f"{gate.metric} {value:.4g} passes the gate (min {gate.min:.4g}); first model of this name", None
+    before = current.get("metrics", {}).get(gate.metric) if current is not None else None
+    if before is not None and value < before - gate.max_drop:
+        return "not_promoted", (f"{gate.metric} {value:.4g} is {before - value:.4g} below the current model's "
+                                f"{before:.4g} (run {current['run_id'][:8]}); the gate allows "
+                                f"{gate.max_drop:.4g}"), "max_drop"
+    return "promoted", passed_rules(gate, value, accuracy or {}, current), None
 
 
 def current_model(store: ArtifactStore, name: str) -> dict[str, Any] | None:
@@ -135,6 +158,14 @@ def current_models(store: ArtifactStore) -> list[dict[str, Any]]:
     """The current model of every name in the store."""
     return sorted((d for d in store.list_json(MODELS, "*/current.json") if isinstance(d, dict) and "model" in d),
                   key=lambda d: d["name"])
+
+
+def already_current(store: ArtifactStore, gate: PromotionSettings, refs: dict[str, ArtifactRef | None]) -> bool:
+    """Whether this run's model is its name's current model already (a cached rerun): promote
+    then only says so."""
+    final = refs.get("build_onnx") or refs.get("merge_adapters")
+    current = current_model(store, gate.model_name)
+    return final is not None and current is not None and current["model"]["digest"] == final.digest
 
 
 def _entry(ref: ArtifactRef) -> dict[str, str]:

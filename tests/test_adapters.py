@@ -91,10 +91,14 @@ def first_logits(engine: OnnxEngine, prompt: list[int]):
     return np.asarray(generator.get_logits())[0, -1]
 
 
-def test_int4_base_with_adapter_tracks_the_merged_int4_model(tiny_model, tmp_path):
+LADDER_FIRST_RUNG = BuildSettings(algo="rtn", is_symmetric=False,
+                                  mixed_precision={"last_matmul": "int8", "mixed_layers": "int8"})
+
+
+@pytest.mark.parametrize("build", [BuildSettings(precision="int4"), LADDER_FIRST_RUNG], ids=["int4", "ladder-rung-1"])
+def test_int4_base_with_adapter_tracks_the_merged_int4_model(tiny_model, tmp_path, build):
     import numpy as np
 
-    build = BuildSettings(precision="int4")
     base = tmp_path / "base"
     adapters.build_base(tiny_model, base, build, False)
     make_adapter(tiny_model, tmp_path / "a", 3)
@@ -230,3 +234,22 @@ def test_adapter_ship_refusals_come_before_any_work(tiny_model, tone_copy, tmp_p
         load_config(write_config(raw))
     assert caught.value.path == where and message in caught.value.message and "fix" in caught.value.message
     assert not (tmp_path / "store").exists()
+
+
+def test_a_plain_int4_pass_ships_adapters_on_the_ladders_first_rung(tiny_model, tone_copy, tmp_path, write_config):
+    """The builder's plain int4 lost 16 points on the bundled model: a plain CPU int4 pass serving
+    adapters gets the default ladder's first rung as its base; a pass that says more, as written."""
+    from flows.config import load_config
+    from flows.config.candidates import LADDER, ladder_candidates
+
+    raw = tiny_config(tiny_model, tone_copy, tmp_path / "store", tmp_path / "out")
+    raw["grove"]["ship"] = "adapter"
+    raw["grove"].pop("quantization_search", None)
+    raw["passes"]["builder"]["config"] = {"precision": "int4"}
+    cfg = load_config(write_config(raw))
+    first = dict(ladder_candidates(cfg.build, None))[LADDER[0]]
+    assert cfg.search is None and cfg.build == first
+    assert cfg.build.algo == "rtn" and not cfg.build.is_symmetric and cfg.build.mixed_precision
+    raw["passes"]["builder"]["config"] = {"precision": "int4", "int4_block_size": 64}
+    explicit = load_config(write_config(raw, "explicit.json")).build
+    assert explicit.block_size == 64 and explicit.algo == "default" and not explicit.mixed_precision

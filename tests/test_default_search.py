@@ -1,5 +1,5 @@
 """Shipping what keeps its accuracy by default: a plain CPU int4 ModelBuilder pass becomes the
-ladder search (int4 k_quant with 8-bit head and sensitive layers first, then more precision),
+ladder search (rtn int4 with zero points, an 8-bit head and 8-bit sensitive layers first, then more precision),
 built in order and stopped at the first candidate within tolerance."""
 
 from __future__ import annotations
@@ -19,7 +19,10 @@ def test_the_bundled_config_ships_through_the_ladder_by_default():
     assert cfg.search is not None and cfg.search.early_stop
     assert [c.name for c in cfg.search.candidates] == list(LADDER)
     first = cfg.search.candidates[0].build
-    assert first.algo == "k_quant" and first.mixed_precision == {"last_matmul": "int8", "mixed_layers": "int8"}
+    assert first.algo == "rtn" and not first.is_symmetric and first.block_size == 32
+    assert first.mixed_precision == {"last_matmul": "int8", "mixed_layers": "int8"}
+    assert [c.build.block_size for c in cfg.search.candidates[:2]] == [32, 16]
+    assert cfg.search.candidates[-1].build.precision == "int8"
 
 
 @pytest.mark.parametrize("change, searched", [
@@ -54,4 +57,4 @@ def test_the_ladder_stops_at_the_first_candidate_within_tolerance(tiny_model, tm
     search = report["quantization_search"]
     assert search["within_tolerance"] and search["chosen"] == LADDER[0], search["verdict"]
     assert len(built) == 1 and search["not_built"] == list(LADDER[1:])
-    assert report["onnx"]["algo"] == "k_quant"
+    assert report["onnx"]["algo"] == "rtn" and report["onnx"]["mixed_precision"] == {"last_matmul": "int8", "mixed_layers": "int8"}

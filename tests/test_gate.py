@@ -57,6 +57,11 @@ def test_a_trained_model_that_keeps_its_accuracy_is_promoted_by_default(runs):
     assert onnx["accuracy"] >= scores["fine_tuned"]["accuracy"] - 0.02
     assert onnx["accuracy"] >= scores["base"]["accuracy"] + 0.05
     assert trained["promotion"]["decision"] == "promoted" and trained["promotion"]["rule"] is None
+    # the verdict names every rule it checked, with the numbers, not only `min`
+    reason = trained["promotion"]["reason"]
+    for rule in ("min", "max_drop_from_fine_tuned", "min_gain_over_base", "max_drop"):
+        assert rule in reason, reason
+    assert f"{onnx['accuracy'] * 100:.1f}" in reason and f"{scores['base']['accuracy'] * 100:.1f}" in reason
     assert trained["promotion"]["accuracy"] == {"shipped": onnx["accuracy"],
                                                 "built_from": scores["fine_tuned"]["accuracy"],
                                                 "base": scores["base"]["accuracy"]}

@@ -157,6 +157,28 @@ def test_int8_lm_head_on_tied_embeddings_is_refused_before_any_work(tied_model, 
         assert parse_config(raw, base_dir=tmp_path).build.mixed_precision == {"last_matmul": "int8"}
 
 
+def test_asymmetric_int4_on_tied_embeddings_is_refused_before_any_work(tied_model, tmp_path, write_config):
+    """The trap is real: asymmetric int4 with the default algorithm on a tied model writes a model
+    whose shared uint8 embedding does not load. Refused at the door; rtn, k_quant or unshared
+    embeddings build models that load (the rtn one is the default ladder's first rung)."""
+    import onnxruntime_genai as og
+
+    run_builder(tied_model, tmp_path / "trap", BuildSettings(is_symmetric=False), trust_remote_code=False)
+    with pytest.raises(Exception, match="uint8"):
+        og.Model(str(tmp_path / "trap"))
+    raw = tiny_config(tied_model, TONE_DATA, tmp_path / "store", tmp_path / "out")
+    raw["passes"]["builder"]["config"]["int4_is_symmetric"] = False
+    result = runner.invoke(app, ["run", "--config", str(write_config(raw))])
+    assert result.exit_code == 2, result.output
+    output = " ".join(result.output.split())
+    assert "passes.builder.config.int4_is_symmetric" in output and "does not load" in output
+    assert "Traceback" not in output and not (tmp_path / "store").exists()
+    for fix in ({"algo_config": "rtn"}, {"shared_embeddings": False}):
+        raw["passes"]["builder"]["config"]["extra_options"] = fix
+        build = parse_config(raw, base_dir=tmp_path).build
+        built_graph(tied_model, tmp_path / f"fixed-{len(fix)}-{next(iter(fix))}", build)  # loads and generates
+
+
 def test_search_candidates_are_checked_like_the_builder_pass(base, tmp_path):
     raw = copy.deepcopy(base)
     raw["grove"]["quantization_search"] = {"candidates": [
@@ -172,7 +194,7 @@ def test_search_candidates_are_checked_like_the_builder_pass(base, tmp_path):
     raw["grove"]["quantization_search"] = {}
     cfg = parse_config(raw, base_dir=tmp_path)
     assert len(cfg.search.candidates) >= 8 and cfg.search.tolerance_points == 2.0
-    assert {c.build.algo for c in cfg.search.candidates} == {"default", "k_quant"}
+    assert {c.build.algo for c in cfg.search.candidates} == {"default", "k_quant", "rtn"}
 
 
 # ---- selection on a stubbed table ---------------------------------------------------------------------

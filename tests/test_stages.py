@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 
 from conftest import TONE_DATA
@@ -84,7 +86,7 @@ def test_prompt_is_the_template_up_to_the_label():
 
 def test_forward_pass_argmax_is_what_greedy_generation_emits_first(tiny_model):
     """The forward-pass proof of a correct answer relies on this alignment."""
-    from grove.engines import HfEngine, eos_ids_of
+    from grove.engines import HfEngine
     from tasks.evaluate import forward_pass
     from grove.models import load_causal_lm
     from grove.scoring import prompts_and_labels
@@ -99,6 +101,32 @@ def test_forward_pass_argmax_is_what_greedy_generation_emits_first(tiny_model):
     for prompt, predicted in zip(prompts, argmax):
         first = engine.generate_batch([prompt], 1)[0][0]
         assert predicted[len(prompt) - 1] == first
+
+
+def test_forward_pass_on_a_completion_only_corpus_equals_the_full_forward(tiny_model):
+    """evaluate runs the LM head only at labelled positions: same loss, same argmax there."""
+    import torch
+
+    from grove.models import load_causal_lm
+    from tasks.evaluate import forward_pass
+
+    tokenizer = load_tokenizer(tiny_model)
+    model = load_causal_lm(tiny_model, "cpu").eval()
+    pairs = examples(rows()[:6], corpus(corpus_strategy="line-by-line", completion_only_loss=True), tokenizer)
+    batch = line_examples(pairs, 64, False, tokenizer.pad_token_id)
+    loss, argmax = forward_pass(model, batch, 4)
+    total, count = 0.0, 0
+    for example, predicted in zip(batch, argmax):
+        ids, labels = torch.tensor([example["input_ids"]]), torch.tensor(example["labels"][1:])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1].float()
+        keep = labels != -100
+        assert 0 < int(keep.sum()) < len(labels)  # completion only: a few labelled positions
+        total += torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum").item()
+        count += int(keep.sum())
+        expected = torch.where(keep, logits.argmax(-1), -1).tolist() + [-1]
+        assert predicted == expected
+    assert loss == pytest.approx(total / count, rel=1e-5)
 
 
 def test_forward_pass_proof_accepts_only_exact_answers_followed_by_eos(tiny_model):

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from flows.config.checks import check_run_config
-from flows.config.build import build_settings, default_search, execution_provider, search_settings
+from flows.config.build import adapter_base_build, build_settings, default_search, execution_provider, search_settings
 from flows.config.data import corpus_settings, data_configs, data_settings
 from flows.config.errors import ConfigError, Warnings, check_keys, did_you_mean, validate
 from flows.config.fates import known_keys, sift
@@ -106,9 +106,11 @@ def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None, list_
     corpus = corpus_settings(train_data, eval_data, grove.completion_only_loss)
     provider = execution_provider(engine.execution_providers, systems)
     build = build_settings(builders[1][1], builders[1][2], provider, model, grove.build, warn) if builders else None
-    # grove.ship: adapter serves the pass's own build (a search is refused there, so none by default)
+    # grove.ship: adapter serves one base build (a search is refused there, so none by default)
     search_section = None if grove.ship == "adapter" and grove.quantization_search is None else \
         default_search(grove.quantization_search, builders[1][1] if builders else None, build, data_s)
+    if grove.ship == "adapter" and build is not None and grove.quantization_search is None:
+        build = adapter_base_build(builders[1][1], build, model)
     search = search_settings(search_section, build, model, data_s) if search_section else None
     if grove.ship == "adapter":
         check_adapter_ship(train, lora[1][2] if lora else None, build,

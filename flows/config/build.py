@@ -98,13 +98,30 @@ def search_settings(search: GroveSearch, build: BuildSettings | None, model: Mod
                           tolerance_points=search.tolerance_points, early_stop=early_stop)
 
 
+def plain_cpu_int4(builder_body: dict | None, build: BuildSettings | None) -> bool:
+    """A ModelBuilder pass that sets only `precision: int4`, for the CPU: Grove picks its quantization."""
+    if build is None or build.precision != "int4" or build.execution_provider != "cpu":
+        return False
+    return not set((builder_body or {}).keys()) - {"precision", "type"}
+
+
 def default_search(section: GroveSearch | None, builder_body: dict | None, build: BuildSettings | None,
                    data: DataSettings) -> GroveSearch | None:
     """The search a config asks for; without one, the ladder (early stop) for a plain CPU int4 build
     with a label to score: the builder's default int4 lost 16 points on the bundled model."""
     if section is not None:
         return section if section.enabled else None
-    if build is None or not data.label_col or build.precision != "int4" or build.execution_provider != "cpu":
+    if not data.label_col or not plain_cpu_int4(builder_body, build):
         return None
-    spec_keys = set((builder_body or {}).keys()) - {"precision", "type"}
-    return GroveSearch(candidates="ladder") if not spec_keys else None
+    return GroveSearch(candidates="ladder")
+
+
+def adapter_base_build(builder_body: dict | None, build: BuildSettings, model: ModelSettings) -> BuildSettings:
+    """grove.ship: adapter serves one base build, no search: on a plain CPU int4 pass that base is the
+    ladder's first rung (the builder's default int4 lost 16 points on the bundled model)."""
+    if not plain_cpu_int4(builder_body, build):
+        return build
+    from flows.config.candidates import ladder_candidates
+    from grove.models import model_config
+
+    return ladder_candidates(build, model_config(model))[0][1]

@@ -13,7 +13,9 @@ builds each one and inspects the graph):
 - `matmul_mixed_precision=last_matmul:int8` with the default algorithm on a model that
   ties its embeddings (SmolLM2) builds a model that does not load (the shared 8-bit
   embedding refers to a weight the default quantizer names differently); rtn, k_quant or
-  shared_embeddings=false build loadable ones.
+  shared_embeddings=false build loadable ones. So does asymmetric int4 (is_symmetric=false,
+  uint4 with zero points) with the default algorithm: its shared uint8 embedding meets a float
+  Reshape ("Type (tensor(uint8)) ... does not match expected type (tensor(float))").
 - int8 precision never quantizes the embedding Gather (GatherBlockQuantized is 4-bit only).
 - `linear_attn` selects nothing on a model without linear attention.
 
@@ -278,6 +280,12 @@ def check_build(build: BuildSettings, origin: dict[str, str], model_config: dict
                                                           "load; add extra_options.shared_embeddings: false (the "
                                                           "embedding gets its own copy) or use algo_config rtn or "
                                                           "k_quant")
+    if (build.precision == "int4" and not build.is_symmetric and build.algo == "default" and tied
+            and build.shared_embeddings is not False):
+        raise QuantOptionError(origin["is_symmetric"], "asymmetric int4 with the default algorithm on a model that "
+                                                       "ties its embeddings builds a model that does not load; add "
+                                                       "extra_options.algo_config: rtn (or k_quant), or "
+                                                       "extra_options.shared_embeddings: false")
 
 
 def _architecture(model_config: dict) -> str:

@@ -14,6 +14,9 @@ import sys
 from pathlib import Path
 
 
+WARMUP_TOKENS = 8
+
+
 def peak_rss_mb() -> float:
     """This process's own peak RSS (VmHWM). Not ru_maxrss: on Linux that keeps the
     high-water mark of the parent image that forked this process, across exec."""
@@ -39,8 +42,8 @@ def measure(request: dict) -> dict:
         engine = OnnxEngine(Path(request["folder"]), eos_ids_of(tokenizer), adapter=Path(adapter) if adapter else None)
         device, dtype = engine.device_type, None
     prompts, new = request["prompts"], request["max_new_tokens"]
-    for _ in range(request["warmup"]):
-        engine.generate_timed(prompts[0], new)
+    for _ in range(request["warmup"]):  # first-call set-up (allocations, kernels): a few tokens show it
+        engine.generate_timed(prompts[0], min(new, WARMUP_TOKENS))
     latency, first, decode = [], [], []
     for _ in range(request["repeats"]):
         for prompt in prompts:
