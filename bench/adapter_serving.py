@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-SAME_BUILD = {"precision": "int4", "int4_is_symmetric": False,
+SAME_BUILD = {"precision": "int4", "int4_is_symmetric": False, "int4_block_size": 16,
               "extra_options": {"algo_config": "rtn", "matmul_mixed_precision": "last_matmul:int8,mixed_layers:int8"}}
 
 

@@ -116,7 +116,11 @@ def open_slots(model_dir: Path, slots: list[Slot]) -> None:
     io_type = next((i.type.tensor_type.elem_type for i in graph.input if i.name.startswith("past_key_values")),
                    TensorProto.FLOAT)
     renames, drop, inputs, defaults = {}, set(), [], []
-    for slot in slots:
+    for number, slot in enumerate(slots):
+        # each slot its own rank symbol: one shared symbol tells onnxruntime every slot has the
+        # same rank, and its memory planner then reuses one slot's buffer for another's output,
+        # which fails for an adapter on some layers only (rank 0 elsewhere: lora_top_layers)
+        rank = f"lora_r_{number}"
         for part, shape in (("lora_A", [slot.in_features, 0]), ("lora_B", [0, slot.out_features])):
             old = slot.builder_weight(part)
             if old not in by_name:
@@ -125,13 +129,20 @@ def open_slots(model_dir: Path, slots: list[Slot]) -> None:
             new = input_name(slot.module, part)
             renames[old] = new
             drop.add(by_name[old])
-            dims = [slot.in_features, "lora_r"] if part == "lora_A" else ["lora_r", slot.out_features]
+            dims = [slot.in_features, rank] if part == "lora_A" else [rank, slot.out_features]
             inputs.append(helper.make_tensor_value_info(new, io_type, dims))
             default = numpy_helper.from_array(np.zeros(shape, dtype=helper.tensor_dtype_to_np_dtype(io_type)), new)
             defaults.append(default)
     kept = [init for index, init in enumerate(graph.initializer) if index not in drop]
     del graph.initializer[:]
     graph.initializer.extend(kept + defaults)
+    # The rtn/k_quant quantizers run shape inference, which records the stub's rank-1 shapes for
+    # every tensor on a LoRA path; onnxruntime plans buffer reuse from them and then fails on an
+    # adapter of another rank ("Shape mismatch attempting to re-use buffer"). Those shapes depend
+    # on the adapter: drop them.
+    shaped = [info for info in graph.value_info if "lora" not in info.name]
+    del graph.value_info[:]
+    graph.value_info.extend(shaped)
     graph.input.extend(inputs)
     for node in graph.node:
         for index, name in enumerate(node.input):
