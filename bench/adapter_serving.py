@@ -66,9 +66,16 @@ def main() -> None:
     # builds for a plain int4 pass), written out so the merged run builds exactly that, no search
     config["passes"]["builder"]["config"] = SAME_BUILD
     load_before = os.getloadavg()[0]
+    from flows import server
+
+    had_server = server.running() is not None
     with tempfile.TemporaryDirectory(prefix="grove-adapter-bench-") as tmp:
         folder = Path(tmp)
-        merged, adapter = run(config, folder, "merged"), run(config, folder, "adapter")
+        try:
+            merged, adapter = run(config, folder, "merged"), run(config, folder, "adapter")
+        finally:  # the local Prefect server `grove run` started for these runs (none configured)
+            if not had_server and "PREFECT_API_URL" not in os.environ:
+                server.stop()
         tuned = merged["stages"]["evaluate"]["summary"]["fine_tuned"]["accuracy"]
         onnx_merged = merged["stages"]["build_onnx"]["summary"]
         onnx_adapter = adapter["stages"]["build_onnx"]["summary"]

@@ -58,11 +58,16 @@ From the command line: `grove predict --model THIS_FOLDER "text"`.
 
 ```python
 import json
+import os
 import onnxruntime_genai as og
 
 folder = "THIS_FOLDER"
 spec = json.load(open(f"{{folder}}/{PROMPT_FILE}"))
-model = og.Model(folder)
+config = og.Config(folder)
+# every core (onnxruntime-genai runs a CPU model on one thread otherwise), as Grove measured it
+config.overlay(json.dumps({{"model": {{"decoder": {{"session_options": {{
+    "intra_op_num_threads": len(os.sched_getaffinity(0))}}}}}}}}))
+model = og.Model(config)
 tokenizer = og.Tokenizer(model)
 ids = tokenizer.encode(spec["prompt_template"].format({example}))
 params = og.GeneratorParams(model)
