@@ -15,6 +15,7 @@ moves from 0 to 1 with training: enough for a quality gate to tell models apart.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import re
@@ -209,7 +210,9 @@ def test_a_gpu_concurrency_limit_holds_training_until_its_slot_is_free(prefect_a
             held.set()
             release.wait(300)
 
-    holder = threading.Thread(target=hold_the_slot, daemon=True)
+    # the test's own Prefect settings (the session server): a bare thread reads Prefect's global
+    # settings, fixed when prefect was first imported, and then talks to a temporary server
+    holder = threading.Thread(target=contextvars.copy_context().run, args=(hold_the_slot,), daemon=True)
     try:
         holder.start()
         assert held.wait(60)
