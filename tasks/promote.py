@@ -99,13 +99,17 @@ def passed_rules(gate: PromotionSettings, value: float, accuracy: dict[str, floa
                  current: dict[str, Any] | None) -> str:
     """Every rule a promoted model passed, with its numbers, in the order RULES checks them."""
     shipped, source, base = accuracy.get("shipped"), accuracy.get("built_from"), accuracy.get("base")
-    rules = [f"{gate.metric} {value:.4g} >= min {gate.min:.4g}"]
+    rules, unmeasured = [f"{gate.metric} {value:.4g} >= min {gate.min:.4g}"], []
     if shipped is not None and source is not None:
         rules.append(f"shipped accuracy {_pts(shipped)} is {_pts(source - shipped)} points below the model it was "
                      f"built from ({_pts(source)}; max_drop_from_fine_tuned {_pts(gate.max_drop_from_fine_tuned)})")
+    else:
+        unmeasured.append("max_drop_from_fine_tuned")
     if shipped is not None and base is not None:
         rules.append(f"{_pts(shipped - base)} points above the base model ({_pts(base)}; "
                      f"min_gain_over_base {_pts(gate.min_gain_over_base)})")
+    else:
+        unmeasured.append("min_gain_over_base")
     before = current.get("metrics", {}).get(gate.metric) if current is not None else None
     if current is None:
         rules.append("max_drop: first model of this name")
@@ -113,9 +117,6 @@ def passed_rules(gate: PromotionSettings, value: float, accuracy: dict[str, floa
         rules.append(f"max_drop: the current model has no {gate.metric}")
     else:
         rules.append(f"{gate.metric} {value:.4g} vs the current model's {before:.4g} (max_drop {gate.max_drop:.4g})")
-    unmeasured = [rule for rule, known in (("max_drop_from_fine_tuned", shipped is not None and source is not None),
-                                           ("min_gain_over_base", shipped is not None and base is not None))
-                  if not known]
     skipped = f"; not applied (accuracy not measured or no fine-tune): {', '.join(unmeasured)}" if unmeasured else ""
     return "passes every rule of the gate: " + "; ".join(rules) + skipped
 
@@ -126,7 +127,7 @@ def decide(gate: PromotionSettings, metrics: dict[str, float | None], model_dige
     rule that failed (a key of RULES), None unless not promoted. A promoted model's why names every
     rule it passed, with the numbers."""
     value = metrics.get(gate.metric)
-    if current is not None and current["model"]["digest"] == model_digest:
+    if _is_current(current, model_digest):
         return "unchanged", f"this model is already the current {gate.model_name} (run {current['run_id'][:8]})", None
     if value is None:
         return "not_promoted", f"{gate.metric} was not measured by this run", "measured"
@@ -164,8 +165,11 @@ def already_current(store: ArtifactStore, gate: PromotionSettings, refs: dict[st
     """Whether this run's model is its name's current model already (a cached rerun): promote
     then only says so."""
     final = refs.get("build_onnx") or refs.get("merge_adapters")
-    current = current_model(store, gate.model_name)
-    return final is not None and current is not None and current["model"]["digest"] == final.digest
+    return final is not None and _is_current(current_model(store, gate.model_name), final.digest)
+
+
+def _is_current(current: dict[str, Any] | None, model_digest: str) -> bool:
+    return current is not None and current["model"]["digest"] == model_digest
 
 
 def _entry(ref: ArtifactRef) -> dict[str, str]:
