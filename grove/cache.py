@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any, Iterator, Protocol, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
 
+from grove.pysource import parse_python
+
 from pydantic import BaseModel
 
 PROJECT_PACKAGES = ("grove", "tasks", "flows")
@@ -90,7 +92,7 @@ def direct_imports(module: str) -> tuple[str, ...]:
     source = path.read_text(encoding="utf-8")
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
-    for node in _statements(ast.parse(source, filename=str(path)).body):
+    for node in _statements(parse_python(source, str(path)).body):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 found.update(_with_parents(alias.name))

@@ -231,9 +231,11 @@ def torch_build() -> tuple[str, str | None]:
     import ast
     import importlib.util
 
+    from grove.pysource import parse_python
+
     spec = importlib.util.find_spec("torch")
     values: dict[str, Any] = {}
-    for node in ast.parse((Path(spec.origin).parent / "version.py").read_text()).body:
+    for node in parse_python((Path(spec.origin).parent / "version.py").read_text()).body:
         target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
         if isinstance(target, ast.Name) and isinstance(getattr(node, "value", None), ast.Constant):
             values[target.id] = node.value.value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +120,8 @@ def training_args_of(args: dict[str, Any], where: str, warn) -> dict[str, Any]:
     return result
 
 
-def training_argument_names() -> set[str]:
+@functools.cache
+def training_argument_names() -> frozenset[str]:
     """Field names of the installed transformers' TrainingArguments.
 
     Read from its source with `ast`: importing transformers (and torch) would add ~8 s to
@@ -128,11 +130,13 @@ def training_argument_names() -> set[str]:
     import ast
     import importlib.util
 
+    from grove.pysource import parse_python
+
     spec = importlib.util.find_spec("transformers")
     source = Path(spec.submodule_search_locations[0]) / "training_args.py"
-    tree = ast.parse(source.read_text())
+    tree = parse_python(source.read_text(), str(source))
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and node.name == "TrainingArguments":
-            return {item.target.id for item in node.body
-                    if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)}
+            return frozenset(item.target.id for item in node.body
+                             if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name))
     raise RuntimeError(f"TrainingArguments not found in {source}")
