@@ -1,0 +1,80 @@
+"""The `grove` typer app: its options shared by commands, and the set-up every command runs first."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import typer
+
+from flows.cli.errors import DEBUG, console, fail
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Grove: run an Olive fine-tune -> int4 ONNX recipe as a cached Prefect flow.")
+CONFIG = typer.Option(..., "--config", "-c", help="Olive run config (JSON or YAML).")
+FROM_STAGE = typer.Option(None, "--from-stage", help="Reuse stages before this one, rerun it and the rest.")
+STORE_CONFIG = typer.Option(None, "--config", "-c", help="Run config whose artifact root to use.")
+STORE_URI = typer.Option(None, "--store", help="Artifact root (folder or s3://bucket/prefix) instead of --config.")
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal to Grove's progress; Prefect still records everything for the UI.
+
+    Environment variables rather than library calls: importing transformers here would
+    cost seconds on every run, cached reruns included.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight-loading bars
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # A temporary Prefect server starts in ~5-11 s, slower on a busy 2-core machine: wait longer
+    # than Prefect's default 20 s before giving up.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network here
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_FLOW_RUNS_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_TASK_RUNS_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    _skip_tls_setup_for_plain_http()
+
+
+def _skip_tls_setup_for_plain_http() -> None:
+    """Prefect builds a TLS context (loading the whole CA bundle) for every API client it
+    creates, several per task run: ~1 s per cached stage here. Against a plain-http API
+    (a local server, or the temporary one Prefect starts) no TLS is ever used, so skip it."""
+    if "PREFECT_API_TLS_INSECURE_SKIP_VERIFY" in os.environ:
+        return
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    if url is None or url.startswith("http://"):
+        os.environ["PREFECT_API_TLS_INSECURE_SKIP_VERIFY"] = "true"
+
+
+@app.callback()
+def _setup(ctx: typer.Context,
+           debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error, too.")) -> None:
+    DEBUG["traceback"] = debug
+    if ctx.invoked_subcommand != "server":
+        # before anything imports prefect: its settings are fixed for the process at import
+        from flows.server import use_local_server
+
+        started = use_local_server(start_if_missing=ctx.invoked_subcommand == "run")
+        if started:
+            console.print(started, highlight=False)
+        if ctx.invoked_subcommand != "run":  # `run` does its start-up work while a new server boots
+            server_ready()
+    _quiet_libraries()
+
+
+def server_ready() -> None:
+    from flows.server import ServerError, ready
+
+    try:
+        ready()
+    except ServerError as exc:
+        fail(exc)
+
+
+__all__ = ["app", "console", "CONFIG", "FROM_STAGE", "STORE_CONFIG", "STORE_URI"]

@@ -1,0 +1,185 @@
+"""`grove validate`, `stages`, `run` and `predict`: a run config checked, planned, run; a shipped model used."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from flows.cli.app import CONFIG, FROM_STAGE, app, console, server_ready
+from flows.cli.errors import clean_errors, fail, quiet_user_errors_in_prefect_console, stage_failed
+from flows.progress_lines import DEFAULT_EVERY, ProgressLines
+
+
+@app.command()
+def validate(config: Path = CONFIG,
+             resolved: bool = typer.Option(False, "--resolved", help="print each stage's resolved settings "
+                                                                    "(JSON) and every warning")) -> None:
+    """Check a run config without running anything."""
+    from flows.config import load_config
+
+    warnings: list[str] = []
+    with clean_errors():
+        cfg = load_config(config, warnings=warnings)
+    if resolved:
+        print(cfg.model_dump_json(indent=2))
+        for warning in warnings:
+            console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    console.print(f"[green]ok[/]: {config} -> model {cfg.model.name}, data {cfg.data.files[0]}, "
+                  f"train {cfg.train.method if cfg.train else 'none'}, build "
+                  f"{cfg.build.precision if cfg.build else 'none'}, store {cfg.artifact_root}")
+
+
+@app.command()
+def stages(config: Path = CONFIG, from_stage: Optional[str] = FROM_STAGE) -> None:
+    """The plan: each stage, whether it would be a cache hit, and why not."""
+    from flows.optimize import plan
+    from grove.stage import STAGES
+
+    with clean_errors():
+        records = {r.stage: r for r in plan(str(config), from_stage)}
+    table = Table(title=f"Plan for {config}")
+    for column in ("stage", "cache", "why", "key"):
+        table.add_column(column)
+    for stage in STAGES:
+        record = records.get(stage)
+        if record is None:
+            table.add_row(stage, "[dim]skipped[/]", "not in this config's passes", "")
+        elif record.status == "hit":
+            table.add_row(stage, "[green]hit[/]", record.reason, record.ref.key[:12])
+        else:
+            table.add_row(stage, "[yellow]miss[/]", record.reason, "")
+    console.print(table)
+
+
+@app.command()
+def run(config: Path = CONFIG, from_stage: Optional[str] = FROM_STAGE,
+        log_every: int = typer.Option(DEFAULT_EVERY, "--log-every", min=1,
+                                      help="When stdout is not a terminal: a training line every N steps.")) -> None:
+    """Run the recipe: seven cached stages, progress per stage, then a summary table.
+
+    On a terminal the progress is live bars; anywhere else (a log file, CI, a worker) plain
+    lines as stages start and end (flows/progress_lines.py)."""
+    from flows.config import load_config
+    from flows.optimize import check_from_stage, observers, optimize
+    from flows.report import key_result
+    from grove.errors import UserError
+    from grove.stage import MissingStageError
+    from grove.store import StoreError
+
+    with clean_errors():  # bad input fails here: before Prefect starts, before the store is touched
+        check_from_stage(from_stage)
+        cfg = load_config(config)
+    from flows.server import launching
+    from grove.models import model_folder, needs_conversion
+
+    if needs_conversion(cfg.model) and launching():  # the one-time conversion, while the server boots
+        console.print(f"converting the bundled model {cfg.model.name} (once per machine)", highlight=False)
+        model_folder(cfg.model)
+    server_ready()
+    progress = Progress(TextColumn("[bold]{task.description:<15}"), BarColumn(bar_width=20),
+                        TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), TextColumn("eta"),
+                        TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console)
+    bars: dict[str, int] = {}
+    finished: set[str] = set()
+
+    def start(stage: str) -> None:
+        bars[stage] = progress.add_task(stage, total=None, info="")
+
+    def step(stage: str, done: int, total: int, info: dict) -> None:
+        detail = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items()
+                           if v is not None)
+        progress.update(bars[stage], completed=done, total=total, info=detail)
+
+    def end(record) -> None:
+        finished.add(record.stage)
+        total = progress.tasks[bars[record.stage]].total or 1
+        progress.update(bars[record.stage], completed=total, total=total,
+                        info=f"[green]{record.status}[/] {key_result(record.stage, record.ref.summary)}")
+
+    quiet_user_errors_in_prefect_console()
+    hooks = {"on_stage_start": start, "on_progress": step, "on_stage_end": end}
+    display = progress
+    if not sys.stdout.isatty():
+        lines = ProgressLines(sys.stdout, log_every)
+        display = contextlib.nullcontext()
+        hooks = {"on_stage_start": lambda stage: (bars.setdefault(stage, len(bars)), lines.start(stage)),
+                 "on_progress": lines.step,
+                 "on_stage_end": lambda record: (finished.add(record.stage), lines.end(record))}
+    token = observers.set(hooks)
+    started = time.monotonic()
+    try:
+        with display:
+            result = optimize(str(config), from_stage)
+    except (UserError, MissingStageError) as exc:  # e.g. remote data that load_data found bad
+        fail(exc)
+    except StoreError as exc:
+        if not bars:  # the store could not be used at all: nothing ran
+            fail(exc)
+        stage_failed(bars, finished, exc)
+    except Exception as exc:  # noqa: BLE001 - a failed stage: say which, keep the stored ones
+        stage_failed(bars, finished, exc)
+    finally:
+        observers.reset(token)
+    table = Table(title=f"Grove run finished in {time.monotonic() - started:.1f}s")
+    for column in ("stage", "cached or ran", "seconds", "key result"):
+        table.add_column(column)
+    for stage in result["stages"]:
+        table.add_row(stage.get("task_run") or stage["stage"], stage["status"], f"{stage['seconds']:.1f}",
+                      key_result(stage["stage"], stage["summary"]))
+    console.print(table)
+    console.print(f"final model: {result['model_path']}\nreport:      {result['report_path']}\n"
+                  f"run:         {result['run_id']} (grove show {result['run_id'][:8]} --config {config})")
+    promotion = result.get("promotion")
+    if promotion:
+        from tasks.promote import verdict_words
+
+        colour = {"promoted": "green", "not_promoted": "yellow"}.get(promotion["decision"], "default")
+        words, why = verdict_words(promotion)
+        console.print(f"model:       {promotion.get('model_name')}: [{colour}]{words}[/]: {why}")
+
+
+@app.command()
+def predict(model: Path = typer.Option(..., "--model", help="A shipped folder: <output_dir>/<name> or its model/."),
+            texts: Optional[list[str]] = typer.Argument(None, help="Texts to answer, one answer line each."),
+            field: Optional[list[str]] = typer.Option(None, "--field", help="NAME=VALUE for a template with "
+                                                                           "several fields."),
+            adapter: Optional[str] = typer.Option(None, "--adapter", help="A named adapter in adapters/ "
+                                                                          "(grove.ship: adapter), active on the base."),
+            max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1,
+                                                         help="Default: as the evaluation scored it.")) -> None:
+    """Answer with a shipped ONNX model exactly as the evaluation scored it (its README.md snippet)."""
+    from grove.errors import UserError
+    from grove.served import adapter_file, adapter_prompt
+    from grove.shipped import ShippedModel
+
+    with clean_errors():
+        folder = model / "model" if (model / "model").is_dir() else model
+        if adapter:
+            from grove.engines import OnnxEngine
+
+            file = adapter_file(model, adapter)
+            spec = adapter_prompt(file)
+            if spec is None:
+                raise UserError(f"{file}: no prompt template shipped with it (adapters/{adapter}.grove_prompt.json)")
+            shipped = ShippedModel(folder, OnnxEngine(folder, set(spec["eos_token_ids"]), adapter=file), spec)
+        else:
+            shipped = ShippedModel(folder)
+        if max_new_tokens:
+            shipped.spec = {**shipped.spec, "max_new_tokens": max_new_tokens}
+        rows = [shipped.row_from_text(text) for text in texts or []]
+        if field:
+            pairs = [f.split("=", 1) for f in field]
+            if any(len(p) != 2 for p in pairs):
+                raise UserError("--field takes NAME=VALUE")
+            rows.append(dict(pairs))
+        if not rows:
+            raise UserError("give a text to answer (or --field NAME=VALUE)")
+        for row in rows:
+            print(shipped.answer(row))

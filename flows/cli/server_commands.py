@@ -1,0 +1,42 @@
+"""`grove server start|stop|status`: the local Prefect server grove runs use."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from flows.cli.app import app, console
+
+
+server_app = typer.Typer(help="The local Prefect server grove runs use when no PREFECT_API_URL is set.",
+                         no_args_is_help=True)
+app.add_typer(server_app, name="server")
+
+
+@server_app.command("start")
+def server_start(port: Optional[int] = typer.Option(None, "--port", help="Default: a free port.")) -> None:
+    """Start it in the background (grove run also starts it when needed)."""
+    from flows.server import start
+
+    record, started = start(port)
+    console.print(f"{'started' if started else 'already running'}: UI {record['ui']}, API {record['url']} "
+                  f"(pid {record['pid']})", highlight=False)
+
+
+@server_app.command("stop")
+def server_stop() -> None:
+    """Stop the local server grove started."""
+    from flows.server import stop
+
+    record = stop()
+    console.print(f"stopped the local Prefect server (pid {record['pid']})" if record else
+                  "no local Prefect server is running", highlight=False)
+
+
+@server_app.command("status")
+def server_status() -> None:
+    from flows.server import running
+
+    record = running()
+    console.print(f"running: UI {record['ui']} (pid {record['pid']})" if record else "not running", highlight=False)

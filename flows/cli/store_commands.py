@@ -1,0 +1,143 @@
+"""`grove models`, `runs`, `show` and `gc`: what an artifact store holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from flows.cli.app import STORE_CONFIG, STORE_URI, app, console
+from flows.cli.errors import clean_errors, fail
+
+
+def open_store(config: Optional[Path], store: Optional[str]):
+    """The artifact store named directly or by a run config (keys from the environment or its block)."""
+    from flows.config import load_config
+    from grove.store import ArtifactStore
+
+    if (config is None) == (store is None):
+        fail(ValueError("give either --config or --store"))
+    with clean_errors():
+        if store is not None:
+            return ArtifactStore(store)
+        cfg = load_config(config)
+        return ArtifactStore(cfg.artifact_root, cfg.aws_credentials_block)
+
+
+@app.command()
+def models(config: Optional[Path] = STORE_CONFIG, store: Optional[str] = STORE_URI,
+           as_json: bool = typer.Option(False, "--json", help="Print current models and history as JSON.")) -> None:
+    """Current and past models of each name, with the metrics they were promoted on."""
+    from tasks.promote import current_models, model_history
+    from grove.settings import PROMOTION_METRICS
+    from grove.store import StoreError
+
+    artifacts = open_store(config, store)
+    try:
+        found = {model["name"]: (model, model_history(artifacts, model["name"])) for model in current_models(artifacts)}
+    except StoreError as exc:
+        fail(exc)
+    if as_json:
+        print(json.dumps({name: {"current": current, "history": history}
+                          for name, (current, history) in found.items()}, indent=1))
+        return
+    if not found:
+        console.print(f"no promoted models in {artifacts.root}")
+        return
+    table = Table(title=f"Models in {artifacts.root}")
+    for column in ("name", "", "promoted", "run", *PROMOTION_METRICS):
+        table.add_column(column)
+    table.add_column("model", overflow="fold")
+    for name, (current, history) in found.items():
+        past = [m for m in history if m["run_id"] != current["run_id"]]
+        for index, model in enumerate([current, *past]):
+            table.add_row(name if index == 0 else "", "current" if index == 0 else "past",
+                          model["promoted_at"][:19], model["run_id"][:8],
+                          *(_metric(model["metrics"].get(m)) for m in PROMOTION_METRICS), model["model"]["uri"])
+    console.print(table)
+
+
+def _metric(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _mb(size: int) -> str:
+    return f"{size / 2**20:.1f} MB"
+
+
+@app.command()
+def runs(config: Optional[Path] = STORE_CONFIG, store: Optional[str] = STORE_URI,
+         as_json: bool = typer.Option(False, "--json", help="Print the run records as JSON.")) -> None:
+    """The runs recorded in an artifact store, newest first."""
+    from flows.runs import list_runs
+    from grove.store import StoreError
+
+    artifacts = open_store(config, store)
+    try:
+        recorded = list_runs(artifacts)
+    except StoreError as exc:
+        fail(exc)
+    if as_json:
+        print(json.dumps(recorded, indent=1))
+        return
+    table = Table(title=f"Runs in {artifacts.root}")
+    for column in ("run", "started", "name", "status", "ran", "cached", "produced"):
+        table.add_column(column)
+    for run in recorded:
+        ran = [s for s in run["stages"] if s["status"] == "ran"]
+        status = f"failed at {run['failed_stage']}" if run.get("failed_stage") else run["status"]
+        table.add_row(run["run_id"][:8], run["started"][:19], run["name"], status, str(len(ran)),
+                      str(len(run["stages"]) - len(ran)), _mb(sum(s["size_bytes"] for s in ran)))
+    console.print(table)
+
+
+@app.command()
+def show(run_id: str = typer.Argument(..., help="Run id (a unique prefix is enough)."),
+         config: Optional[Path] = STORE_CONFIG, store: Optional[str] = STORE_URI,
+         as_json: bool = typer.Option(False, "--json", help="Print the run record as JSON.")) -> None:
+    """The entries a run used or produced: stage, cached or ran, size, where they are."""
+    from flows.runs import find_run
+    from grove.store import StoreError
+
+    artifacts = open_store(config, store)
+    try:
+        run = find_run(artifacts, run_id)
+    except (LookupError, StoreError) as exc:
+        fail(exc)
+    if as_json:
+        print(json.dumps(run, indent=1))
+        return
+    console.print(f"run {run['run_id']} ({run['name']}, {run['config']}): {run['status']}, started {run['started']}"
+                  + (f"\nerror: {run['error']}" if run.get("error") else ""), highlight=False)
+    table = Table()
+    for column in ("stage", "used or produced", "size"):
+        table.add_column(column)
+    table.add_column("stored at", overflow="fold")  # a URI is only useful whole
+    for stage in run["stages"]:
+        table.add_row(stage["stage"], "produced" if stage["status"] == "ran" else "used (cached)",
+                      _mb(stage["size_bytes"]), stage["uri"])
+    console.print(table)
+
+
+@app.command()
+def gc(keep: int = typer.Option(..., "--keep", min=0, help="Keep what the newest N runs used or produced."),
+       config: Optional[Path] = STORE_CONFIG, store: Optional[str] = STORE_URI,
+       grace_minutes: float = typer.Option(60, help="Leave files younger than this (runs in progress)."),
+       dry_run: bool = typer.Option(False, "--dry-run", help="Say what would go, remove nothing.")) -> None:
+    """Remove entries no recent run references, and files no entry refers to."""
+    from flows.runs import garbage_collect
+    from grove.store import StoreError
+
+    artifacts = open_store(config, store)
+    try:
+        report, runs_dropped = garbage_collect(artifacts, keep, grace_minutes, dry_run)
+    except StoreError as exc:
+        fail(exc)
+    verb = "would remove" if dry_run else "removed"
+    console.print(f"{verb} {len(report.entries)} entries, {report.blobs} files ({_mb(report.bytes_freed)}), "
+                  f"{report.other} other records and {runs_dropped} run records from {artifacts.root}")
+    for name in report.entries:
+        console.print(f"  {name}", highlight=False)
