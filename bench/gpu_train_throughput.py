@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
-import os
 import random
 import sys
 import time
@@ -208,7 +206,7 @@ def run(base, name: str, rows, collator, batch: int, steps: int, warmup: int, de
         say(f"  -> {json.dumps({k: v for k, v in result.items() if k != 'losses'})}")
     except torch.OutOfMemoryError as exc:
         result["error"] = f"out of memory: {str(exc).splitlines()[0][:200]}"
-        say(f"  -> OOM")
+        say("  -> OOM")
     finally:
         trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
         del trainer

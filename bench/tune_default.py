@@ -24,7 +24,8 @@ sys.path.insert(0, str(ROOT))
 from flows.config import load_config  # noqa: E402
 from tasks.evaluate import evaluate  # noqa: E402
 from tasks.load_data import load_data  # noqa: E402
-from grove.stage import RunContext, prefect_result_storage, stage_run  # noqa: E402
+from grove.result_storage import prefect_result_storage  # noqa: E402
+from grove.stage import RunContext, stage_run  # noqa: E402
 from grove.store import ArtifactStore  # noqa: E402
 from tasks.template_corpus import template_corpus  # noqa: E402
 from tasks.train import train  # noqa: E402

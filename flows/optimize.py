@@ -23,7 +23,8 @@ from tasks.load_data import load_data
 from tasks.merge_adapters import merge_adapters
 from tasks.promote import already_current, promote
 from grove.settings import RunConfig
-from grove.stage import ArtifactRef, RunContext, StageRecord, prefect_result_storage, stage_run
+from grove.result_storage import prefect_result_storage
+from grove.stage import ArtifactRef, RunContext, StageRecord, stage_run
 from grove.store import ArtifactStore
 from tasks.template_corpus import template_corpus
 from tasks.train import train

@@ -203,7 +203,8 @@ def run_stages(config: str, stages: list[str], given: dict[str, dict[str, Any]],
 
     from flows.config import load_config
     from flows.optimize import pipeline
-    from grove.stage import prefect_result_storage, stage_run
+    from grove.result_storage import prefect_result_storage
+    from grove.stage import stage_run
     from grove.store import ArtifactStore
 
     mine = code_versions()

@@ -89,7 +89,7 @@ def test_credentials_from_a_prefect_block_and_never_in_clear(s3_server, prefect_
     import httpx
     from prefect_aws import AwsCredentials
 
-    from grove.stage import prefect_result_storage
+    from grove.result_storage import prefect_result_storage
 
     for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(name, raising=False)
