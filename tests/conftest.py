@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+from processes import stop_group
 
 ROOT = Path(__file__).resolve().parents[1]
 TONE_DATA = ROOT / "configs" / "data" / "tone.jsonl"
@@ -91,11 +92,7 @@ def prefect_api(tmp_path_factory):
 
     with temporary_settings({PREFECT_API_URL: url, PREFECT_HOME: str(home)}):
         yield url
-    os.killpg(server.pid, signal.SIGTERM)
-    try:
-        server.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
+    stop_group(server)
     log.close()
 
 

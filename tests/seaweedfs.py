@@ -18,6 +18,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from processes import stop_group
+
 ACCESS_KEY = "grove-test-access"
 SECRET_KEY = "grove-test-secret-0123456789"
 
@@ -95,12 +97,7 @@ class SeaweedServer:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
         if self.process is None or self.process.poll() is not None:
             return
-        os.killpg(self.process.pid, sig)
-        try:
-            self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        stop_group(self.process, sig, timeout)
         self.log.close()
 
     def make_bucket(self, name: str) -> None:

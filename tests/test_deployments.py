@@ -17,6 +17,7 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import ROOT, tiny_config
+from processes import stop_group
 from flows.cli import app
 
 runner = CliRunner()
@@ -91,11 +92,7 @@ def test_served_flow_runs_when_triggered_with_s3_storage(s3_env, prefect_api, ti
         assert [s["status"] for s in report["stages"]] == ["ran"] * 7
         assert report["artifact_root"] == "s3://grove-tests/served"
     finally:
-        os.killpg(server.pid, signal.SIGINT)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop_group(server, signal.SIGINT, timeout=30)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -20,6 +20,7 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import ROOT, tiny_config
+from processes import stop_group
 from flows.cli import app
 
 runner = CliRunner()
@@ -65,16 +66,6 @@ def start_worker(pool: str, name: str, env: dict, log: Path) -> subprocess.Popen
     return subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--name", name,
                              "--type", "process"], cwd=ROOT, env=env, stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 def deploy(config: Path, tag: str, cpu: str, api: str, *extra: str) -> None:
@@ -175,7 +166,7 @@ def test_a_placed_run_puts_each_group_on_its_pool_then_reruns_cached_and_from_a_
         assert new == {f"{'+'.join(GPU_STAGES)} on {gpu}", f"benchmark on {cpu}"}, new
     finally:
         for worker in workers:
-            stop(worker)
+            stop_group(worker)
 
 
 def kill_tree(process: subprocess.Popen) -> None:
@@ -227,7 +218,7 @@ def test_a_worker_killed_mid_training_crashes_its_run_and_the_group_reruns_on_th
         if parent.poll() is None:
             os.killpg(parent.pid, signal.SIGKILL)
         for worker in workers:
-            stop(worker)
+            stop_group(worker)
     body = json.loads((tmp_path / "out" / "tiny" / "report.json").read_text())
     train = next(s for s in body["stages"] if s["stage"] == "train")
     assert train["status"] == "ran" and train["summary"]["resumed_from_step"] >= 4 and train["summary"]["steps"] == 80
