@@ -119,6 +119,26 @@ def cuda_build_without_cuda_runtimes(raw, tmp):
     return "pip install onnxruntime-gpu=="
 
 
+def gpu_device_without_cuda_runtimes(raw, tmp):
+    """Olive builds a gpu accelerator that names no execution provider for CUDA: so does Grove."""
+    from flows.config.checks import cuda_onnx_problem
+
+    if cuda_onnx_problem() is None:
+        pytest.skip("this machine has the CUDA builds of onnxruntime and onnxruntime-genai")
+    raw["systems"]["local_system"]["accelerators"][0] = {"device": "gpu"}
+    return "systems.local_system.accelerators[0].device: CUDAExecutionProvider builds need"
+
+
+def accelerator_device_grove_cannot_build_for(raw, tmp):
+    raw["systems"]["local_system"]["accelerators"][0]["device"] = "npu"
+    return "systems.local_system.accelerators[0].device: 'npu': Grove builds for CPU or CUDA"
+
+
+def accelerator_naming_nothing(raw, tmp):
+    raw["systems"]["local_system"]["accelerators"][0] = {}
+    return "systems.local_system.accelerators[0]: names neither a device nor execution_providers"
+
+
 def cuda_device_without_cuda_torch(raw, tmp):
     import torch
 
@@ -147,6 +167,9 @@ CASES = [
     (unwritable_cache_dir, "validate"),
     (unknown_execution_provider, "validate"),
     (cuda_build_without_cuda_runtimes, "run"),
+    (gpu_device_without_cuda_runtimes, "validate"),
+    (accelerator_device_grove_cannot_build_for, "validate"),
+    (accelerator_naming_nothing, "validate"),
     (cuda_device_without_cuda_torch, "validate"),
     (missing_config_file, "validate"),
 ]

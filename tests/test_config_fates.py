@@ -65,6 +65,8 @@ def _place(raw: dict, section: str, key: str, value, model: str) -> str:
                                          "input_model.config.hf_config."),
         "systems.*": (raw["systems"]["local_system"], "systems.local_system."),
         "systems.*.config": (raw["systems"]["local_system"].setdefault("config", {}), "systems.local_system.config."),
+        "systems.*.accelerators[]": (raw["systems"]["local_system"]["accelerators"][0],
+                                     "systems.local_system.accelerators[0]."),
         "data_configs[]": (data, "data_configs[0]."),
         "load_dataset": (data["load_dataset_config"]["params"], "data_configs.tone.load_dataset_config.params."),
         "pre_process": (data["pre_process_data_config"]["params"], "data_configs.tone.pre_process_data_config.params."),

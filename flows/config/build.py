@@ -14,11 +14,13 @@ from grove.settings import BuildSettings, Candidate, DataSettings, ModelSettings
 
 
 def execution_provider(engine_providers: list[str] | None, systems: dict) -> str:
-    """cuda when the engine or a system's accelerator names the CUDA execution provider."""
+    """cuda when the engine or a system's accelerator names the CUDA execution provider, or an
+    accelerator is a gpu that names none (Olive then picks CUDAExecutionProvider)."""
     eps = list(engine_providers or [])
     for system in systems.values():
         for acc in (system.get("accelerators") or (system.get("config") or {}).get("accelerators") or []):
-            eps = eps or acc.get("execution_providers") or []
+            inferred = ["CUDAExecutionProvider"] if str(acc.get("device")).lower() == "gpu" else []
+            eps = eps or acc.get("execution_providers") or inferred
     return "cuda" if any("CUDA" in str(ep) for ep in eps) else "cpu"
 
 

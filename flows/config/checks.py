@@ -115,8 +115,11 @@ class _Where:
         for name, system in (self.raw.get("systems") or {}).items():
             for level, body in (("", system), (".config", system.get("config") or {})):
                 for a, acc in enumerate(body.get("accelerators") or []):
+                    at = f"systems.{name}{level}.accelerators[{a}]"
                     for e, ep in enumerate(acc.get("execution_providers") or []):
-                        found.append((f"systems.{name}{level}.accelerators[{a}].execution_providers[{e}]", ep))
+                        found.append((f"{at}.execution_providers[{e}]", ep))
+                    if not acc.get("execution_providers") and str(acc.get("device")).lower() == "gpu":
+                        found.append((f"{at}.device", "CUDAExecutionProvider"))  # what Olive picks for it
         return found
 
 

@@ -147,15 +147,21 @@ FATES: dict[str, dict[str, Fate]] = {
     "systems.*": {
         "type": H("LocalSystem or PythonEnvironment (AzureML, Docker: refused)"),
         "config": H("accelerators (see systems.*.config)"),
-        "accelerators": H("execution_providers -> build.execution_provider"),
+        "accelerators": H("see systems.*.accelerators[]"),
     },
     "systems.*.config": {
-        "accelerators": H("execution_providers -> build.execution_provider"),
+        "accelerators": H("see systems.*.accelerators[]"),
         "olive_managed_env": W("Grove runs in its own environment", same=(False, None)),
         "hf_token": W("Grove never reaches for a model hub", same=(False, None)),
         "python_environment_path": W("Grove runs in its own environment"),
         "environment_variables": W("set them where the worker runs"),
         "prepend_to_path": W("set PATH where the worker runs"),
+    },
+    "systems.*.accelerators[]": {
+        "device": H("cpu or gpu (others refused); gpu with no execution_providers builds for CUDA, as Olive "
+                    "picks CUDAExecutionProvider for it"),
+        "execution_providers": H("build.execution_provider: cuda when one is CUDAExecutionProvider, else cpu"),
+        "memory": W("Grove sizes no work by accelerator memory", "0.13"),
     },
     "data_configs[]": {
         "name": H("referred to by train_data_config / eval_data_config"),

@@ -6,7 +6,7 @@ from typing import Any
 
 from flows.config.errors import ConfigError, validate
 from flows.config.fates import known_keys, sift
-from flows.config.olive import Engine, HfConfig, InputModel, PyTorchModelConfig, System, SystemConfig
+from flows.config.olive import Accelerator, Engine, HfConfig, InputModel, PyTorchModelConfig, System, SystemConfig
 from flows.config.sources import NOT_HERE, Sources
 from grove.settings import ModelSettings
 
@@ -64,6 +64,8 @@ def check_systems(systems: Any, engine: Engine, warn) -> dict[str, dict]:
         where = f"systems.{name}"
         system = sift("systems.*", system, where, warn) if isinstance(system, dict) else system
         spec = validate(System, system, where, known_keys("systems.*"))
+        if spec.accelerators is not None:
+            system = {**system, "accelerators": accelerators(spec.accelerators, f"{where}.accelerators", warn)}
         if spec.type.lower() in ("azureml", "azureml_system", "aml"):
             raise ConfigError(f"{where}.type", "Azure ML systems are not supported: Grove runs locally or on "
                                                "Prefect workers; use a LocalSystem")
@@ -72,7 +74,9 @@ def check_systems(systems: Any, engine: Engine, warn) -> dict[str, dict]:
         if spec.config is not None:
             at = f"{where}.config"
             config = sift("systems.*.config", spec.config, at, warn)
-            validate(SystemConfig, config, at, known_keys("systems.*.config"))
+            nested = validate(SystemConfig, config, at, known_keys("systems.*.config"))
+            if nested.accelerators is not None:
+                config = {**config, "accelerators": accelerators(nested.accelerators, f"{at}.accelerators", warn)}
             system = {**system, "config": config}
         kept[name] = system
     for key in ("host", "target"):
@@ -80,4 +84,20 @@ def check_systems(systems: Any, engine: Engine, warn) -> dict[str, dict]:
         if isinstance(ref, str) and ref not in systems:
             raise ConfigError(f"engine.{key}", f"refers to system {ref!r}, which is not in systems "
                                                f"(have: {', '.join(systems) or 'none'})")
+    return kept
+
+
+def accelerators(items: list, where: str, warn) -> list[dict]:
+    """A system's accelerators, each sifted and checked; what Olive accepts and Grove can build for."""
+    kept = []
+    for index, item in enumerate(items):
+        at = f"{where}[{index}]"
+        if isinstance(item, dict):
+            item = sift("systems.*.accelerators[]", item, at, warn)
+        spec = validate(Accelerator, item, at, known_keys("systems.*.accelerators[]"))
+        if spec.device is None and not spec.execution_providers:
+            raise ConfigError(at, "names neither a device nor execution_providers; give one (e.g. device: cpu)")
+        if spec.device is not None and spec.device.lower() not in ("cpu", "gpu"):
+            raise ConfigError(f"{at}.device", f"{spec.device!r}: Grove builds for CPU or CUDA; use cpu or gpu")
+        kept.append(item)
     return kept

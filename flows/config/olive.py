@@ -37,18 +37,18 @@ class InputModel(Strict):
 
 
 class Accelerator(Strict):
-    device: str = "cpu"
+    device: str | None = None
     execution_providers: list[str] | None = None
 
 
 class SystemConfig(Strict):
-    accelerators: list[Accelerator] | None = None
+    accelerators: list[Any] | None = None  # each sifted and validated as Accelerator
 
 
 class System(Strict):
     type: str
     config: dict[str, Any] | None = None  # sifted and validated as SystemConfig
-    accelerators: list[Accelerator] | None = None
+    accelerators: list[Any] | None = None  # each sifted and validated as Accelerator
 
 
 class PreProcessParams(Strict):
@@ -153,6 +153,7 @@ TOP_KEYS = {"input_model", "systems", "data_configs", "passes", "engine", "workf
 SCHEMAS = {
     "engine": Engine, "input_model": InputModel, "input_model.config": PyTorchModelConfig,
     "input_model.config.hf_config": HfConfig, "systems.*": System, "systems.*.config": SystemConfig,
+    "systems.*.accelerators[]": Accelerator,
     "data_configs[]": DataConfig, "load_dataset": LoadParams, "pre_process": PreProcessParams,
     "passes.*": PassLevel, "passes.LoRA": LoraPass, "passes.QLoRA": QLoraPass, "passes.ModelBuilder": ModelBuilderPass,
 }
