@@ -18,9 +18,12 @@ FORMATS_HINT = "data files are JSON lines, a JSON array, CSV or parquet"
 
 
 def _text_lines(path: str, shown: str) -> Iterator[tuple[int, str]]:
-    """(line number, text) of a UTF-8 file; a binary file is named as such, with where."""
+    """(line number, text) of a UTF-8 file; a binary file is named as such, with where. A byte-order
+    mark (spreadsheets write one) is dropped, as the loaders training reads the file with do."""
     with open(path, "rb") as handle:
         for lineno, raw in enumerate(handle, 1):
+            if lineno == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
             if b"\x00" in raw:
                 raise UserError(f"{shown}:{lineno}: holds NUL bytes: a binary file, not text ({FORMATS_HINT})")
             try:

@@ -134,6 +134,18 @@ def accelerator_device_grove_cannot_build_for(raw, tmp):
     return "systems.local_system.accelerators[0].device: 'npu': Grove builds for CPU or CUDA"
 
 
+def empty_data_file(raw, tmp):
+    empty = tmp / "empty.jsonl"
+    empty.write_text("\n\n")
+    data_params(raw)["data_files"] = str(empty)
+    return "text_cols: " + str(empty) + " holds no records"
+
+
+def empty_target_modules(raw, tmp):
+    lora(raw)["target_modules"] = []
+    return "passes.lora.config.target_modules: is empty: it would train no module"
+
+
 def accelerator_naming_nothing(raw, tmp):
     raw["systems"]["local_system"]["accelerators"][0] = {}
     return "systems.local_system.accelerators[0]: names neither a device nor execution_providers"
@@ -170,6 +182,8 @@ CASES = [
     (gpu_device_without_cuda_runtimes, "validate"),
     (accelerator_device_grove_cannot_build_for, "validate"),
     (accelerator_naming_nothing, "validate"),
+    (empty_target_modules, "validate"),
+    (empty_data_file, "validate"),
     (cuda_device_without_cuda_torch, "validate"),
     (missing_config_file, "validate"),
 ]

@@ -115,6 +115,9 @@ def _rendering(pre: PreProcessParams, where: str, first_file: str) -> tuple[str,
         if field not in cols:
             raise ConfigError(f"{where}.text_template", f"uses {{{field}}} but text_cols lists only {cols}")
     columns = file_columns(first_file)
+    if columns == []:
+        raise ConfigError(f"{where}.text_cols", f"{first_file} holds no records to read column {cols[0]!r} from "
+                                                f"(an empty file?)")
     if columns is not None:
         for col in cols:
             if col not in columns:

@@ -31,6 +31,9 @@ def lora_pass(kind: str, cfg: dict, where: str, warn) -> LoraPass:
         a, b = getattr(spec, olive06), getattr(spec, olive013)
         if a is not None and b is not None and a != b:
             raise ConfigError(f"{where}.{olive013}", f"conflicts with {olive06} ({a} vs {b}); give one of them")
+    if spec.target_modules is not None and not spec.target_modules:
+        raise ConfigError(f"{where}.target_modules", "is empty: it would train no module; name the modules "
+                                                     "(e.g. [\"q_proj\", \"v_proj\"]) or leave it out for every linear layer")
     return spec
 
 
