@@ -164,6 +164,17 @@ def missing_config_file(raw, tmp):
     return "config file not found"
 
 
+def config_is_a_folder(raw, tmp):
+    (tmp / "run.json").mkdir()
+    return "run.json is a folder; --config takes a run config file"
+
+
+def config_not_utf8(raw, tmp):
+    raw = {"$comment": "caf\xe9", **raw}  # written in Latin-1 below: 0xe9 on line 2
+    (tmp / "run.json").write_bytes(json.dumps(raw, indent=1, ensure_ascii=False).encode("latin-1"))
+    return "run.json:2: not UTF-8 text (byte 0xe9)"
+
+
 CASES = [
     # (case, command): `run` where the run-start path matters (the store must stay as it was)
     (negative_learning_rate, "validate"),
@@ -186,6 +197,8 @@ CASES = [
     (empty_data_file, "validate"),
     (cuda_device_without_cuda_torch, "validate"),
     (missing_config_file, "validate"),
+    (config_is_a_folder, "validate"),
+    (config_not_utf8, "validate"),
 ]
 
 
@@ -215,7 +228,7 @@ def test_a_bad_input_is_one_line_naming_the_culprit_exit_2(case, command, tiny_m
     raw = tiny_config(tiny_model, tone_copy, tmp_path / "store", tmp_path / "out")
     culprit = case(raw, tmp_path)
     config = tmp_path / "run.json"
-    if case is not missing_config_file:
+    if case is not missing_config_file and not config.exists():  # some cases write it themselves
         config.write_text(json.dumps(raw, indent=1))
     store = Path(raw["engine"]["cache_dir"])
     if command == "run":

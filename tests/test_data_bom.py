@@ -32,3 +32,12 @@ def test_a_bom_file_has_the_columns_the_loader_sees(fmt, tmp_path):
     assert sorted(first_columns(str(path), fmt)) == sorted(loaded.column_names) == ["phrase", "tone"]
     checked = [record for _, record in records(str(path), fmt)]
     assert checked == [{k: str(v) if fmt == "csv" else v for k, v in r.items()} for r in ROWS]
+
+
+def test_a_config_saved_with_a_bom_reads(tiny_model, tmp_path):
+    from conftest import tiny_config
+    from flows.config import load_config
+
+    raw = tiny_config(tiny_model, TONE_DATA, tmp_path / "store", tmp_path / "out")
+    config = with_bom(tmp_path / "run.json", json.dumps(raw, indent=1))
+    assert load_config(config).model.name

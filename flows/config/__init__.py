@@ -43,9 +43,16 @@ def load_config(path: str | Path, base_dir: Path | None = None, list_remote_data
     `list_remote_data=False` (deploy-time checks) leaves s3:// locations to the run: the
     machine deploying may not hold the keys the worker has."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError("", f"{path} is a folder; --config takes a run config file (JSON or YAML)")
     if not path.is_file():
         raise ConfigError("", f"config file not found: {path}")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # an editor's byte-order mark is not JSON
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ConfigError("", f"{path}:{line}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x}); "
+                              f"save the config as UTF-8") from None
     try:
         raw = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
     except json.JSONDecodeError as exc:
