@@ -70,19 +70,24 @@ class HfEngine:
                           ended - started, [s - started for s in stamps])
 
 
-def onnx_providers(folder: Path) -> list[str]:
-    """The execution providers genai_config.json asks for (empty: onnxruntime's CPU provider)."""
+def session_options(folder: Path) -> dict:
+    """The decoder's session_options in a builder output folder's genai_config.json."""
     config = json.loads((Path(folder) / "genai_config.json").read_text())
-    options = config["model"]["decoder"].get("session_options", {}).get("provider_options", [])
-    return [name for entry in options for name in entry]
+    return config["model"]["decoder"].get("session_options", {})
 
 
-def cpu_threads_config(og, folder: Path):
+def onnx_providers(folder: Path, options: dict | None = None) -> list[str]:
+    """The execution providers genai_config.json asks for (empty: onnxruntime's CPU provider)."""
+    options = session_options(folder) if options is None else options
+    return [name for entry in options.get("provider_options", []) for name in entry]
+
+
+def cpu_threads_config(og, folder: Path, options: dict | None = None):
     """The model's og.Config, running on every core this process may use. onnxruntime-genai
     otherwise ran a CPU model on one thread here (65 decode tokens/s against 104 with both cores
     of this machine, where PyTorch uses both). A genai_config.json that sets the thread count
     itself is left as it is. The shipped folder's README snippet does the same (grove/shipped.py)."""
-    options = json.loads((Path(folder) / "genai_config.json").read_text())["model"]["decoder"].get("session_options", {})
+    options = session_options(folder) if options is None else options
     config = og.Config(str(folder))
     if "intra_op_num_threads" not in options:
         config.overlay(json.dumps({"model": {"decoder": {"session_options": {
@@ -96,7 +101,8 @@ class OnnxEngine:
     def __init__(self, folder: Path, eos_ids: set[int], adapter: Path | None = None):
         """`adapter`: an .onnx_adapter file for a base built with LoRA slots, active on every
         generation (served as onnxruntime-genai serves it: og.Adapters + set_active_adapter)."""
-        cuda = "cuda" in onnx_providers(folder)
+        options = session_options(folder)
+        cuda = "cuda" in onnx_providers(folder, options)
         if cuda:
             # onnxruntime's CUDA provider library needs the CUDA and cuDNN libraries already
             # loaded (they are not on the loader's path in a pip install); importing torch
@@ -106,7 +112,7 @@ class OnnxEngine:
 
         self.og = og
         try:
-            self.model = og.Model(cpu_threads_config(og, folder) if not cuda else str(folder))
+            self.model = og.Model(cpu_threads_config(og, folder, options) if not cuda else str(folder))
         except Exception as exc:
             if cuda and "cuda" in str(exc).lower():
                 raise RuntimeError(
