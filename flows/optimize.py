@@ -46,10 +46,11 @@ def pipeline(cfg: RunConfig) -> dict[str, ArtifactRef | None]:
     adapter = train(cfg.train, corpus, cfg.model) if cfg.train else None
     scores = evaluate(cfg.evaluate, data, corpus, cfg.model, adapter)
     merged = merge_adapters(cfg.model, adapter) if cfg.merge else None
+    shipped = adapter if cfg.ship == "adapter" else None  # base + adapter instead of a merged model
     if cfg.search:  # several candidate builds, one kept (grove.quantization_search)
-        onnx = search_quantization(cfg.search, cfg.evaluate, cfg.benchmark, cfg.model, merged, data, scores)
+        onnx = search_quantization(cfg.search, cfg.evaluate, cfg.benchmark, cfg.model, merged, data, scores,
+                                   adapter=shipped)
     else:
-        shipped = adapter if cfg.ship == "adapter" else None  # base + adapter instead of a merged model
         onnx = build_onnx(cfg.build, cfg.evaluate, cfg.model, merged, data, adapter=shipped) if cfg.build else None
     bench = benchmark(cfg.benchmark, cfg.evaluate, cfg.model, merged, onnx, data)
     return {"load_data": data, "template_corpus": corpus, "train": adapter, "evaluate": scores,

@@ -100,8 +100,8 @@ LADDER_FIRST_RUNG = BuildSettings(algo="rtn", is_symmetric=False, block_size=16,
 
 
 @pytest.mark.parametrize("build, layers", [(BuildSettings(precision="int4"), None), (LADDER_FIRST_RUNG, None),
-                                           (LADDER_FIRST_RUNG, [1])],
-                         ids=["int4", "ladder-rung-1", "ladder-rung-1-top-layer-only"])
+                                           (LADDER_FIRST_RUNG, [1]), (BuildSettings(precision="int8"), [1])],
+                         ids=["int4", "ladder-rung-1", "ladder-rung-1-top-layer-only", "ladder-rung-2-int8"])
 def test_int4_base_with_adapter_tracks_the_merged_int4_model(tiny_model, tmp_path, build, layers):
     """Also an adapter on the top layer only (rank 4 there, 0 in the other slots): with one rank
     symbol for every slot, onnxruntime reused a rank-0 slot's buffer and failed to run it."""
@@ -244,9 +244,11 @@ def test_adapter_ship_refusals_come_before_any_work(tiny_model, tone_copy, tmp_p
     assert not (tmp_path / "store").exists()
 
 
-def test_a_plain_int4_pass_ships_adapters_on_the_ladders_first_rung(tiny_model, tone_copy, tmp_path, write_config):
-    """The builder's plain int4 lost 16 points on the bundled model: a plain CPU int4 pass serving
-    adapters gets the default ladder's first rung as its base; a pass that says more, as written."""
+def test_a_plain_int4_pass_ships_adapters_through_the_ladder(tiny_model, tone_copy, tmp_path, write_config):
+    """The builder's plain int4 lost 16 points on the bundled model, and an adapter trained on full
+    weights lost 3.3 more on the ladder's first rung: a plain CPU int4 pass serving adapters
+    searches the default ladder (each rung a base + the adapter, scored as served); a pass that
+    says more is built as written; with no label to score, the first rung is the base."""
     from flows.config import load_config
     from flows.config.candidates import LADDER, ladder_candidates
 
@@ -255,9 +257,51 @@ def test_a_plain_int4_pass_ships_adapters_on_the_ladders_first_rung(tiny_model, 
     raw["grove"].pop("quantization_search", None)
     raw["passes"]["builder"]["config"] = {"precision": "int4"}
     cfg = load_config(write_config(raw))
+    assert [c.name for c in cfg.search.candidates] == list(LADDER) and cfg.search.early_stop
     first = dict(ladder_candidates(cfg.build, None))[LADDER[0]]
-    assert cfg.search is None and cfg.build == first
-    assert cfg.build.algo == "rtn" and not cfg.build.is_symmetric and cfg.build.mixed_precision
+    assert cfg.search.candidates[0].build == first and first.algo == "rtn" and first.mixed_precision
     raw["passes"]["builder"]["config"] = {"precision": "int4", "int4_block_size": 64}
-    explicit = load_config(write_config(raw, "explicit.json")).build
-    assert explicit.block_size == 64 and explicit.algo == "default" and not explicit.mixed_precision
+    explicit = load_config(write_config(raw, "explicit.json"))
+    assert explicit.search is None and explicit.build.block_size == 64 and explicit.build.algo == "default"
+    del raw["passes"]["builder"]["config"]["int4_block_size"]
+    raw["data_configs"][0]["pre_process_data_config"]["params"]["text_template"] = "### Text: {phrase} {tone}."
+    unlabelled = load_config(write_config(raw, "unlabelled.json"))
+    assert unlabelled.search is None and unlabelled.build == first
+
+
+def test_every_rung_of_an_adapter_search_is_a_base_scored_with_the_adapter_on_it(
+        tiny_model, tone_copy, tmp_path, write_config):
+    import json
+
+    from test_flow import grove
+
+    from flows.config.candidates import LADDER
+
+    raw = tiny_config(tiny_model, tone_copy, tmp_path / "store", tmp_path / "out")
+    raw["grove"].update(ship="adapter", quantization_search={"candidates": "ladder", "early_stop": False})
+    grove("run", "--config", str(write_config(raw)))
+    report = json.loads((tmp_path / "out" / "tiny" / "report.json").read_text())
+    search = report["quantization_search"]
+    assert search["scored"] == "base + adapter, as served" and not search["not_built"]
+    assert [r["name"] for r in search["candidates"]] == list(LADDER)
+    assert all(r["loaded"] and r["accuracy"] is not None for r in search["candidates"])
+    onnx = report["onnx"]
+    assert onnx["candidate"] == search["chosen"] and onnx["base"] and onnx["adapter"]
+    out = tmp_path / "out" / "tiny"
+    assert json.loads((out / "model" / "base.json").read_text())["digest"] == onnx["base"]["digest"]
+    answer = grove("predict", "--model", str(out), "--adapter", "tiny", "--max-new-tokens", "3",
+                   "### Text: I love it\n### The tone is:\n")
+    assert answer.strip()
+
+
+def test_a_qlora_adapter_is_refused_when_any_candidate_base_is_quantized(
+        tiny_model, tone_copy, tmp_path, write_config):
+    from flows.config import ConfigError, load_config
+
+    raw = tiny_config(tiny_model, tone_copy, tmp_path / "store", tmp_path / "out")
+    raw["grove"].update(ship="adapter", quantization_search={"candidates": [
+        {"name": "fp32", "precision": "fp32"}, {"name": "int8", "precision": "int8"}]})
+    raw["passes"]["lora"]["type"] = "QLoRA"
+    with pytest.raises(ConfigError) as caught:
+        load_config(write_config(raw))
+    assert caught.value.path == "passes.lora.config" and "int8" in caught.value.message

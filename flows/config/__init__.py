@@ -113,10 +113,8 @@ def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None, list_
     corpus = corpus_settings(train_data, eval_data, grove.completion_only_loss)
     provider = execution_provider(engine.execution_providers, systems)
     build = build_settings(builders[1][1], builders[1][2], provider, model, grove.build, warn) if builders else None
-    # grove.ship: adapter serves one base build (a search is refused there, so none by default)
-    search_section = None if grove.ship == "adapter" and grove.quantization_search is None else \
-        default_search(grove.quantization_search, builders[1][1] if builders else None, build, data_s)
-    if grove.ship == "adapter" and build is not None and grove.quantization_search is None:
+    search_section = default_search(grove.quantization_search, builders[1][1] if builders else None, build, data_s)
+    if grove.ship == "adapter" and build is not None and search_section is None:
         build = adapter_base_build(builders[1][1], build, model)
     search = search_settings(search_section, build, model, data_s) if search_section else None
     if grove.ship == "adapter":

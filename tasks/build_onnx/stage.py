@@ -181,9 +181,10 @@ def build_onnx(build: BuildSettings, evaluation: EvalSettings, model: ModelSetti
 
 def search_quantization(search: SearchSettings, evaluation: EvalSettings, speed: BenchmarkSettings,
                         model: ModelSettings, merged: ArtifactRef | None, data: ArtifactRef,
-                        scores: ArtifactRef) -> ArtifactRef:
+                        scores: ArtifactRef, adapter: ArtifactRef | None = None) -> ArtifactRef:
     """Builds and scores every candidate (each its own cached build_onnx task), keeps one; with
-    early_stop, builds them in order only until one is within tolerance.
+    early_stop, builds them in order only until one is within tolerance. With `adapter`
+    (grove.ship: adapter) each candidate is a base with LoRA slots, scored with the adapter on it.
 
     The candidates run one after another, not concurrently: on a small CPU machine
     concurrent builds would measure each other's load, not their own decode speed.
@@ -194,7 +195,7 @@ def search_quantization(search: SearchSettings, evaluation: EvalSettings, speed:
     refs = []
     for candidate in search.candidates:
         with task_run_name(f"build_onnx[{candidate.name}]"):
-            refs.append(build_onnx(candidate.build, evaluation, model, merged, data, speed, True))
+            refs.append(build_onnx(candidate.build, evaluation, model, merged, data, speed, True, adapter=adapter))
         if search.early_stop and (refs[-1].pending or scores.pending or
                                   within_tolerance(candidate_row(candidate.name, refs[-1].summary),
                                                    baseline, search.tolerance_points)):
@@ -208,6 +209,7 @@ def search_quantization(search: SearchSettings, evaluation: EvalSettings, speed:
                           "\n".join(f"  {r['name']}: {r['reason']}" for r in selection.rows))
     chosen = refs[[r["name"] for r in rows].index(selection.chosen)]
     table = {"baseline_accuracy": baseline, "baseline": "merged PyTorch model (evaluate: fine_tuned)",
+             "scored": "base + adapter, as served" if adapter is not None else "merged model",
              "tolerance_points": search.tolerance_points, "chosen": selection.chosen,
              "within_tolerance": selection.within_tolerance, "verdict": selection.verdict,
              "candidates": selection.rows, "early_stop": search.early_stop,
