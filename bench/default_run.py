@@ -1,6 +1,6 @@
 """The default run as a newcomer meets it: per-stage seconds, peak memory, then cached reruns.
 
-    python bench/default_run.py [--config configs/smollm2-tone.json] [--out FILE]
+    python bench/default_run.py [--config configs/smollm2-tone.json] [--ship adapter] [--out FILE]
 
 Prints one JSON object (and writes it to --out when given). The cold run is `grove run` in a
 process of its own, timed from start to exit, with a fresh GROVE_HOME and artifact store and
@@ -9,7 +9,8 @@ model once, as `make demo` does on a fresh machine. Peak memory is sampled over 
 and its children (the benchmark workers). Then two cached reruns, each its own `grove run`
 process (Python start-up, imports, the Prefect client; the server already up). The bench
 stops the local server it started. Targets (issue: the model Grove ships is as good as the
-model it trained): cold run under 240 s, cached rerun under 5 s.
+model it trained): cold run under 240 s, cached rerun under 5 s. `--ship adapter`: the same
+config shipping its adapter on a base (grove.ship: adapter), what such a user meets.
 """
 
 from __future__ import annotations
@@ -77,9 +78,12 @@ def grove_run(config: Path, env: dict) -> tuple[float, int, str]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default=str(ROOT / "configs" / "smollm2-tone.json"))
+    parser.add_argument("--ship", choices=("merged", "adapter"), help="override the config's grove.ship")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
     raw = json.loads(Path(args.config).read_text())
+    if args.ship:
+        raw.setdefault("grove", {})["ship"] = args.ship
     work = Path(tempfile.mkdtemp(prefix="grove-bench-"))
     raw.setdefault("grove", {})["artifact_root"] = str(work / "store")
     raw.setdefault("engine", {})["output_dir"] = str(work / "out")
@@ -105,7 +109,9 @@ def main() -> None:
         name = stage.get("task_run") or stage["stage"]
         stages[name] = {"status": stage["status"], "seconds": stage["seconds"]}
     print(json.dumps(result := {
-        "command": "python bench/default_run.py --config " + os.path.relpath(args.config, ROOT),
+        "command": "python bench/default_run.py --config " + os.path.relpath(args.config, ROOT)
+                   + (f" --ship {args.ship}" if args.ship else ""),
+        "ship": raw["grove"].get("ship", "merged"),
         "machine": machine(),
         "load_average_1m_after": round(os.getloadavg()[0], 2),
         "prefect_api": os.environ.get("PREFECT_API_URL", "grove's local server, started by the cold run"),
@@ -139,7 +145,7 @@ def key_results(report: dict) -> dict:
     train, evaluate, onnx, bench = (s.get(k) or {} for k in ("train", "evaluate", "build_onnx", "benchmark"))
     onnx = report.get("onnx") or onnx  # the kept model when a search built several
     keep = ("device", "dtype", "latency_ms", "time_to_first_token_ms", "decode_tokens_per_s", "peak_rss_mb",
-            "peak_gpu_mb", "size_mb")
+            "peak_gpu_mb", "size_mb", "adapter_size_mb")
     return {
         "train": {k: train.get(k) for k in ("method", "device", "base_dtype", "quantization", "steps",
                                             "first_loss", "final_loss", "seconds", "peak_gpu_mb")},
@@ -151,7 +157,9 @@ def key_results(report: dict) -> dict:
         "onnx": {k: onnx.get(k) for k in ("candidate", "precision", "algo", "mixed_precision", "execution_provider",
                                           "device_type", "build_seconds", "size_bytes", "prompts_unlike_training")},
         "search": {k: (report.get("quantization_search") or {}).get(k) for k in ("chosen", "within_tolerance",
-                                                                                "not_built")},
+                                                                                "not_built", "scored")}
+                  | {"accuracy": {r["name"]: r.get("accuracy")
+                                  for r in (report.get("quantization_search") or {}).get("candidates", [])}},
         "promotion": {k: (report.get("promotion") or {}).get(k) for k in ("decision", "rule", "reason")},
         "benchmark": {engine: {k: v for k, v in (bench.get(engine) or {}).items() if k in keep}
                       for engine in ("pytorch", "onnx")} | {"onnx_speedup": bench.get("onnx_speedup")},
