@@ -7,7 +7,7 @@
 #   bash bench/gpu_device.sh check            GPU, versions, onnxruntime providers
 #   bash bench/gpu_device.sh test             pytest -m gpu (tests/test_gpu.py)
 #   bash bench/gpu_device.sh run CONFIG NAME  bench/default_run.py on CONFIG -> $OUT/NAME.json, NAME.log
-#   bash bench/gpu_device.sh adapters         bench/adapter_serving.py --device cuda -> $OUT/adapter_serving_gpu.json
+#   bash bench/gpu_device.sh adapters         bench/adapter_serving.py --device cuda --rounds 2 -> $OUT/adapter_serving_gpu.json
 #
 # Every step reads the packages from $SITE (default /tmp/site) through PYTHONPATH, in front of
 # the machine's own: that is how the CUDA builds of onnxruntime/onnxruntime-genai replace the
@@ -71,7 +71,7 @@ case "${1:-}" in
               | tee "$OUT/pytest_gpu.log" ;;
     run) prefect_server && PYTHONPATH=$PWD:$SITE timeout 540 python3 bench/default_run.py --config "$2" >"$OUT/$3.json" 2>"$OUT/$3.log"
          status=$?; tail -5 "$OUT/$3.log"; cat "$OUT/$3.json"; exit $status ;;
-    adapters) prefect_server && PYTHONPATH=$PWD:$SITE timeout 560 python3 bench/adapter_serving.py --device cuda \
+    adapters) prefect_server && PYTHONPATH=$PWD:$SITE timeout 560 python3 bench/adapter_serving.py --device cuda --rounds 2 \
                   --out "$OUT/adapter_serving_gpu.json" >"$OUT/adapter_serving_gpu.txt" 2>"$OUT/adapter_serving_gpu.log"
          status=$?; tail -40 "$OUT/adapter_serving_gpu.log"; cat "$OUT/adapter_serving_gpu.json"; exit $status ;;
     *) sed -n 2,14p "$0"; exit 2 ;;
