@@ -177,7 +177,8 @@ def main() -> None:
                 devices[label] = report.get("device")
         load_after = os.getloadavg()[0]
         cores = os.cpu_count() or 1
-        command = "python bench/adapter_serving.py" + (" --device cuda" if args.device == "cuda" else "")
+        command = "python bench/adapter_serving.py" + (f" --device cuda --rounds {args.rounds}"
+                                                       if args.device == "cuda" else "")
         result = {
             "command": command,
             "model": config["input_model"].get("model_path"), "machine_cores": cores, "device": args.device,
