@@ -48,7 +48,9 @@ def run(config: dict, folder: Path, ship: str, label: str | None = None) -> dict
     path.write_text(json.dumps(config))
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", str(path)], cwd=ROOT,
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                              [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])})
     if done.returncode != 0:
         raise RunFailed(f"grove run ({label}) failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     name = next(iter((folder / label).iterdir()))
