@@ -93,6 +93,52 @@ def cuda_graph_setting(model: Path) -> str | None:
     return None
 
 
+SCORE_ROWS = 120  # rows of configs/data/tone.jsonl (train and eval alike) scored per ONNX variant on CUDA
+
+
+def score_worker(request: dict) -> dict:
+    """Greedy answers of one ONNX variant on the first SCORE_ROWS rows, as build_onnx scores (the shipped
+    prompt, the engine's generate). `max_length`: every generator gets that max_length instead of
+    prompt + max_new_tokens (one CUDA graph for every prompt)."""
+    from grove.engines import OnnxEngine
+    from grove.scoring import summarize
+    from grove.shipped import ShippedModel
+
+    spec = json.loads(Path(request["spec"]).read_text())
+    adapter = Path(request["adapter"]) if request.get("adapter") else None
+    engine = OnnxEngine(Path(request["model"]), set(spec["eos_token_ids"]), adapter=adapter)
+    if request.get("max_length"):
+        og, fixed = engine.og, int(request["max_length"])
+
+        def generator(prompt, max_new_tokens, force):
+            params = og.GeneratorParams(engine.model)
+            params.set_search_options(max_length=fixed, do_sample=False)
+            made = og.Generator(engine.model, params)
+            if engine.adapters is not None:
+                made.set_active_adapter(engine.adapters, "active")
+            return made
+
+        engine._generator = generator
+    shipped = ShippedModel(Path(request["model"]), engine, spec)
+    lines = (ROOT / "configs" / "data" / "tone.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines if line.strip()][:SCORE_ROWS]
+    predictions = [shipped.answer(row) for row in rows]
+    summary = summarize(predictions, [str(row[spec["label_col"]]).strip() for row in rows])
+    return {"accuracy": summary["accuracy"], "rows": len(rows), "predicted": summary["predicted"],
+            "first_predictions": predictions[:8], "device": engine.device_type}
+
+
+def score(model: Path, spec: Path, adapter: Path | None, max_length: int | None = None) -> dict:
+    request = {"model": str(model), "spec": str(spec), "adapter": str(adapter) if adapter else None,
+               "max_length": max_length}
+    done = subprocess.run([sys.executable, __file__, "--score"], input=json.dumps(request), capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                              [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])})
+    if done.returncode != 0:
+        return {"error": done.stderr[-2000:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def folder_mb(folder: Path) -> float:
     return round(sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20, 1)
 
@@ -104,7 +150,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda: the config on the CUDA execution provider, Grove's CUDA build defaults")
+    parser.add_argument("--score", action="store_true", help=argparse.SUPPRESS)  # the scoring worker
     args = parser.parse_args()
+    if args.score:
+        print(json.dumps(score_worker(json.loads(sys.stdin.read()))))
+        return
     from grove.settings import BenchmarkSettings
     from tasks.benchmark.stage import measure_engine
 
@@ -165,9 +215,9 @@ def main() -> None:
                          for label, model, extra in list(variants)]
         rates: dict[str, list[float]] = {label: [] for label, _, _ in variants}
         devices: dict[str, str] = {}
-        for _ in range(args.rounds):  # interleaved: a load spike hits every variant alike
+        for round_ in range(args.rounds):  # interleaved: a load spike hits every variant alike
             for label, model, extra in variants:
-                if label in errors:
+                if label in errors or (round_ and label.endswith("_no_cuda_graph")):  # those: one round
                     continue
                 try:
                     report = measure_engine("onnx", model, base_dir or merged_dir, prompts, speed, args.device, extra)
@@ -177,6 +227,19 @@ def main() -> None:
                     continue
                 rates[label].append(report["decode_tokens_per_s"])
                 devices[label] = report.get("device")
+        scores = {}
+        if args.device == "cuda":  # accuracy of each ONNX variant with CUDA graphs on, off, and on with one max_length
+            specs = {"merged_int4": merged_dir / "grove_prompt.json"}
+            if adapter_file:
+                specs["base_with_adapter"] = adapter_file.with_name(adapter_file.name.removesuffix(".onnx_adapter")
+                                                                    + ".grove_prompt.json")
+            for label, spec in specs.items():
+                model, extra = next((m, e) for name, m, e in variants if name == label)
+                graphless = next(m for name, m, _ in variants if name == f"{label}_no_cuda_graph")
+                scores[label] = score(model, spec, extra)
+                scores[f"{label}_no_cuda_graph"] = score(graphless, spec, extra)
+                scores[f"{label}_max_length_256"] = score(model, spec, extra, 256)
+                print(label, json.dumps({k: v for k, v in scores.items() if k.startswith(label)}), file=sys.stderr)
         load_after = os.getloadavg()[0]
         cores = os.cpu_count() or 1
         command = "python bench/adapter_serving.py" + (f" --device cuda --rounds {args.rounds}"
@@ -199,6 +262,8 @@ def main() -> None:
                 k: (abs(v - tuned) <= 0.02 if v is not None and tuned is not None else None)
                 for k, v in (("merged_int4", onnx_merged.get("accuracy")),
                              ("base_plus_adapter_int4", onnx_adapter.get("accuracy")))},
+            "scored_rows": ({"rows": f"the first {SCORE_ROWS} of configs/data/tone.jsonl (train and eval alike)",
+                             **scores} if scores else None),
             "decode_tokens_per_s": {k: {"median": sorted(v)[len(v) // 2], "runs": v} if v else None
                                     for k, v in rates.items()},
             "sizes_mb": {"merged_int4_model": folder_mb(merged_dir),
