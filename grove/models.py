@@ -32,7 +32,8 @@ BUNDLED_CONFIG = {
                               "tie_word_embeddings": True, "num_hidden_layers": 30},
 }
 # Bump when the GGUF -> HF conversion changes, so converted folders are rebuilt.
-CONVERTER_VERSION = "1"
+# 2: the tokenizer.json is repaired for onnxruntime-genai (byte_level_tokenizer_repaired).
+CONVERTER_VERSION = "2"
 WEIGHT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "chat_template.jinja", "special_tokens_map.json", "tokenizer.model")
 
@@ -193,11 +194,50 @@ def model_folder(model: ModelSettings) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     weights.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+    repair_byte_level_tokenizer(staging / "tokenizer.json")
     try:
         staging.rename(target)
     except OSError:  # converted concurrently by another process
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def repair_byte_level_tokenizer(path: Path) -> bool:
+    """Makes a byte-level BPE tokenizer.json plain again; returns whether it changed anything.
+
+    transformers 5.17 (the H200 machine's) converts SmolLM2's GGUF tokenizer, a GPT-2 style
+    byte-level BPE, with SentencePiece parts: `byte_fallback` and `fuse_unk` on, an empty
+    normalizer Sequence and a ByteFallback/Fuse/Replace("\u2581")/ByteLevel decoder (5.24 writes
+    none of them). Hugging Face's tokenizers never uses those parts on byte-level input, so training
+    and PyTorch see the same ids either way, but onnxruntime-genai 0.18 reads such a file as a
+    SentencePiece-style tokenizer: every shipped prompt encoded with -1 ids, and every ONNX model
+    built from that folder scored 0.02-0.08 against 0.92 in PyTorch (bench/results/adapter_serving_gpu.json).
+    Dropping the parts leaves Hugging Face's ids as they were and onnxruntime-genai's equal to them."""
+    if not path.is_file():
+        return False
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    pres = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    if model.get("type") != "BPE" or not any(p.get("type") == "ByteLevel" for p in pres):
+        return False
+    changed = False
+    for key in ("byte_fallback", "fuse_unk"):
+        if model.get(key):
+            model[key] = False
+            changed = True
+    normalizer = spec.get("normalizer")
+    if normalizer and normalizer.get("type") == "Sequence" and not normalizer.get("normalizers"):
+        spec["normalizer"] = None
+        changed = True
+    decoder = spec.get("decoder") or {}
+    if decoder.get("type") == "Sequence":
+        levels = [d for d in decoder.get("decoders", []) if d.get("type") == "ByteLevel"]
+        if levels:
+            spec["decoder"] = levels[0]
+            changed = True
+    if changed:
+        path.write_text(json.dumps(spec, ensure_ascii=False, indent=2), encoding="utf-8")
+    return changed
 
 
 @contextlib.contextmanager
