@@ -119,8 +119,9 @@ def default_search(section: GroveSearch | None, builder_body: dict | None, build
 
 
 def adapter_base_build(builder_body: dict | None, build: BuildSettings, model: ModelSettings) -> BuildSettings:
-    """grove.ship: adapter serves one base build, no search: on a plain CPU int4 pass that base is the
-    ladder's first rung (the builder's default int4 lost 16 points on the bundled model)."""
+    """grove.ship: adapter with no search (nothing labelled to score the ladder's rungs on): on a
+    plain CPU int4 pass the base is the ladder's first rung (the builder's default int4 lost 16
+    points on the bundled model)."""
     if not plain_cpu_int4(builder_body, build):
         return build
     from flows.config.candidates import ladder_candidates
