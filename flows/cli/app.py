@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 
@@ -36,6 +37,12 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_TASK_RUNS_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # bitsandbytes (imported with peft) warns on every CPU training that an optional `kernels`
+    # package for its 4-bit CPU matmul is missing: nothing a LoRA run uses or a user can act on here
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # onnx_ir, inside the model builder, calls a tied int8 LM head read by the embedding lookup
+    # "invalid"; build_onnx proves every model it keeps by loading, generating and scoring it
+    logging.getLogger("onnx_ir").setLevel(logging.ERROR)
     _skip_tls_setup_for_plain_http()
 
 
