@@ -50,7 +50,7 @@ def load_config(path: str | Path, base_dir: Path | None = None, list_remote_data
     try:
         text = path.read_text(encoding="utf-8-sig")  # an editor's byte-order mark is not JSON
     except UnicodeDecodeError as exc:
-        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        line = exc.object[: exc.start].count(b"\n") + 1
         raise ConfigError("", f"{path}:{line}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x}); "
                               f"save the config as UTF-8") from None
     try:

@@ -9,6 +9,7 @@ from flows.config.build_rules import QuantOptionError, parse_build
 from flows.config.errors import ConfigError, Warnings, validate
 from flows.config.fates import known_keys, sift
 from flows.config.grove_section import GroveBuild, GroveCandidate, GroveSearch
+from flows.config.input_model import accelerator_providers
 from flows.config.olive import ModelBuilderPass
 from grove.settings import BuildSettings, Candidate, DataSettings, ModelSettings, SearchSettings
 
@@ -19,8 +20,7 @@ def execution_provider(engine_providers: list[str] | None, systems: dict) -> str
     eps = list(engine_providers or [])
     for system in systems.values():
         for acc in (system.get("accelerators") or (system.get("config") or {}).get("accelerators") or []):
-            inferred = ["CUDAExecutionProvider"] if str(acc.get("device")).lower() == "gpu" else []
-            eps = eps or acc.get("execution_providers") or inferred
+            eps = eps or accelerator_providers(acc)
     return "cuda" if any("CUDA" in str(ep) for ep in eps) else "cpu"
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from flows.config.errors import ConfigError, did_you_mean
+from flows.config.input_model import accelerator_providers
 from flows.config.training import RENAMED_TRAINING_ARGS
 from grove.data_check import check_data
 from grove.settings import RunConfig
@@ -116,10 +117,9 @@ class _Where:
             for level, body in (("", system), (".config", system.get("config") or {})):
                 for a, acc in enumerate(body.get("accelerators") or []):
                     at = f"systems.{name}{level}.accelerators[{a}]"
-                    for e, ep in enumerate(acc.get("execution_providers") or []):
-                        found.append((f"{at}.execution_providers[{e}]", ep))
-                    if not acc.get("execution_providers") and str(acc.get("device")).lower() == "gpu":
-                        found.append((f"{at}.device", "CUDAExecutionProvider"))  # what Olive picks for it
+                    named = bool(acc.get("execution_providers"))  # else the device's, as Olive picks it
+                    for e, ep in enumerate(accelerator_providers(acc)):
+                        found.append((f"{at}.execution_providers[{e}]" if named else f"{at}.device", ep))
         return found
 
 

@@ -87,6 +87,12 @@ def check_systems(systems: Any, engine: Engine, warn) -> dict[str, dict]:
     return kept
 
 
+def accelerator_providers(accelerator: dict) -> list:
+    """The execution providers an accelerator names, or the one Olive picks for a gpu that names none."""
+    inferred = ["CUDAExecutionProvider"] if str(accelerator.get("device")).lower() == "gpu" else []
+    return accelerator.get("execution_providers") or inferred
+
+
 def accelerators(items: list, where: str, warn) -> list[dict]:
     """A system's accelerators, each sifted and checked; what Olive accepts and Grove can build for."""
     kept = []
