@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import psutil
@@ -61,6 +62,17 @@ class PeakMemory:
         return peak
 
 
+def child_env(environ: Mapping[str, str], work: Path) -> dict[str, str]:
+    """The child `grove run`'s environment: this project first on PYTHONPATH, then whatever the caller put
+    there (on the GPU machine the carried packages: prefect, pydantic, the CUDA onnxruntime builds), a
+    fresh GROVE_HOME, and a fresh PREFECT_HOME unless a Prefect server is named."""
+    carried = [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {**environ, "GROVE_HOME": str(work / "grove-home"), "PYTHONPATH": os.pathsep.join([str(ROOT), *carried])}
+    if "PREFECT_API_URL" not in environ:  # a fresh machine's Prefect: no profile, no server
+        env["PREFECT_HOME"] = str(work / "prefect-home")
+    return env
+
+
 def grove_run(config: Path, env: dict) -> tuple[float, int, str]:
     """(seconds, peak RSS of the process tree, stdout) of one `grove run` process."""
     memory = PeakMemory()
@@ -92,9 +104,7 @@ def main() -> None:
         params["data_files"] = str((ROOT / params["data_files"]).resolve())
     config = work / "bench-config.json"
     config.write_text(json.dumps(raw))
-    env = {**os.environ, "GROVE_HOME": str(work / "grove-home"), "PYTHONPATH": str(ROOT)}
-    if "PREFECT_API_URL" not in os.environ:  # a fresh machine's Prefect: no profile, no server
-        env["PREFECT_HOME"] = str(work / "prefect-home")
+    env = child_env(os.environ, work)
 
     try:
         cold_s, cold_peak, cold_out = grove_run(config, env)

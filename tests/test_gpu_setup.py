@@ -228,3 +228,28 @@ def test_cuda_builds_keep_the_builders_block_size_where_128_does_not_divide_the_
     raw = _cuda(tiny_config(tmp_path, TONE_DATA, tmp_path / "store", tmp_path / "out"))
     raw["input_model"] = {"type": "HfModel", "model_path": "grove:smollm2-135m-instruct"}
     assert parse_config(raw, base_dir=tmp_path).build.block_size == 32
+
+
+# ---- bench/gpu_device.sh -----------------------------------------------------------------------------
+def test_the_default_run_benchs_grove_run_sees_the_carried_packages_and_this_project(tmp_path):
+    """On the GPU machine Grove's packages are carried in a folder named by PYTHONPATH; the bench's child
+    `grove run` must see them (it set PYTHONPATH to the project alone: ModuleNotFoundError: pydantic)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("default_run_bench", root / "bench" / "default_run.py")
+    default_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(default_run)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "carried_only_here.py").write_text("")
+    env = default_run.child_env({**os.environ, "PYTHONPATH": str(site)}, tmp_path / "work")
+    done = subprocess.run([sys.executable, "-c", "import carried_only_here, flows; print(flows.__file__)"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()).is_relative_to(root), "the project's own code first"
+    assert env["GROVE_HOME"] == str(tmp_path / "work" / "grove-home")
