@@ -277,9 +277,37 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    agree_with_config(tokenizer, Path(folder) / "config.json")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def agree_with_config(tokenizer, config_file: Path) -> dict[str, tuple[str | None, str]]:
+    """Makes the tokenizer's eos, bos and pad tokens ones the model's config.json names, where they
+    are not; returns what changed ({role: (old token, new token)}).
+
+    The config is what `generate` and onnxruntime-genai stop on, and training appends the
+    tokenizer's eos to every answer: when the two disagree the model learns to end its answers
+    with a token that stops nothing. Seen: transformers 5.17 converts SmolLM2's GGUF tokenizer with
+    `<|im_start|>` (id 1) as eos, pad and bos while config.json says eos 2 (`<|im_end|>`), so
+    `generate` on the merged model wrote `joy<|im_start|>assistant...`. A config that lists
+    several eos ids accepts any of them."""
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    changed = {}
+    for role in ("eos", "bos", "pad"):
+        named = config.get(f"{role}_token_id")
+        ids = [i for i in (named if isinstance(named, list) else [named])
+               if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(tokenizer)]
+        if not ids or getattr(tokenizer, f"{role}_token_id") in ids:
+            continue
+        token = tokenizer.convert_ids_to_tokens(ids[0])
+        changed[role] = (getattr(tokenizer, f"{role}_token"), token)
+        setattr(tokenizer, f"{role}_token", token)
+    return changed
 
 
 def load_causal_lm(folder: Path, device: str, trust_remote_code: bool = False, **kwargs):
