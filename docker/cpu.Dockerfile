@@ -4,7 +4,9 @@ FROM python:3.11.7-slim-bookworm
 ENV PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PIP_NO_CACHE_DIR=1
 WORKDIR /opt/grove
 COPY pyproject.toml README.md ./
+# every package pyproject.toml installs (tests/test_docker.py fails when one is missing)
 COPY flows ./flows
+COPY grove ./grove
 COPY tasks ./tasks
 COPY configs ./configs
 COPY prefect.yaml ./

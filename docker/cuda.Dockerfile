@@ -7,7 +7,9 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3.12 pyth
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /opt/grove
 COPY pyproject.toml README.md ./
+# every package pyproject.toml installs (tests/test_docker.py fails when one is missing)
 COPY flows ./flows
+COPY grove ./grove
 COPY tasks ./tasks
 COPY configs ./configs
 COPY prefect.yaml ./

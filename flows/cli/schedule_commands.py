@@ -43,7 +43,7 @@ def deploy(prefect_yaml: Path = typer.Option(Path("prefect.yaml"), "--file", hel
         deployments = check_prefect_yaml(prefect_yaml)
         group_pools = placement_pools(deployments, prefect_yaml.resolve().parent)
     prefect = [sys.executable, "-m", "prefect", "--no-prompt"]
-    env = {**os.environ, "GROVE_PROJECT_DIR": str(prefect_yaml.resolve().parent)}
+    env = dict(os.environ)
     for name in [pool, *group_pools]:
         pools = subprocess.run(prefect + ["work-pool", "inspect", name], capture_output=True, text=True, env=env)
         if pools.returncode != 0:
