@@ -3,10 +3,15 @@ when no PREFECT_API_URL is configured (and leave alone when one is)."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import urllib.request
+
+from typer.testing import CliRunner
 
 from conftest import ROOT
 
@@ -21,8 +26,6 @@ def test_server_start_is_used_by_later_commands_and_stop_ends_it(tmp_path):
     env.update(GROVE_HOME=str(tmp_path / "home"), PREFECT_HOME=str(tmp_path / "prefect"), PYTHONPATH=str(ROOT))
     started = grove(["server", "start"], env)
     assert started.returncode == 0 and "started: UI http://127.0.0.1:" in started.stdout, started.stdout + started.stderr
-    import json
-
     record = json.loads((tmp_path / "home" / "server" / "server.json").read_text())
     try:
         with urllib.request.urlopen(f"{record['url']}/health", timeout=10) as response:
@@ -47,3 +50,82 @@ def test_server_start_is_used_by_later_commands_and_stop_ends_it(tmp_path):
     except OSError:
         alive = False
     assert not alive
+
+
+def test_a_stale_record_naming_an_unrelated_live_process_is_not_signalled(tmp_path, monkeypatch):
+    """After a reboot the recorded pid can belong to anything: here a `sleep` in its own process
+    group, as the server was. `grove server stop` (and every start) must leave it alone."""
+    from flows.cli import app
+    from flows.server import running, stop
+
+    monkeypatch.setenv("GROVE_HOME", str(tmp_path / "home"))
+    unrelated = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        folder = tmp_path / "home" / "server"
+        folder.mkdir(parents=True)
+        before_reboot = time.time() - 86400
+        (folder / "server.json").write_text(json.dumps(
+            {"pid": unrelated.pid, "created": before_reboot, "url": "http://127.0.0.1:9/api",
+             "ui": "http://127.0.0.1:9", "started": before_reboot}))
+        assert stop() is None
+        assert running() is None and not (folder / "server.json").exists(), "the stale record is dropped"
+        (folder / "server.json").write_text(json.dumps({"pid": unrelated.pid, "url": "http://127.0.0.1:9/api",
+                                                        "ui": "http://127.0.0.1:9", "started": before_reboot}))
+        result = CliRunner().invoke(app, ["server", "stop"])
+        assert "no local Prefect server is running" in result.output, result.output
+        time.sleep(0.5)
+        assert unrelated.poll() is None, f"an unrelated process was signalled: {unrelated.returncode}"
+    finally:
+        unrelated.kill()
+        unrelated.wait()
+
+
+STARTER = """
+import json, sys, time
+from flows.server import start
+time.sleep(max(0.0, float(sys.argv[1]) - time.time()))  # every starter asks at the same moment
+record, started = start()
+print(json.dumps({"pid": record["pid"], "url": record["url"], "started": started}))
+"""
+
+
+def test_concurrent_starts_give_one_server(tmp_path):
+    """Three `start`s at the same instant (as from three `grove run`s on a fresh machine): one
+    launches the server, the others find it and use it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    env.update(GROVE_HOME=str(tmp_path / "home"), PYTHONPATH=str(ROOT))
+    at = time.time() + 5
+    starters = [subprocess.Popen([sys.executable, "-c", STARTER, str(at)], cwd=ROOT, env=env, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
+    outputs = [starter.communicate(timeout=300) for starter in starters]
+    answers = [json.loads(out.strip().splitlines()[-1]) for out, err in outputs if out.strip()]
+    try:
+        assert len(answers) == 3, [err[-2000:] for _, err in outputs]
+        assert len({a["pid"] for a in answers}) == 1, f"several servers started: {answers}"
+        assert sorted(a["started"] for a in answers) == [False, False, True]
+        with urllib.request.urlopen(f"{answers[0]['url']}/health", timeout=10) as response:
+            assert response.status == 200
+    finally:
+        for pid in {a["pid"] for a in answers}:  # each a server these starters launched (own session)
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+def test_prefect_server_stop_signals_whatever_its_pid_file_names(tmp_path):
+    """Why Grove does not use `prefect server start --background` / `prefect server stop`: Prefect's
+    stop sends SIGTERM to the pid in PREFECT_HOME/server.pid without checking it is a server. If a
+    Prefect release makes this test fail, its stop has become safe to use."""
+    unrelated = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    home = tmp_path / "prefect"
+    home.mkdir()
+    (home / "server.pid").write_text(str(unrelated.pid))
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    subprocess.run([sys.executable, "-m", "prefect", "server", "stop"], env={**env, "PREFECT_HOME": str(home)},
+                   capture_output=True, timeout=120)
+    try:
+        assert unrelated.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        unrelated.kill()
+        unrelated.wait()
