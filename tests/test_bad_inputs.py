@@ -50,6 +50,18 @@ def target_module_not_in_model(raw, tmp):
     return "passes.lora.config.target_modules[1]: 'qkv_proj' is not a module"
 
 
+def typo_of_a_sibling_pass_key(raw, tmp):
+    """A key real in no pass type is a typo (Olive would ignore it): an error naming the closest key
+    of any pass type of the family, here QLoRA's, which a LoRA pass would warn about and ignore."""
+    lora(raw)["double_quantt"] = True
+    return "passes.lora.config.double_quantt: unknown key (did you mean 'double_quant'?)"
+
+
+def typo_in_a_model_builder_pass(raw, tmp):
+    raw["passes"]["builder"]["config"]["int4_blok_size"] = 64
+    return "passes.builder.config.int4_blok_size: unknown key (did you mean 'int4_block_size'?)"
+
+
 def corrupt_json_line(raw, tmp):
     lines = list(LINES)
     lines[41] = lines[41][: len(lines[41]) // 2]  # line 42 cut in half
@@ -180,6 +192,8 @@ CASES = [
     (negative_learning_rate, "validate"),
     (batch_size_zero, "run"),
     (target_module_not_in_model, "validate"),
+    (typo_of_a_sibling_pass_key, "validate"),
+    (typo_in_a_model_builder_pass, "validate"),
     (corrupt_json_line, "run"),
     (binary_data_file, "validate"),
     (one_row_dataset, "validate"),

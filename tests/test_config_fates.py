@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +16,9 @@ import pytest
 from config_snapshot import SNAPSHOTS, parse_shipped
 from conftest import ROOT, TONE_DATA, tiny_config
 from flows.config import ConfigError, parse_config
-from flows.config.fates import FATES, HONOURED, REFUSED, WARNED, readme_table
+from flows.config.fates import FATES, HONOURED, REFUSED, SIBLINGS, WARNED, readme_table
 from flows.config.olive import SCHEMAS
+from flows.config.olive_passes import PASSES
 
 DATA = Path(__file__).parent / "data"
 # tests/data/olive*_keys.json section -> the fates section that covers it
@@ -40,6 +44,18 @@ def test_honoured_keys_are_exactly_the_schema_fields():
     for section, schema in SCHEMAS.items():
         honoured = {k for k, f in FATES[section].items() if f.fate == HONOURED}
         assert honoured == set(schema.model_fields), section
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_the_pass_key_lists_agree_with_the_snapshot_of_olives_schema(dialect):
+    """flows/config/olive_passes.py (every key of every pass type of the families, with Olive's
+    description) and tests/data's key lists come from the same wheels by two readers: they agree
+    on the pass types both hold."""
+    olive = json.loads((DATA / DIALECTS[dialect]).read_text())
+    for kind in ("LoRA", "QLoRA", "MergeAdapterWeights", "ModelBuilder"):
+        keys = {k for k, (_, spelled) in PASSES[kind]["keys"].items() if spelled in ("both", dialect)}
+        assert keys == set(olive[f"passes.{kind}"]), kind
+    assert {"LoftQ", "OnnxConversion"} <= {k for k, p in PASSES.items() if all(m for m, _ in p["keys"].values())}
 
 
 def test_readme_key_table_is_generated_from_the_code_table():
@@ -99,6 +115,30 @@ def test_each_warned_key_warns_and_each_refused_key_is_refused_naming_its_key_pa
     assert not unexpected, unexpected
 
 
+@pytest.mark.parametrize("section", sorted(s for s, keys in SIBLINGS.items() if keys))
+def test_a_key_of_a_sibling_pass_type_is_warned_with_its_meaning_and_ignored(section, base, tiny_model, tmp_path):
+    """Every key Olive defines for another pass type of the family (QLoRA's double_quant in a LoRA
+    pass, OnnxMatMul4Quantizer's block_size in a ModelBuilder pass), all at once: each warned at its
+    key path with the pass type it belongs to and its meaning, and the run is what it is without them."""
+    warnings: list[str] = []
+    plain = copy.deepcopy(base)
+    if section == "passes.QLoRA":
+        plain["passes"]["lora"]["type"] = "QLoRA"
+    expected = parse_config(copy.deepcopy(plain), base_dir=tmp_path).model_dump()
+    raw, paths = copy.deepcopy(plain), {}
+    for key in SIBLINGS[section]:
+        paths[key] = _place(raw, section, key, "not-what-grove-does", str(tiny_model))
+    parsed = parse_config(raw, base_dir=tmp_path, warnings=warnings)
+    kind = section.removeprefix("passes.")
+    for key, path in paths.items():
+        owner, (meaning, _) = next((n, p["keys"][key]) for n, p in PASSES.items()
+                                   if n != kind and p["family"] == PASSES[kind]["family"] and key in p["keys"])
+        said = [w for w in warnings if w.startswith(f"{path}: {key} applies to ")]
+        assert len(said) == 1 and owner in said[0] and f"this {kind} pass ignores it" in said[0], (path, warnings)
+        assert meaning[1:] in said[0], said[0]
+    assert parsed.model_dump() == expected
+
+
 def test_a_value_that_means_what_grove_does_is_accepted_without_a_word(base, tmp_path):
     raw = copy.deepcopy(base)
     raw["engine"]["search_strategy"] = False
@@ -107,6 +147,29 @@ def test_a_value_that_means_what_grove_does_is_accepted_without_a_word(base, tmp
     warnings: list[str] = []
     parse_config(raw, base_dir=tmp_path, warnings=warnings)
     assert warnings == []
+
+
+# ---- the seed document's config runs as written --------------------------------------------------------
+def test_the_seed_documents_config_validates_and_plans_as_written_with_the_double_quant_warning(tiny_phi3, tmp_path):
+    """configs/phi3-lora-seed.json, as `grove validate` and `grove stages` read it (the commands, in a
+    subprocess: exit code and output as a user sees them). Phi-3-mini is not here offline: a tiny
+    Phi-3 folder stands in for the model name, the one change; its data path is relative, as written."""
+    raw = json.loads((ROOT / "configs" / "phi3-lora-seed.json").read_text())
+    raw["input_model"]["config"]["hf_config"]["model_name"] = str(tiny_phi3)
+    (tmp_path / "seed.json").write_text(json.dumps(raw))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "tone.jsonl").symlink_to(TONE_DATA)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    for command in ("validate", "stages"):
+        done = subprocess.run([sys.executable, "-m", "flows.cli", command, "--config", "seed.json"], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=300)
+        output = done.stdout + done.stderr
+        assert done.returncode == 0, output
+        assert ("passes.lora.config.double_quant: double_quant applies to QLoRA (whether to use nested quantization"
+                in output), output
+        assert "this LoRA pass ignores it, as Olive does; use type QLoRA to train on a 4-bit base" in output
+        assert "Traceback" not in output and "error" not in output.lower()
+    assert all(f"│ {stage}" in done.stdout for stage in ("load_data", "train", "build_onnx", "benchmark")), output
 
 
 # ---- the shipped configs keep their meaning ---------------------------------------------------------
@@ -122,6 +185,8 @@ RETUNED = {"smollm2-tone.json": {("benchmark", "repeats"): 1}}
 # A plain CPU int4 build with a label to score now gets the ladder search by default (the model
 # shipped keeps its accuracy); every other setting keeps its meaning.
 LADDER_BY_DEFAULT = {"smollm2-tone.json", "smollm2-tone-nightly.json"}
+# snapshotted when added, after ADDED_SINCE: they hold those settings already
+SNAPSHOTTED_LATER = {"phi3-lora-seed.json"}
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.json")))
@@ -133,7 +198,7 @@ def test_shipped_config_parses_as_before_the_split(name):
     for (section, field), value in RETUNED.get(name, {}).items():
         assert before[section][field] != value
         before[section][field] = value
-    for (section, field), value in ADDED_SINCE.items():
+    for (section, field), value in ADDED_SINCE.items() if name not in SNAPSHOTTED_LATER else ():
         target = before if section is None else before[section]
         if target is not None:
             assert field not in target

@@ -1,7 +1,13 @@
 """Every key an Olive fine-tuning recipe may write, and what Grove does with it: honoured (and
 where it lands), accepted with a warning that it has no effect here, or refused with what to do
 instead. One table: the parser applies it (`sift`) and the README's key table is generated from it
-(`python -m flows.config.fates`); tests check it covers Olive's own schema (tests/data/)."""
+(`python -m flows.config.fates`); tests check it covers Olive's own schema (tests/data/).
+
+A pass's key that Olive defines only for a sibling pass type of the same family (QLoRA's
+double_quant in a LoRA pass, OnnxMatMul4Quantizer's block_size in a ModelBuilder pass) is what
+Olive ignores with a warning: Grove warns too, with its meaning and the pass type it belongs to.
+Those fates are derived from every key of every pass type in the family (flows/config/olive_passes.py,
+generated from Olive's wheels), never listed by hand; a key no pass type has stays a typo."""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from flows.config.errors import ConfigError
+from flows.config.olive_passes import PASSES
 
 HONOURED, WARNED, REFUSED = "honoured", "warned", "refused"
 
@@ -256,14 +263,56 @@ FATES: dict[str, dict[str, Fate]] = {
 # training_args: every other key is a transformers TrainingArguments field (checked against the
 # installed transformers; old names renamed: flows/config/training.py).
 
+# What switching to a pass type Grove runs would give (the advice of a sibling key's warning).
+USE_INSTEAD = {"QLoRA": "use type QLoRA to train on a 4-bit base", "LoRA": "use type LoRA to train a full-precision base"}
+
+
+def _sibling_fates(kind: str) -> dict[str, Fate]:
+    """The keys of the other pass types of `kind`'s family that `kind` itself does not have."""
+    own, family = FATES[f"passes.{kind}"], PASSES[kind]["family"]
+    owners: dict[str, list[tuple[str, str, str]]] = {}
+    for other, entry in PASSES.items():
+        if other != kind and entry["family"] == family:
+            for key, (meaning, dialect) in entry["keys"].items():
+                if key not in own:
+                    owners.setdefault(key, []).append((other, meaning, dialect))
+    fates = {}
+    for key, found in sorted(owners.items()):
+        found.sort(key=lambda o: (o[0] not in USE_INSTEAD, o[0]))  # the types Grove runs first
+        dialects = {dialect for _, _, dialect in found}
+        fates[key] = Fate(WARNED, _sibling_note(kind, key, found), "both" if len(dialects) > 1 else dialects.pop())
+    return fates
+
+
+def _sibling_note(kind: str, key: str, owners: list[tuple[str, str, str]]) -> str:
+    types = [name for name, _, _ in owners]
+    named = ", ".join(types[:3]) + (f" and {len(types) - 3} more" if len(types) > 3 else "")
+    meaning = next((m for _, m, _ in owners if m), "")
+    if meaning and not meaning[:2].isupper():  # "Whether to ..." -> "whether to ...", "ONNX ..." kept
+        meaning = meaning[0].lower() + meaning[1:]
+    own = FATES[f"passes.{kind}"].get(f"int4_{key}")
+    if own is not None and own.fate == HONOURED:
+        advice = f"this pass's own setting is int4_{key}"
+    elif types[0] in USE_INSTEAD:
+        advice = USE_INSTEAD[types[0]]
+    else:
+        advice = f"Grove does not run {'these passes' if len(types) > 1 else types[0] + ' passes'}"
+    return (f"{key} applies to {named}" + (f" ({meaning})" if meaning else "")
+            + f"; this {kind} pass ignores it, as Olive does; {advice}")
+
+
+# passes.<type> -> the keys of its sibling pass types, each warned about and dropped
+SIBLINGS: dict[str, dict[str, Fate]] = {section: _sibling_fates(section.removeprefix("passes."))
+                                        for section in FATES if section.removeprefix("passes.") in PASSES}
+
 
 def sift(section: str, raw: dict, where: str, warn: Callable[[str, str], None]) -> dict:
     """`raw` without its warned keys (each warned about); a refused key is an error. Honoured and
     unknown keys stay: the section's schema reads the first and names the second."""
-    table = FATES[section]
+    table, siblings = FATES[section], SIBLINGS.get(section, {})
     kept: dict[str, Any] = {}
     for key, value in raw.items():
-        fate = table.get(key)
+        fate = table.get(key) or siblings.get(key)
         if fate is None or fate.fate == HONOURED:
             kept[key] = value
         elif any(value is same or (type(value) is type(same) and value == same) for same in fate.same):
@@ -276,7 +325,9 @@ def sift(section: str, raw: dict, where: str, warn: Callable[[str, str], None]) 
 
 
 def known_keys(section: str) -> list[str]:
-    return list(FATES[section])
+    """The section's key names, for did-you-mean: its own and, for a pass, its siblings' (a typo of
+    double_quant in a LoRA pass is pointed at double_quant, which then warns with its meaning)."""
+    return list(FATES[section]) + list(SIBLINGS.get(section, {}))
 
 
 def readme_table() -> str:
@@ -292,7 +343,22 @@ def readme_table() -> str:
             note = fate.note.replace("|", "\\|")
             lines.append(f"| `{key}` | {fate.dialect} | {fate.fate}{same} | {note} |")
         lines.append("")
+        if SIBLINGS.get(section):
+            lines += [_siblings_line(section), ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _siblings_line(section: str) -> str:
+    """One line per pass section: the sibling keys warned about, grouped by the pass types owning them."""
+    by_owners: dict[str, list[str]] = {}
+    kind = section.removeprefix("passes.")
+    family = PASSES[kind]["family"]
+    for key in SIBLINGS[section]:
+        owners = [n for n, e in PASSES.items() if n != kind and e["family"] == family and key in e["keys"]]
+        by_owners.setdefault(", ".join(owners), []).append(f"`{key}`")
+    groups = "; ".join(f"{owners}: {', '.join(keys)}" for owners, keys in sorted(by_owners.items()))
+    return (f"Keys of the other {family} pass types that {kind} lacks: warned (with the key's meaning and what to "
+            f"do instead) and ignored, as Olive ignores them. {groups}.")
 
 
 if __name__ == "__main__":
