@@ -37,7 +37,7 @@ from pathlib import Path
 
 from grove.machine import grove_home
 
-STARTUP_TIMEOUT_S = 120  # a busy 2-core machine took ~30 s
+STARTUP_TIMEOUT_S = 300  # ~30 s on a busy 2-core machine, ~100 s when other test runs share it
 
 
 class ServerError(RuntimeError):
@@ -181,7 +181,14 @@ def wait_until_healthy(record: dict) -> dict:
     """Returns once the recorded server answers /health (at once when it already does)."""
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while not _healthy(record["url"]):
-        if _exited(record) or time.monotonic() > deadline:
+        if _exited(record):
+            with _locked():
+                _forget(record)
+            raise ServerError(f"the local Prefect server did not start; see {server_dir() / 'server.log'}")
+        if time.monotonic() > deadline:
+            if int(record["pid"]) not in _children:  # another command's server: that command decides
+                raise ServerError(f"the local Prefect server (pid {record['pid']}) does not answer; see "
+                                  f"{server_dir() / 'server.log'}; `grove server stop` ends it")
             with _locked():
                 _terminate(record)
                 _forget(record)

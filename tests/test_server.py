@@ -3,6 +3,7 @@ when no PREFECT_API_URL is configured (and leave alone when one is)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -21,13 +22,31 @@ def grove(args: list[str], env: dict) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
-def test_server_start_is_used_by_later_commands_and_stop_ends_it(tmp_path):
+STARTER = """
+import json, sys, time
+from flows.server import start
+time.sleep(max(0.0, float(sys.argv[1]) - time.time()))  # every starter asks at the same moment
+record, started = start()
+print(json.dumps({"pid": record["pid"], "url": record["url"], "started": started}))
+"""
+
+
+def test_concurrent_starts_give_one_server_later_commands_use_it_and_stop_ends_it(tmp_path):
+    """Three starts at the same instant (as three `grove run`s on a fresh machine): one launches
+    the server, the others find it. Then `grove server start` finds it, a command with no API
+    configured uses it (a configured one wins), and `grove server stop` ends it."""
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
     env.update(GROVE_HOME=str(tmp_path / "home"), PREFECT_HOME=str(tmp_path / "prefect"), PYTHONPATH=str(ROOT))
-    started = grove(["server", "start"], env)
-    assert started.returncode == 0 and "started: UI http://127.0.0.1:" in started.stdout, started.stdout + started.stderr
-    record = json.loads((tmp_path / "home" / "server" / "server.json").read_text())
+    at = time.time() + 5
+    starters = [subprocess.Popen([sys.executable, "-c", STARTER, str(at)], cwd=ROOT, env=env, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
+    outputs = [starter.communicate(timeout=300) for starter in starters]
+    answers = [json.loads(out.strip().splitlines()[-1]) for out, err in outputs if out.strip()]
     try:
+        assert len(answers) == 3, [err[-2000:] for _, err in outputs]
+        record = json.loads((tmp_path / "home" / "server" / "server.json").read_text())
+        assert {a["pid"] for a in answers} == {record["pid"]}, f"several servers started: {answers}"
+        assert sorted(a["started"] for a in answers) == [False, False, True]
         with urllib.request.urlopen(f"{record['url']}/health", timeout=10) as response:
             assert response.status == 200
         again = grove(["server", "start"], env)
@@ -42,6 +61,9 @@ def test_server_start_is_used_by_later_commands_and_stop_ends_it(tmp_path):
         assert configured.stdout.strip() == "http://127.0.0.1:9/api"  # a configured API wins
     finally:
         stopped = grove(["server", "stop"], env)
+        for pid in {a["pid"] for a in answers}:  # a server stop left (several launched, or an unrecorded one)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGTERM)
     assert "stopped the local Prefect server" in stopped.stdout
     assert "not running" in grove(["server", "status"], env).stdout
     try:
@@ -78,39 +100,6 @@ def test_a_stale_record_naming_an_unrelated_live_process_is_not_signalled(tmp_pa
     finally:
         unrelated.kill()
         unrelated.wait()
-
-
-STARTER = """
-import json, sys, time
-from flows.server import start
-time.sleep(max(0.0, float(sys.argv[1]) - time.time()))  # every starter asks at the same moment
-record, started = start()
-print(json.dumps({"pid": record["pid"], "url": record["url"], "started": started}))
-"""
-
-
-def test_concurrent_starts_give_one_server(tmp_path):
-    """Three `start`s at the same instant (as from three `grove run`s on a fresh machine): one
-    launches the server, the others find it and use it."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
-    env.update(GROVE_HOME=str(tmp_path / "home"), PYTHONPATH=str(ROOT))
-    at = time.time() + 5
-    starters = [subprocess.Popen([sys.executable, "-c", STARTER, str(at)], cwd=ROOT, env=env, text=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
-    outputs = [starter.communicate(timeout=300) for starter in starters]
-    answers = [json.loads(out.strip().splitlines()[-1]) for out, err in outputs if out.strip()]
-    try:
-        assert len(answers) == 3, [err[-2000:] for _, err in outputs]
-        assert len({a["pid"] for a in answers}) == 1, f"several servers started: {answers}"
-        assert sorted(a["started"] for a in answers) == [False, False, True]
-        with urllib.request.urlopen(f"{answers[0]['url']}/health", timeout=10) as response:
-            assert response.status == 200
-    finally:
-        for pid in {a["pid"] for a in answers}:  # each a server these starters launched (own session)
-            try:
-                os.killpg(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
 
 
 def test_prefect_server_stop_signals_whatever_its_pid_file_names(tmp_path):
