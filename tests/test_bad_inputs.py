@@ -40,6 +40,11 @@ def negative_learning_rate(raw, tmp):
     return "passes.lora.config.training_args.learning_rate"
 
 
+def learning_rate_no_fine_tuning_uses(raw, tmp):
+    lora(raw)["training_args"]["learning_rate"] = 5
+    return "passes.lora.config.training_args.learning_rate: 5 is not a fine-tuning learning rate"
+
+
 def batch_size_zero(raw, tmp):
     lora(raw)["training_args"]["per_device_train_batch_size"] = 0
     return "passes.lora.config.training_args.per_device_train_batch_size"
@@ -190,6 +195,7 @@ def config_not_utf8(raw, tmp):
 CASES = [
     # (case, command): `run` where the run-start path matters (the store must stay as it was)
     (negative_learning_rate, "validate"),
+    (learning_rate_no_fine_tuning_uses, "validate"),
     (batch_size_zero, "run"),
     (target_module_not_in_model, "validate"),
     (typo_of_a_sibling_pass_key, "validate"),

@@ -22,6 +22,7 @@ from flows.config.fates import known_keys, sift
 from flows.config.grove_section import GrovePlacement, GroveSection
 from flows.config.input_model import check_systems, model_settings
 from flows.config.olive import TOP_KEYS, Engine, PassLevel
+from flows.config.plausible import check_training
 from flows.config.promotion import promotion_settings
 from flows.config.ship import check_adapter_ship
 from flows.config.training import lora_pass, train_settings, training_argument_names
@@ -103,6 +104,8 @@ def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None, list_
         spec = lora_pass(kind, cfg, where, warn)
         train_data, eval_data, eval_size = _train_data(spec, where, data)
         train = train_settings(kind, spec, where, grove, warn, model.adapter_path)
+        train = check_training(train, f"{where}.training_args", model, grove.device, grove.placement is not None,
+                               list_remote_data, warn)
     elif model.adapter_path is not None:
         raise ConfigError("input_model.adapter_path", "needs a LoRA or QLoRA pass: Grove trains further from "
                                                       "the adapter (to ship it as it is, merge it into the base "

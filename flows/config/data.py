@@ -73,10 +73,28 @@ def data_configs(raw: Any, sources: Sources, warn) -> dict[str, Data]:
                                                          f"local or fsspec files with data_name json, csv or parquet "
                                                          f"(hub datasets cannot be fetched here)")
         files = sources.data_files(load.data_files, load.data_dir, load.subset, load_where)
+        _check_format(load.data_name, files, f"{load_where}.data_name", sources)
         template, cols, label = _rendering(pre, pre_where, files[0])
         found[spec.name] = Data(spec.name, where, files, load.split, pre, pre_where, DATA_FORMATS[load.data_name],
                                 template, cols, label)
     return found
+
+
+FORMAT_NAMES = {"json": "JSON", "csv": "CSV", "parquet": "parquet"}
+
+
+def _check_format(data_name: str, files: list[str], at: str, sources: Sources) -> None:
+    """data_name and each listed file's extension name one format: a .jsonl file under data_name
+    parquet would otherwise be read by its extension, against what the config says."""
+    wanted = DATA_FORMATS[data_name]
+    for path in files:
+        if "://" in path and not sources.list_remote_data:
+            continue  # not listed yet (deploy-time checks): the run checks it
+        suffix = path.rsplit(".", 1)[-1].lower()
+        found = DATA_FORMATS.get(suffix)
+        if found is not None and found != wanted:
+            raise ConfigError(at, f"{data_name!r}, but {path} is {FORMAT_NAMES[found]} by its .{suffix} extension; "
+                                  f"set data_name {found}, or give {FORMAT_NAMES[wanted]} files")
 
 
 def _params_level(raw: dict | None, where: str) -> tuple[str, dict | None]:
