@@ -59,7 +59,11 @@ def publish(cfg: RunConfig, refs: dict[str, ArtifactRef | None], records: list[S
     final = refs.get("build_onnx") or refs.get("merge_adapters")
     model_path = None
     if final is not None:
-        entry = store.lookup(final.stage, final.key)
+        # by digest: exactly the model this run produced or used, whatever its key names now
+        entry = store.by_digest(final.digest)
+        if entry is None:
+            raise RuntimeError(f"the final model {final.stage}/{final.key} (manifest {final.digest[:12]}) is "
+                               f"missing or damaged in {store.root}; rerun with --from-stage {final.stage}")
         source = store.materialize(entry)
         if (source / BASE_FILE).is_file():  # grove.ship: adapter: the base once, named adapters
             model_path = publish_served(store, source, out, cfg.name)

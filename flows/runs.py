@@ -14,7 +14,8 @@ from typing import Any
 
 from tasks.promote import current_models
 from grove.stage import StageRecord
-from grove.store import ArtifactStore, GcReport, collect_garbage
+from grove.store import ArtifactStore
+from grove.store.gc import GcReport, collect_garbage
 
 RUNS = "runs"
 # A run still marked running after this long crashed without saying so.
@@ -95,9 +96,13 @@ def garbage_collect(store: ArtifactStore, keep: int, grace_minutes: float = 60,
     """
     runs = list_runs(store)
     kept = runs[:keep] + [r for r in runs[keep:] if _still_running(r)]
-    live = {(s["stage"], s["key"]) for r in kept for s in r["stages"]}
-    live |= {(e["stage"], e["key"]) for model in current_models(store) for e in model["entries"]}
-    report = collect_garbage(store, live, grace_seconds=grace_minutes * 60, dry_run=dry_run)
+    # what each kept run record and promoted model names, by key (the entry) and by digest (the
+    # exact manifest: a --from-stage rerun may have pointed the key at a newer one since); the
+    # entries those manifests used (meta.uses: the adapter-ship base) follow in collect_garbage
+    named = [s for r in kept for s in r["stages"]] + [e for m in current_models(store) for e in m["entries"]]
+    live = {(e["stage"], e["key"]) for e in named if e.get("key")}
+    digests = {e["digest"] for e in named if e.get("digest") and not e["digest"].startswith("pending:")}
+    report = collect_garbage(store, live, grace_seconds=grace_minutes * 60, dry_run=dry_run, keep_digests=digests)
     dropped = [r for r in runs if r not in kept]
     if not dry_run:
         for run in dropped:

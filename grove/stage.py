@@ -33,6 +33,7 @@ from pydantic import BaseModel
 
 from grove.cache import code_digest, settings_record, stage_key
 from grove.store import ArtifactStore, Entry
+from grove.store.artifacts import recording_reads
 from grove.ui import publish_stage
 
 STAGES = ("load_data", "template_corpus", "train", "evaluate", "merge_adapters", "build_onnx", "benchmark")
@@ -219,11 +220,17 @@ def grove_stage(name: str, tags: tuple[str, ...] = ()):
             out = Path(tempfile.mkdtemp(prefix=f"grove-{name}-"))
             token, key_token = _output.set(out), _key.set(key)
             try:
-                summary = fn(*args, **kwargs) or {}
+                with recording_reads() as opened:
+                    summary = fn(*args, **kwargs) or {}
                 publish_stage(name, run.model_name, summary)
                 meta = {"summary": summary, "code_version": version, "settings": settings_record(params),
-                        "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-                ref = _ref(run.store.put_dir(name, key, out, meta), run.store)
+                        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        # every stored entry the stage opened (upstream artifacts, the shared
+                        # adapter-ship base): gc keeps what a kept entry names here
+                        "uses": sorted(opened.values(), key=lambda u: (u["stage"], u["key"], u["digest"]))}
+                # --from-stage: the new result replaces the entry (else the first writer's stands)
+                stored = run.store.put_dir(name, key, out, meta, replace=run.forced(name))
+                ref = _ref(stored, run.store)
                 _drop_checkpoints(run.store, name, key)
                 return ref
             finally:

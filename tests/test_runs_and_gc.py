@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
+import uuid
 
 from typer.testing import CliRunner
 
 from conftest import ROOT, tiny_config
 from flows.cli import app
-from grove.stage import STAGES
+from flows.runs import RunLog, garbage_collect
+from grove.machine import grove_home
+from grove.stage import STAGES, ArtifactRef, StageRecord
 from grove.store import ArtifactStore
+from grove.store.gc import collect_garbage
 
 runner = CliRunner()
 
@@ -79,3 +85,89 @@ def test_two_runs_of_one_config_at_once_on_one_s3_store(s3_env, prefect_api, tin
         assert (tmp_path / f"out-{name}" / "tiny" / "model" / "genai_config.json").is_file()
     plan = grove("stages", "--config", str(tmp_path / "a.json"))
     assert plan.count("│ hit ") == len(STAGES)
+
+
+# ---- gc never removes what is in use --------------------------------------------------------------------
+def test_gc_keeps_the_shared_adapter_base_so_a_cached_rerun_still_works(tiny_model, tone_copy, tmp_path,
+                                                                        write_config):
+    """grove.ship: adapter: the base (build_onnx/base-...) is no stage's own key; the build's manifest
+    names it (meta.uses), so gc keeps it although no run record or promoted model lists it."""
+    raw = tiny_config(tiny_model, tone_copy, tmp_path / "store", tmp_path / "out")
+    raw["grove"]["ship"] = "adapter"
+    config = write_config(raw)
+    grove("run", "--config", str(config))
+    store = ArtifactStore(str(tmp_path / "store"))
+    [base] = [e for e in store.entries("build_onnx") if e.key.startswith("base-")]
+
+    grove("gc", "--keep", "1", "--config", str(config), "--grace-minutes", "0")
+    assert store.lookup("build_onnx", base.key) is not None and store.by_digest(base.digest) is not None
+    shutil.rmtree(tmp_path / "out")
+    grove("run", "--config", str(config))  # fully cached: publishes the base and the adapter again
+    report = json.loads((tmp_path / "out" / "tiny" / "report.json").read_text())
+    assert {s["status"] for s in report["stages"]} == {"cached"}
+    assert (tmp_path / "out" / "tiny" / "model" / "model.onnx").is_file()
+
+
+def make_old(*paths) -> None:
+    """Two hours old: past any grace period the tests use."""
+    stamp = time.time() - 7200
+    for path in paths:
+        os.utime(path, (stamp, stamp))
+
+
+def test_gc_spares_an_old_blob_a_concurrent_writer_is_reusing(tmp_path, folder):
+    """The writer finds the blob stored (an old entry's, that entry unused now), skips the upload, and
+    gc runs before the writer's manifest lists the blob: the writer refreshed the blob's time, so gc
+    leaves it, and the new entry is complete."""
+    store = ArtifactStore(str(tmp_path / "root"))
+    old = store.put_dir("train", "old", folder, {})
+    make_old(*[store._blob_path(f["sha256"]) for f in old.files.values()],
+             store._manifest_path("train", "old"), store._by_digest_path(old.digest))
+    writer = ArtifactStore(str(tmp_path / "root"))
+    store_files = writer._put_files
+
+    def then_gc(local_dir, label):  # gc runs between the writer's blob reuse and its manifest
+        files = store_files(local_dir, label)
+        collect_garbage(store, keep=set(), grace_seconds=3600)
+        return files
+
+    writer._put_files = then_gc
+    writer.put_dir("train", "new", folder, {})
+    assert store.lookup("train", "old") is None  # old and unused: gone
+    new = store.lookup("train", "new")
+    assert new is not None
+    assert (store.materialize(new) / "sub" / "b.bin").read_bytes() == (folder / "sub" / "b.bin").read_bytes()
+
+
+def test_gc_gives_entries_the_grace_blobs_get(tmp_path, folder):
+    store = ArtifactStore(str(tmp_path / "root"))
+    store.put_dir("train", "young", folder, {})  # a run in progress stored it and has not recorded it yet
+    report = collect_garbage(store, keep=set(), grace_seconds=3600)
+    assert report.entries == [] and store.lookup("train", "young") is not None
+
+
+def test_gc_removes_local_copies_of_an_s3_store_no_kept_entry_needs(s3_env, folder, tmp_path):
+    store = ArtifactStore(f"s3://grove-tests/gc-views-{uuid.uuid4().hex[:8]}")  # copies under GROVE_HOME
+    kept = store.put_dir("train", "kept", folder, {"n": 1})
+    dropped = store.put_dir("train", "dropped", folder, {"n": 2})
+    kept_view, dropped_view = store.materialize(kept), store.materialize(dropped)
+    assert str(kept_view).startswith(str(grove_home() / "materialized"))
+    report = collect_garbage(store, keep={("train", "kept")}, grace_seconds=0)
+    assert report.entries == ["train/dropped"] and report.views == 1
+    assert kept_view.is_dir() and not dropped_view.exists()
+
+
+def test_gc_keeps_the_manifest_a_run_record_names_after_a_forced_rerun(tmp_path, folder):
+    """A --from-stage rerun points the key at a new manifest; the older run's record still names the
+    old one by digest, and while that record is kept its files stay readable."""
+    store = ArtifactStore(str(tmp_path / "root"))
+    first = store.put_dir("benchmark", "k", folder, {"run": 1})
+    log = RunLog(store, "tiny", "run.json", None, run_id="a" * 32)
+    log.add(StageRecord("benchmark", "ran", ref=ArtifactRef(stage="benchmark", key="k", digest=first.digest,
+                                                              uri=store.entry_uri("benchmark", "k"))))
+    log.finish("completed")
+    (folder / "a.txt").write_text("the forced rerun's result")
+    store.put_dir("benchmark", "k", folder, {"run": 2}, replace=True)
+    garbage_collect(store, keep=5, grace_minutes=0)
+    assert store.by_digest(first.digest) is not None
+    assert (store.materialize(store.by_digest(first.digest)) / "a.txt").read_text() == "alpha"

@@ -50,14 +50,29 @@ def test_damaged_entries_are_misses_with_a_warning(s3_env, folder, tmp_path, cap
     assert edited.digest != truncated.digest
 
 
-def test_a_tampered_download_is_caught_by_its_checksum(s3_env, folder, tmp_path):
-    store = ArtifactStore(fresh_root(), local_cache=tmp_path / "views")
-    entry = store.put_dir("train", "k1", folder, {})
-    blob = store._blob_path(entry.files["a.txt"]["sha256"])
-    store.fs.pipe_file(blob, b"ALPHA")  # same size, other bytes
+def test_a_tampered_blob_is_never_served_and_the_next_store_replaces_it(s3_env, folder, tmp_path, caplog):
+    """Same size, other bytes. The machine that verified the object sees its new ETag at lookup and
+    hashes it; a machine that never saw it catches it when it downloads. Either way the damaged
+    object is removed, the entry is a miss, and storing the stage again puts the right bytes back."""
+    root = fresh_root()
+    writer = ArtifactStore(root, local_cache=tmp_path / "writer")
+    entry = writer.put_dir("train", "k1", folder, {})
+    blob = writer._blob_path(entry.files["a.txt"]["sha256"])
+    writer.fs.pipe_file(blob, b"ALPHA")
+
+    other = ArtifactStore(root, local_cache=tmp_path / "other")
     with pytest.raises(StoreError, match="a.txt does not match its checksum"):
-        store.materialize(store.lookup("train", "k1"))
-    assert not (tmp_path / "views" / entry.digest).exists()
+        other.materialize(other.lookup("train", "k1"))
+    assert not (tmp_path / "other" / entry.digest).exists()
+    assert writer.lookup("train", "k1") is None  # the damaged object was removed: a miss
+
+    writer.fs.pipe_file(blob, b"ALPHA")  # damaged again; this time the writer's lookup finds it
+    assert writer.lookup("train", "k1") is None
+    assert "a.txt does not match its sha256" in caplog.text
+
+    writer.put_dir("train", "k1", folder, {})  # what the stage's rerun stores
+    view = ArtifactStore(root, local_cache=tmp_path / "third").materialize(writer.lookup("train", "k1"))
+    assert (view / "a.txt").read_text() == "alpha"
 
 
 def test_unreachable_endpoint_names_it_not_the_keys(monkeypatch, s3_server):

@@ -138,6 +138,7 @@ def gc(keep: int = typer.Option(..., "--keep", min=0, help="Keep what the newest
         fail(exc)
     verb = "would remove" if dry_run else "removed"
     console.print(f"{verb} {len(report.entries)} entries, {report.blobs} files ({_mb(report.bytes_freed)}), "
-                  f"{report.other} other records and {runs_dropped} run records from {artifacts.root}")
+                  f"{report.other} other records and {runs_dropped} run records from {artifacts.root}"
+                  + (f"; {report.views} local copies" if report.views else ""))
     for name in report.entries:
         console.print(f"  {name}", highlight=False)

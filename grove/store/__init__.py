@@ -11,10 +11,12 @@ Layout under the artifact root (a local folder or s3://bucket/prefix, any fsspec
 
 A manifest lists every file of the entry (relative path, size, sha256) and is written
 LAST, after all blobs are in place: an entry without a manifest is incomplete and never
-counts as a cache hit. Downstream stages open an upstream artifact by its digest, through
-the immutable copy, so two runs racing on one key each read a consistent set of files
-whichever manifest ends up as the entry. The store knows nothing of stages beyond the
-names it is given.
+counts as a cache hit. The entry manifest is created exclusively (a conditional PUT on S3,
+a hard link locally): of two runs racing on one key the first stands and both continue with
+it; a forced write (--from-stage) or a damaged entry is replaced. Downstream stages open an
+upstream artifact by its digest, through the immutable copy. Reads check sizes and, through
+a per-machine memo of verified blobs (verify.py), bytes. The store knows nothing of stages
+beyond the names it is given.
 
 Checkpoints follow the same rules (blobs, manifest written last, verified when read). The
 newest two of a (stage, key) are kept while the stage runs and all are dropped once its

@@ -33,9 +33,12 @@ def base_key(build: BuildSettings, model: ModelSettings) -> str:
 
 def onnx_base(build: BuildSettings, model: ModelSettings) -> tuple[Path, dict]:
     """The base with LoRA slots: the stored one for this key, or built and stored now."""
-    store = current_run().store
+    run = current_run()
+    store = run.store
     key = f"{BASE_PREFIX}{base_key(build, model)}"
-    entry = store.lookup("build_onnx", key)
+    # --from-stage build_onnx (or earlier) rebuilds the base too and replaces its entry
+    forced = run.forced("build_onnx")
+    entry = None if forced else store.lookup("build_onnx", key)
     reused = entry is not None
     if entry is None:
         staging = Path(tempfile.mkdtemp(prefix="grove-base-"))
@@ -44,7 +47,7 @@ def onnx_base(build: BuildSettings, model: ModelSettings) -> tuple[Path, dict]:
             (staging / "builder.log").write_text(printed)
             meta = {"summary": {"base_model": model.name, "base_model_sha256": model.content_sha256},
                     "code_version": CODE_VERSION, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-            entry = store.put_dir("build_onnx", key, staging, meta)
+            entry = store.put_dir("build_onnx", key, staging, meta, replace=forced)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     folder = store.materialize(entry) / "model"
