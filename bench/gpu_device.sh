@@ -75,7 +75,7 @@ case "${1:-}" in
     adapters) prefect_server && PYTHONPATH=$PWD:$SITE timeout 560 python3 bench/adapter_serving.py --device cuda --rounds 2 \
                   --out "$OUT/adapter_serving_gpu.json" >"$OUT/adapter_serving_gpu.txt" 2>"$OUT/adapter_serving_gpu.log"
          status=$?; tail -40 "$OUT/adapter_serving_gpu.log"; cat "$OUT/adapter_serving_gpu.json"; exit $status ;;
-    probe) prefect_server && PYTHONPATH=$PWD:$SITE timeout 380 python3 bench/gpu_onnx_precision_probe.py \
+    probe) prefect_server && PYTHONPATH=$PWD:$SITE timeout 570 python3 bench/gpu_onnx_precision_probe.py \
                --out "$OUT/precision_probe.json" >"$OUT/precision_probe.txt" 2>"$OUT/precision_probe.log"
          status=$?; tail -20 "$OUT/precision_probe.log"; cat "$OUT/precision_probe.json"; exit $status ;;
     *) sed -n 2,15p "$0"; exit 2 ;;

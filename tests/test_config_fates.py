@@ -182,9 +182,9 @@ ADDED_SINCE = {("train", "nodes"): 1, (None, "placement"): {}, (None, "ship"): "
 # changed on purpose since the snapshots: the default run's benchmark times each prompt once (the
 # whole default run under 4 minutes on 2 cores; README: Measured: the default run)
 RETUNED = {"smollm2-tone.json": {("benchmark", "repeats"): 1}}
-# A plain CPU int4 build with a label to score now gets the ladder search by default (the model
-# shipped keeps its accuracy); every other setting keeps its meaning.
-LADDER_BY_DEFAULT = {"smollm2-tone.json", "smollm2-tone-nightly.json"}
+# A plain int4 build with a label to score now gets the ladder search by default (the model
+# shipped keeps its accuracy), the CUDA ladder on CUDA; every other setting keeps its meaning.
+LADDER_BY_DEFAULT = {"smollm2-tone.json", "smollm2-tone-nightly.json", "smollm2-tone-cuda.json", "phi3-tone.json"}
 # snapshotted when added, after ADDED_SINCE: they hold those settings already
 SNAPSHOTTED_LATER = {"phi3-lora-seed.json"}
 
@@ -205,9 +205,9 @@ def test_shipped_config_parses_as_before_the_split(name):
             target[field] = value
     parsed = parse_shipped(name)
     if name in LADDER_BY_DEFAULT:
-        from flows.config.candidates import LADDER
+        from flows.config.candidates import ladder_names
 
         assert before["search"] is None and parsed["search"]["early_stop"] is True
-        assert [c["name"] for c in parsed["search"]["candidates"]] == list(LADDER)
+        assert [c["name"] for c in parsed["search"]["candidates"]] == list(ladder_names(before["build"]["execution_provider"]))
         before["search"] = parsed["search"]
     assert parsed == before

@@ -57,3 +57,37 @@ def test_the_ladder_stops_at_the_first_candidate_within_tolerance(tiny_model, tm
     assert search["within_tolerance"] and search["chosen"] == LADDER[0], search["verdict"]
     assert len(built) == 1 and search["not_built"] == list(LADDER[1:])
     assert report["onnx"]["algo"] == "rtn" and report["onnx"]["mixed_precision"] == {"last_matmul": "int8", "mixed_layers": "int8"}
+
+
+def test_a_plain_cuda_int4_build_walks_the_cuda_ladder_down_to_fp16():
+    """The CUDA config (a plain `precision: int4` pass for the CUDA provider) searches by default, like the CPU
+    one: the builder's default int4 lost 10 points there (bench/results/h200/precision_probe.json)."""
+    from flows.config.candidates import CUDA_LADDER
+
+    from flows.config import parse_config
+
+    # parsed, not loaded: loading checks for the CUDA runtimes and a GPU, which this machine lacks
+    cfg = parse_config(json.loads((ROOT / "configs" / "smollm2-tone-cuda.json").read_text()), base_dir=ROOT)
+    assert cfg.build.execution_provider == "cuda"
+    assert cfg.search is not None and cfg.search.early_stop and cfg.search.tolerance_points == 2
+    assert [c.name for c in cfg.search.candidates] == list(CUDA_LADDER)
+    builds = [c.build for c in cfg.search.candidates]
+    assert all(b.execution_provider == "cuda" and b.extra_options.get("enable_cuda_graph") == "true" for b in builds)
+    first = builds[0]
+    assert (first.precision, first.algo, first.is_symmetric, first.block_size) == ("int4", "rtn", False, 32)
+    assert first.mixed_precision == {"last_matmul": "int8", "mixed_layers": "int8"}
+    assert [b.precision for b in builds[-2:]] == ["int8", "fp16"], "fp16 on CUDA is the last rung"
+    sizes = [(b.precision != "int4", b.block_size < 32) for b in builds]
+    assert sizes == sorted(sizes), "rungs go from small to large"
+
+
+def test_a_cuda_build_the_user_chose_is_built_as_written(tiny_model, tone_copy, tmp_path):
+    from flows.config import parse_config
+
+    raw = tiny_config(tiny_model, tone_copy, tmp_path / "store", tmp_path / "out")
+    raw["grove"].pop("quantization_search")
+    raw["systems"]["local_system"]["accelerators"] = [{"device": "gpu", "execution_providers": ["CUDAExecutionProvider"]}]
+    assert parse_config(raw, base_dir=tmp_path).search is not None
+    raw["passes"]["builder"]["config"].update(int4_block_size=64)
+    cfg = parse_config(raw, base_dir=tmp_path)
+    assert cfg.search is None and cfg.build.block_size == 64

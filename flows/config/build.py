@@ -100,20 +100,25 @@ def search_settings(search: GroveSearch, build: BuildSettings | None, model: Mod
                           tolerance_points=search.tolerance_points, early_stop=early_stop)
 
 
-def plain_cpu_int4(builder_body: dict | None, build: BuildSettings | None) -> bool:
-    """A ModelBuilder pass that sets only `precision: int4`, for the CPU: Grove picks its quantization."""
-    if build is None or build.precision != "int4" or build.execution_provider != "cpu":
+def plain_int4(builder_body: dict | None, build: BuildSettings | None) -> bool:
+    """A ModelBuilder pass that sets only `precision: int4`: Grove picks its quantization."""
+    if build is None or build.precision != "int4":
         return False
     return not set((builder_body or {}).keys()) - {"precision", "type"}
 
 
+def plain_cpu_int4(builder_body: dict | None, build: BuildSettings | None) -> bool:
+    return plain_int4(builder_body, build) and build.execution_provider == "cpu"
+
+
 def default_search(section: GroveSearch | None, builder_body: dict | None, build: BuildSettings | None,
                    data: DataSettings) -> GroveSearch | None:
-    """The search a config asks for; without one, the ladder (early stop) for a plain CPU int4 build
-    with a label to score: the builder's default int4 lost 16 points on the bundled model."""
+    """The search a config asks for; without one, the ladder (early stop) for a plain int4 build with
+    a label to score, on either provider (its own rungs, scored as served there): the builder's
+    default int4 lost 16 points on the bundled model on the CPU and 10 on CUDA."""
     if section is not None:
         return section if section.enabled else None
-    if not data.label_col or not plain_cpu_int4(builder_body, build):
+    if not data.label_col or not plain_int4(builder_body, build):
         return None
     return GroveSearch(candidates="ladder")
 

@@ -14,7 +14,7 @@ from grove.settings import BuildSettings
 
 
 def builtin_candidates(precision_default: BuildSettings, model_config: dict | None) -> list[tuple[str, BuildSettings]]:
-    """int4 variants from small to large, and int8 as the accurate fallback. hqq and gptq are not
+    """int4 variants from small to large, int8 as the accurate fallback (and fp16 on CUDA). hqq and gptq are not
     in it: on the bundled SmolLM2 here, hqq scored 0.008 and gptq did not finish in 20 minutes
     (README: calibration-based methods).
 
@@ -42,6 +42,8 @@ def builtin_candidates(precision_default: BuildSettings, model_config: dict | No
         ("int4-kquant-fp32-head", {"algo": "k_quant", "nodes_to_exclude": ["/lm_head/MatMul"]}),
         ("int8", {"precision": "int8"}),
     ]
+    if precision_default.execution_provider == "cuda":  # CUDA runs fp16 weights natively: the last resort
+        variants.append(("fp16", {"precision": "fp16"}))
     if tied:  # unshared: the embedding keeps a 4-bit copy of its own, the head gets 8 bits
         variants.append(("int4-kquant-mixed-unshared", {"algo": "k_quant", "shared_embeddings": False,
                                                         "op_types_to_quantize": ["MatMul", "Gather"],
@@ -64,6 +66,20 @@ def builtin_candidates(precision_default: BuildSettings, model_config: dict | No
 LADDER = ("int4-rtn-asym-b16-mixed", "int8")
 
 
+# The default search of a plain CUDA int4 build, scored as served on CUDA. The builder's default int4
+# (symmetric, its default rounding, a 4-bit LM head shared with the embedding) lost 10 points on the
+# bundled fine-tune there, with exactly the answers the same weights gave on the CPU: fp16 io, the
+# CUDA kernels, CUDA graphs and the accuracy level changed nothing (bench/results/h200/precision_probe.json).
+# rtn with zero points, an int8 head and int8 sensitive layers at block 32 kept the PyTorch model's
+# accuracy there (0.883 vs 0.858, 102.6 MB, 20% of fp32) and at block 16 lost 3.3 points; then int8
+# (0.858, 195 MB) and fp16 (0.858, 261 MB).
+CUDA_LADDER = ("int4-rtn-asym-mixed", "int4-rtn-asym-b16-mixed", "int8", "fp16")
+
+
+def ladder_names(execution_provider: str) -> tuple[str, ...]:
+    return CUDA_LADDER if execution_provider == "cuda" else LADDER
+
+
 def ladder_candidates(precision_default: BuildSettings, model_config: dict | None) -> list[tuple[str, BuildSettings]]:
     by_name = dict(builtin_candidates(precision_default, model_config))
-    return [(name, by_name[name]) for name in LADDER]
+    return [(name, by_name[name]) for name in ladder_names(precision_default.execution_provider)]
