@@ -175,6 +175,31 @@ def tiny_config(model: Path, data: Path, store: Path, output: Path, rows: int | 
     }
 
 
+@pytest.fixture(scope="session")
+def trained_store(tiny_model, prefect_api, tmp_path_factory) -> Path:
+    """A local store holding one whole run of `tiny_config` on the bundled tone data, made once
+    per session. A test whose first run only sets the scene (the stages it asserts on come
+    after) seeds its own store from it (`seed_store`) instead of training and building again:
+    keys depend on contents and settings, not paths, so a config with the same data, model and
+    settings takes those stages from the cache."""
+    from flows.optimize import optimize
+
+    folder = tmp_path_factory.mktemp("trained")
+    config = folder / "run.json"
+    config.write_text(json.dumps(tiny_config(tiny_model, TONE_DATA, folder / "store", folder / "out")))
+    result = optimize(str(config))
+    assert [s["status"] for s in result["stages"]] == ["ran"] * 7, result["stages"]
+    return folder / "store"
+
+
+def seed_store(source: Path, root: Path) -> Path:
+    """Copies a store's entries (manifests and blobs) into a local root; its run records and
+    promoted models stay behind, so the new store has stored stages and no history."""
+    for part in ("entries", "manifests", "blobs"):
+        shutil.copytree(source / part, root / part)
+    return root
+
+
 @pytest.fixture
 def tone_copy(tmp_path) -> Path:
     target = tmp_path / "tone.jsonl"

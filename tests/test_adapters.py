@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TONE_DATA, tiny_config
+from conftest import TONE_DATA, seed_store, tiny_config
 from grove.engines import OnnxEngine
 from grove.settings import BuildSettings
 from tasks.build_onnx import adapters
@@ -161,13 +161,14 @@ def blob_bytes(store: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in (store / "blobs").rglob("*") if p.is_file()}
 
 
-def nightly_bytes(tiny_model, data: Path, tmp_path: Path, write_config, ship: str) -> tuple[int, dict]:
-    """Two runs, the second on one edited row (a nightly retraining); bytes its blobs added."""
+def nightly_bytes(tiny_model, trained: Path, data: Path, tmp_path: Path, write_config, ship: str) -> tuple[int, dict]:
+    """Two runs, the second on one edited row (a nightly retraining); bytes its blobs added. The
+    store starts with the session's trained entries (the first run takes what it can from them)."""
     import json
 
     from test_flow import grove
 
-    raw = tiny_config(tiny_model, data, tmp_path / ship / "store", tmp_path / ship / "out")
+    raw = tiny_config(tiny_model, data, seed_store(trained, tmp_path / ship / "store"), tmp_path / ship / "out")
     raw["grove"]["ship"] = ship
     config = write_config(raw, f"{ship}.json")
     grove("run", "--config", str(config))
@@ -183,15 +184,17 @@ def nightly_bytes(tiny_model, data: Path, tmp_path: Path, write_config, ship: st
 
 
 def test_adapter_ship_builds_the_base_once_and_a_nightly_run_stores_only_its_adapter(
-        tiny_model, tmp_path, write_config):
+        tiny_model, trained_store, tmp_path, write_config):
     from test_flow import grove
 
     from grove.served import adapter_file
 
     for ship in ("merged", "adapter"):
         shutil.copyfile(TONE_DATA, tmp_path / f"{ship}.jsonl")
-    merged_bytes, _ = nightly_bytes(tiny_model, tmp_path / "merged.jsonl", tmp_path, write_config, "merged")
-    adapter_bytes, report = nightly_bytes(tiny_model, tmp_path / "adapter.jsonl", tmp_path, write_config, "adapter")
+    merged_bytes, _ = nightly_bytes(tiny_model, trained_store, tmp_path / "merged.jsonl", tmp_path, write_config,
+                                    "merged")
+    adapter_bytes, report = nightly_bytes(tiny_model, trained_store, tmp_path / "adapter.jsonl", tmp_path,
+                                          write_config, "adapter")
     stages = {s["stage"]: s for s in report["stages"]}
     assert "merge_adapters" not in stages and stages["train"]["status"] == "ran"
     onnx = stages["build_onnx"]
@@ -270,17 +273,19 @@ def test_a_plain_int4_pass_ships_adapters_through_the_ladder(tiny_model, tone_co
 
 
 def test_every_rung_of_an_adapter_search_is_a_base_scored_with_the_adapter_on_it(
-        tiny_model, tone_copy, tmp_path, write_config):
+        tiny_model, trained_store, tone_copy, tmp_path, write_config):
     import json
 
     from test_flow import grove
 
     from flows.config.candidates import LADDER
 
-    raw = tiny_config(tiny_model, tone_copy, tmp_path / "store", tmp_path / "out")
+    # the session's trained entries: training and evaluation come from the cache, every rung is built here
+    raw = tiny_config(tiny_model, tone_copy, seed_store(trained_store, tmp_path / "store"), tmp_path / "out")
     raw["grove"].update(ship="adapter", quantization_search={"candidates": "ladder", "early_stop": False})
     grove("run", "--config", str(write_config(raw)))
     report = json.loads((tmp_path / "out" / "tiny" / "report.json").read_text())
+    assert {s["stage"]: s["status"] for s in report["stages"]}["train"] == "cached"  # from the session's store
     search = report["quantization_search"]
     assert search["scored"] == "base + adapter, as served" and not search["not_built"]
     assert [r["name"] for r in search["candidates"]] == list(LADDER)

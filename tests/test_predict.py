@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import tiny_config
+from conftest import seed_store, tiny_config
 from flows.cli import app
 from grove.store import ArtifactStore
 from grove.textdata import read_jsonl
@@ -20,17 +20,20 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def shipped(tiny_model, tmp_path_factory):
+def shipped(tiny_model, trained_store, tmp_path_factory):
     from flows.optimize import optimize
 
     folder = tmp_path_factory.mktemp("predict")
     data = folder / "tone.jsonl"
     data.write_text(Path(__file__).resolve().parents[1].joinpath("configs/data/tone.jsonl").read_text())
-    raw = tiny_config(tiny_model, data, folder / "store", folder / "out")
+    # the session's trained entries: training and the merge come from the cache
+    raw = tiny_config(tiny_model, data, seed_store(trained_store, folder / "store"), folder / "out")
     raw["grove"]["evaluate"]["max_rows"] = 12
     raw["grove"]["promotion"] = {"enabled": False}
     (folder / "run.json").write_text(json.dumps(raw))
     result = optimize(str(folder / "run.json"))
+    statuses = {s["stage"]: s["status"] for s in result["stages"]}
+    assert {statuses[s] for s in ("template_corpus", "train", "merge_adapters")} == {"cached"}, statuses
     store = ArtifactStore(str(folder / "store"))
 
     def entry(stage: str) -> Path:

@@ -12,7 +12,7 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
-from conftest import TONE_DATA, tiny_config
+from conftest import TONE_DATA, seed_store, tiny_config
 from flows.cli import app
 from flows.config import ConfigError, parse_config
 from tasks.build_onnx.stage import run_builder
@@ -241,8 +241,8 @@ def test_a_candidate_that_failed_to_load_is_never_kept():
 
 
 # ---- end to end on the tiny model --------------------------------------------------------------------
-def test_search_end_to_end_builds_every_candidate_and_keeps_one(tiny_model, tone_copy, tmp_path, write_config,
-                                                                 monkeypatch):
+def test_search_end_to_end_builds_every_candidate_and_keeps_one(tiny_model, trained_store, tone_copy, tmp_path,
+                                                                 write_config, monkeypatch):
     """Three candidates, one of which writes a model that does not load (the builder is wrapped to
     corrupt it): the broken one is a failed candidate, never kept; report, plot and Prefect
     table artifact list all three; a rerun takes every candidate from the cache."""
@@ -257,7 +257,8 @@ def test_search_end_to_end_builds_every_candidate_and_keeps_one(tiny_model, tone
         return printed
 
     monkeypatch.setattr(build_module, "run_builder", corrupting)
-    raw = tiny_config(tiny_model, tone_copy, tmp_path / "store", tmp_path / "out")
+    # the session's trained entries: the stages before build_onnx come from the cache
+    raw = tiny_config(tiny_model, tone_copy, seed_store(trained_store, tmp_path / "store"), tmp_path / "out")
     raw["grove"]["quantization_search"] = {"tolerance_points": 100, "candidates": [
         {"name": "int8", "precision": "int8"},
         {"name": "int4-b16", "int4_block_size": 16},
@@ -267,6 +268,7 @@ def test_search_end_to_end_builds_every_candidate_and_keeps_one(tiny_model, tone
     assert result.exit_code == 0, result.output
 
     report = json.loads((out / "report.json").read_text())
+    assert {s["stage"]: s["status"] for s in report["stages"]}["train"] == "cached"  # from the session's store
     search = report["quantization_search"]
     rows = {r["name"]: r for r in search["candidates"]}
     assert set(rows) == {"int8", "int4-b16", "broken"}
