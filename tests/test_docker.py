@@ -184,14 +184,19 @@ def test_a_worker_started_as_the_cpu_image_starts_one_runs_a_deployment(prefect_
                                                                         tmp_path, write_config):
     """The image's file set, installed non-editable, runs `ENTRYPOINT CMD` (a process worker on
     $GROVE_WORK_POOL); a deployment of prefect.yaml's grove-optimize on that pool, made from the
-    checkout as a user deploys, runs the tiny config to the end in the image's project folder."""
+    checkout as a user deploys, runs a tiny config to the end in the image's project folder."""
     from flows.cli import app
 
     image = image_files(ROOT / "docker" / "cpu.Dockerfile", tmp_path / "image")
     venv = image_venv(tmp_path / "venv", image)
     tag = uuid.uuid4().hex[:6]
     pool = f"image-cpu-{tag}"
-    config = write_config(tiny_config(tiny_model, tone_copy, tmp_path / "store", tmp_path / "out"), "tiny.json")
+    raw = tiny_config(tiny_model, tone_copy, tmp_path / "store", tmp_path / "out")
+    # training and evaluation only: the flow imports every stage's package either way, and the
+    # merge and ONNX stages would add model work that says nothing about the image
+    raw["passes"] = {"lora": raw["passes"]["lora"]}
+    raw["grove"]["promotion"] = {"enabled": False}
+    config = write_config(raw, "tiny.json")
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     spec["deployments"] = [{**spec["deployments"][0], "name": f"image-{tag}", "parameters": {"config": str(config)},
                             "work_pool": {"name": pool}}]
@@ -218,7 +223,8 @@ def test_a_worker_started_as_the_cpu_image_starts_one_runs_a_deployment(prefect_
     finally:
         stop_group(worker)
     report = json.loads((tmp_path / "out" / "tiny" / "report.json").read_text())
-    assert [s["status"] for s in report["stages"]] == ["ran"] * 7
+    ran = {s["stage"] for s in report["stages"] if s["status"] == "ran"}
+    assert ran == {"load_data", "template_corpus", "train", "evaluate", "benchmark"}, report["stages"]
     assert "grove" in pyproject_packages(image.path(image.install_dir))
 
 
