@@ -79,7 +79,7 @@ def main() -> int:
 
     from flows.config import build_settings  # Grove's own defaults
     from tasks.benchmark.stage import measure_engine
-    from tasks.build_onnx.stage import builder_options, run_builder
+    from tasks.build_onnx.builder import builder_options, run_builder
     from grove.settings import BenchmarkSettings, ModelSettings
 
     device = "cuda" if torch.cuda.is_available() and not opts.tiny else "cpu"

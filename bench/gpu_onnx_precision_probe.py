@@ -109,7 +109,7 @@ def main() -> None:
     from adapter_serving import RunFailed, folder_mb, on_cuda, run, score, without_cuda_graph
 
     from grove.settings import BuildSettings
-    from tasks.build_onnx.stage import run_builder
+    from tasks.build_onnx.builder import run_builder
 
     out = Path(args.out)
     result: dict = {"command": "python3 bench/gpu_onnx_precision_probe.py", "rows": "first 120 of tone.jsonl",

@@ -34,7 +34,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 def fp32_onnx_bytes(store_root: str, merged_key: str) -> int:
     """Size of the fp32 ONNX build of the merged model: the reference the size target is relative to."""
-    from tasks.build_onnx.stage import run_builder
+    from tasks.build_onnx.builder import run_builder
     from grove.settings import BuildSettings
     from grove.store import ArtifactStore, folder_bytes
 

@@ -16,8 +16,9 @@ from prefect import flow
 from flows.config import ConfigError, check_from_stage, load_config  # noqa: F401 - cli imports check_from_stage here
 from flows.report import publish
 from flows.runs import RunLog
+from flows.ui import PrefectArtifacts
 from tasks.benchmark import benchmark
-from tasks.build_onnx import build_onnx, search_quantization
+from tasks.build_onnx.stage import build_onnx, search_quantization
 from tasks.evaluate import evaluate
 from tasks.load_data import load_data
 from tasks.merge_adapters import merge_adapters
@@ -83,7 +84,7 @@ def optimize(config: str, from_stage: str | None = None) -> dict[str, Any]:
                          checkpoint_steps=cfg.checkpoint_steps,
                          from_stage=from_stage, retries=cfg.retries,
                          result_storage=prefect_result_storage(store), on_stage_start=stage_started,
-                         on_stage_end=stage_ended, **hooks)
+                         on_stage_end=stage_ended, publisher=PrefectArtifacts(cfg.name), **hooks)
     if cfg.placement:  # each stage group on its work pool, as child flow runs
         from flows.placement import Dispatcher
 

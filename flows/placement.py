@@ -112,7 +112,7 @@ def deployment_name(pool: str) -> str:
 def code_versions() -> dict[str, str]:
     """Each stage's code version as this process has it (what its cache keys are made of)."""
     from tasks.benchmark import benchmark
-    from tasks.build_onnx import build_onnx
+    from tasks.build_onnx.stage import build_onnx
     from tasks.evaluate import evaluate
     from tasks.load_data import load_data
     from tasks.merge_adapters import merge_adapters
@@ -203,6 +203,7 @@ def run_stages(config: str, stages: list[str], given: dict[str, dict[str, Any]],
 
     from flows.config import load_config
     from flows.optimize import pipeline
+    from flows.ui import PrefectArtifacts
     from grove.result_storage import prefect_result_storage
     from grove.stage import stage_run
     from grove.store import ArtifactStore
@@ -226,7 +227,7 @@ def run_stages(config: str, stages: list[str], given: dict[str, dict[str, Any]],
     context = RunContext(store=store, model_name=cfg.name, device=cfg.device,
                          credentials_block=cfg.aws_credentials_block, checkpoint_steps=cfg.checkpoint_steps,
                          from_stage=from_stage, retries=cfg.retries, result_storage=prefect_result_storage(store),
-                         route=route)
+                         route=route, publisher=PrefectArtifacts(cfg.name))
     with stage_run(context):
         try:
             pipeline(cfg)

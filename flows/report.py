@@ -208,7 +208,7 @@ def _prefect_artifact(markdown: str, name: str) -> None:
     from prefect.artifacts import create_markdown_artifact
     from prefect.context import FlowRunContext
 
-    from grove.ui import artifact_key
+    from flows.ui import artifact_key
 
     if FlowRunContext.get() is not None:
         create_markdown_artifact(markdown=markdown, key=artifact_key(name, "report"),

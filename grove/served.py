@@ -22,7 +22,6 @@ from grove.shipped import PROMPT_FILE
 ADAPTER_FILE = "adapter.onnx_adapter"  # inside a build_onnx artifact
 ADAPTER_SUFFIX = ".onnx_adapter"
 BASE_FILE = "base.json"
-BASE_PREFIX = "base-"  # build_onnx entries holding a base (key base-<key>)
 META_SUFFIX = ".json"
 
 

@@ -27,14 +27,13 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 from pydantic import BaseModel
 
 from grove.cache import code_digest, settings_record, stage_key
 from grove.store import ArtifactStore, Entry
 from grove.store.artifacts import recording_reads
-from grove.ui import publish_stage
 
 STAGES = ("load_data", "template_corpus", "train", "evaluate", "merge_adapters", "build_onnx", "benchmark")
 
@@ -95,6 +94,24 @@ class StageRecord:
     ref: ArtifactRef | None = None
 
 
+class Publisher(Protocol):
+    """What a run shows beside its results (flows/ui.py: the Prefect UI's tables and progress).
+
+    The flow hands one to the stages through the RunContext, so no stage imports display code:
+    a stage's key covers every module it imports (grove/cache.py), and showing a result can
+    never change it, so an edit to the display must not rerun a stage. Called inside the
+    stage's task run (the UI lists the artifacts under it); a failure to show is the
+    publisher's to swallow."""
+
+    def stage_summary(self, stage: str, summary: dict[str, Any]) -> None: ...
+
+    def training_started(self) -> None: ...
+
+    def training_step(self, step: int, total: int) -> None: ...
+
+    def training_ended(self, log_history: list[dict[str, Any]]) -> None: ...
+
+
 @dataclass
 class RunContext:
     """Per-run state the stages need that is not part of any cache key."""
@@ -113,6 +130,7 @@ class RunContext:
     on_stage_end: Callable[[StageRecord], None] | None = None
     # progress inside a stage: (stage, done, total, details), e.g. training steps and loss
     on_progress: Callable[[str, int, int, dict], None] | None = None
+    publisher: Publisher | None = None  # the Prefect UI's artifacts (set by the flow); None: nothing shown
     # placement (flows/placement.py): asked (stage, key, stored here?) before a stage runs; a
     # record means the stage ran on another work pool, None that it runs here as usual
     route: Callable[[str, str, bool], StageRecord | None] | None = None
@@ -222,7 +240,8 @@ def grove_stage(name: str, tags: tuple[str, ...] = ()):
             try:
                 with recording_reads() as opened:
                     summary = fn(*args, **kwargs) or {}
-                publish_stage(name, run.model_name, summary)
+                if run.publisher is not None:
+                    run.publisher.stage_summary(name, summary)
                 meta = {"summary": summary, "code_version": version, "settings": settings_record(params),
                         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                         # every stored entry the stage opened (upstream artifacts, the shared

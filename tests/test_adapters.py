@@ -15,7 +15,7 @@ from conftest import TONE_DATA, seed_store, tiny_config
 from grove.engines import OnnxEngine
 from grove.settings import BuildSettings
 from tasks.build_onnx import adapters
-from tasks.build_onnx.stage import run_builder
+from tasks.build_onnx.builder import run_builder
 
 PROMPTS = [[1, 5, 9, 30], [1, 40, 41, 42, 43], [1, 100, 7], [1, 12, 250, 3, 77]]
 

@@ -5,6 +5,9 @@ computed in a fresh process with the copy first on sys.path, one helper module g
 line, and exactly the stages whose imports reach that module get a new digest. Which stages
 those are comes from concrete expectations and, independently of grove/cache.py, from the
 standard library's modulefinder (which follows the imports in the compiled bytecode).
+Code that cannot change an output (gc, the Prefect UI, progress lines, the CLI, run records)
+is in no key, the shared adapter base's key holds only what builds the base, and the README's
+table of which module is in which key is the one flows/key_table.py computes from the code.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ PACKAGES = ("grove", "tasks", "flows")
 STAGE_MODULES = {"load_data": "tasks.load_data", "template_corpus": "tasks.template_corpus",
                  "train": "tasks.train.stage", "evaluate": "tasks.evaluate", "merge_adapters": "tasks.merge_adapters",
                  "build_onnx": "tasks.build_onnx.stage", "benchmark": "tasks.benchmark.stage"}
+ADAPTER_BASE = "tasks.build_onnx.base"  # keys the int4 base every fine-tune of one base model shares
 
 # Run in a fresh interpreter: argv[1] the project copy, argv[2] {stage: module} as JSON.
 DIGESTS = """
@@ -73,7 +77,7 @@ def test_every_stage_is_keyed_by_the_digest_of_its_own_module():
     from grove.cache import code_digest
     from grove.stage import STAGES
     from tasks.benchmark import benchmark
-    from tasks.build_onnx import build_onnx
+    from tasks.build_onnx.stage import build_onnx
     from tasks.evaluate import evaluate
     from tasks.load_data import load_data
     from tasks.merge_adapters import merge_adapters
@@ -89,14 +93,15 @@ def test_every_stage_is_keyed_by_the_digest_of_its_own_module():
 
 
 def test_the_walk_finds_what_modulefinder_finds(project_copy):
-    """The ast walk and the bytecode walk agree on every stage's project imports."""
+    """The ast walk and the bytecode walk agree on every key's project imports."""
     listing = "import json, sys\nfrom grove import cache\nprint(json.dumps({m: cache.import_closure(m) " \
               "for m in json.loads(sys.argv[1])}))"
-    done = subprocess.run([sys.executable, "-c", listing, json.dumps(list(STAGE_MODULES.values()))],
+    keyed = [*STAGE_MODULES.values(), ADAPTER_BASE]
+    done = subprocess.run([sys.executable, "-c", listing, json.dumps(keyed)],
                           cwd=project_copy, env={**os.environ, "PYTHONPATH": str(project_copy)},
                           capture_output=True, text=True, check=True)
     closures = json.loads(done.stdout)
-    for module in STAGE_MODULES.values():
+    for module in keyed:
         finder = modulefinder.ModuleFinder(path=[str(project_copy)])
         finder.import_hook(module)
         assert set(closures[module]) == {m for m in finder.modules if m.split(".")[0] in PACKAGES}, module
@@ -119,6 +124,132 @@ def test_editing_a_module_changes_exactly_the_keys_of_the_stages_that_import_it(
     after = digests_of(project_copy)
     changed = {stage for stage, digest in before["digests"].items() if after["digests"][stage] != digest}
     assert changed == expected
+
+
+# ---- what cannot change an output is in no key (issue 19: an edit to gc or the UI reran every stage) --------
+# Run in a fresh interpreter in the copy: argv[1] {key: module}, argv[2] [module, ...]. Each module
+# gets a comment line alone (restored after): the digests before, and after each edit.
+EACH_EDIT = """
+import json, sys
+from grove import cache
+
+keys, modules = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+
+
+def digests():
+    for cached in (cache.direct_imports, cache.import_closure, cache.code_digest):
+        cached.cache_clear()
+    return {name: cache.code_digest(module) for name, module in keys.items()}
+
+
+before, after = digests(), {}
+for module in modules:
+    path = cache.source_file(module)
+    source = path.read_bytes()
+    path.write_bytes(source + b"\\n# an edit that changes no behaviour\\n")
+    try:
+        after[module] = digests()
+    finally:
+        path.write_bytes(source)
+print(json.dumps({"before": before, "after": after}))
+"""
+
+
+def keys_changed_by_each_edit(root: Path, keys: dict[str, str], modules: list[str]) -> dict[str, set[str]]:
+    """{module: the keys whose code digest one comment line in it changes}, one module at a time."""
+    done = subprocess.run([sys.executable, "-c", EACH_EDIT, json.dumps(keys), json.dumps(modules)], cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    return {module: {k for k, v in digests.items() if v != result["before"][k]}
+            for module, digests in result["after"].items()}
+
+
+def test_editing_cleanup_display_or_cli_code_changes_no_key(project_copy):
+    """gc, the Prefect UI artifacts, progress lines, run records, the CLI and the flow: no stage's
+    code version (nor the adapter base's) moves when one of them changes."""
+    modules = ["grove.store.gc", "flows.ui", "flows.progress_lines", "flows.runs", "flows.report",
+               "flows.cli.run_commands", "flows.cli.store_commands", "flows.optimize", "flows.key_table"]
+    changed = keys_changed_by_each_edit(project_copy, {**STAGE_MODULES, "adapter base": ADAPTER_BASE}, modules)
+    assert changed == {module: set() for module in modules}
+
+
+def test_the_adapter_base_key_covers_what_builds_the_base_not_the_build_stage(project_copy):
+    """Every fine-tune of a base model shares one stored base: an edit to the build stage alone
+    (scoring, the search, shipping the run's adapter, the stage decorator) reruns build_onnx,
+    never the base build; an edit to what builds the base rebuilds it."""
+    stage_only = ["tasks.build_onnx.stage", "tasks.build_onnx.search", "tasks.build_onnx.ship", "grove.scoring",
+                  "grove.shipped", "grove.served", "grove.engines", "grove.stage"]
+    builds_base = ["tasks.build_onnx.base", "tasks.build_onnx.builder", "tasks.build_onnx.adapters",
+                   "tasks.build_onnx.quantization", "grove.models"]
+    changed = keys_changed_by_each_edit(project_copy, {"build_onnx": STAGE_MODULES["build_onnx"],
+                                                       "adapter base": ADAPTER_BASE}, stage_only + builds_base)
+    assert changed == {**{m: {"build_onnx"} for m in stage_only},
+                       **{m: {"build_onnx", "adapter base"} for m in builds_base}}
+
+
+def _import_path(closure_of, start: str, target: str) -> list[str]:
+    """One chain of imports from `start` to `target` (breadth first), to say how it got in."""
+    from grove.cache import direct_imports
+
+    paths, seen = [[start]], {start}
+    while paths:
+        path = paths.pop(0)
+        if path[-1] == target:
+            return path
+        for name in direct_imports(path[-1]):
+            if name not in seen:
+                seen.add(name)
+                paths.append(path + [name])
+    return [start, "...", target]
+
+
+def display_or_cleanup_in_keys(keys: dict[str, str]) -> list[str]:
+    """Why each module that cannot change an output but is in a key must not be (empty: none is)."""
+    from grove.cache import import_closure
+    from flows.key_table import OUTSIDE_EVERY_KEY
+
+    problems = []
+    for name, module in keys.items():
+        for reached in import_closure(module):
+            for outside, why in OUTSIDE_EVERY_KEY.items():
+                if reached == outside or reached.startswith(outside + "."):
+                    chain = " -> ".join(_import_path(import_closure, module, reached))
+                    problems.append(f"{reached} is in the cache key of {name} ({chain}): {why}. In a key, "
+                                    f"every edit to it would rerun {name}")
+    return problems
+
+
+def test_no_key_reaches_display_or_cleanup_code():
+    from flows.key_table import KEYS
+
+    assert set(KEYS) == {*STAGE_MODULES, "adapter base"} and KEYS["adapter base"] == ADAPTER_BASE
+    problems = display_or_cleanup_in_keys(KEYS)
+    assert not problems, "\n".join(problems)
+
+
+def test_a_new_import_of_display_code_into_a_stage_is_caught_with_the_reason(project_copy):
+    """The guard above, shown failing: merge_adapters importing the UI module (in a copy)."""
+    path = project_copy / "tasks" / "merge_adapters.py"
+    path.write_text(path.read_text() + "\n\ndef _show():\n    from flows.ui import artifact_key\n")
+    done = subprocess.run([sys.executable, "-c", "import json, sys\nfrom test_cache_keys import "
+                           "display_or_cleanup_in_keys\nprint(json.dumps(display_or_cleanup_in_keys("
+                           "{'merge_adapters': 'tasks.merge_adapters'})))"], cwd=project_copy, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": f"{project_copy}{os.pathsep}{ROOT / 'tests'}"},
+                          check=True)
+    problems = json.loads(done.stdout)
+    assert any(p.startswith("flows.ui is in the cache key of merge_adapters (tasks.merge_adapters -> flows.ui)")
+               and "Prefect UI artifacts" in p and "rerun merge_adapters" in p for p in problems), problems
+
+
+def test_the_readme_says_which_modules_are_in_which_key():
+    from flows.key_table import readme_table
+
+    readme = (ROOT / "README.md").read_text()
+    start, end = "<!-- KEYS:START (python -m flows.key_table) -->\n", "<!-- KEYS:END -->"
+    assert start in readme and end in readme
+    assert readme.split(start, 1)[1].split(end, 1)[0] == readme_table(), \
+        "README's key table is out of date: paste the output of `python -m flows.key_table`"
 
 
 def test_a_module_imported_only_inside_a_function_is_in_the_key(project_copy):

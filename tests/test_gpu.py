@@ -87,7 +87,7 @@ def test_grove_training_setup_on_cuda_liger_kernels_and_packing_keep_the_plain_l
 def test_a_cuda_build_runs_in_onnxruntime_genai_cuda(tiny_model, tmp_path):
     import onnxruntime_genai as og
 
-    from tasks.build_onnx.stage import run_builder
+    from tasks.build_onnx.builder import run_builder
     from grove.engines import OnnxEngine, onnx_providers
     from grove.settings import BuildSettings
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from conftest import TONE_DATA, seed_store, tiny_config
 from flows.cli import app
 from flows.config import ConfigError, parse_config
-from tasks.build_onnx.stage import run_builder
+from tasks.build_onnx.builder import run_builder
 from tasks.build_onnx.quantization import builder_options
 from tasks.build_onnx.search import select_candidate
 from grove.settings import BuildSettings

@@ -26,7 +26,9 @@ states do not pile up between `grove gc` runs.
 
 from grove.store.artifacts import ArtifactStore
 from grove.store.entries import MANIFEST, Entry, StoreError, folder_bytes, manifest_digest, sha256_bytes, sha256_file
-from grove.store.gc import GcReport, collect_garbage
 
-__all__ = ["MANIFEST", "ArtifactStore", "Entry", "GcReport", "StoreError", "collect_garbage", "folder_bytes",
-           "manifest_digest", "sha256_bytes", "sha256_file"]
+# Garbage collection (grove.store.gc) is imported from its own module, not from here: every
+# stage imports this package, and a stage's cache key covers all it imports; cleaning the
+# store cannot change what a stage makes, so an edit to it must not rerun every stage.
+__all__ = ["MANIFEST", "ArtifactStore", "Entry", "StoreError", "folder_bytes", "manifest_digest", "sha256_bytes",
+           "sha256_file"]

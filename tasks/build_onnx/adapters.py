@@ -242,7 +242,7 @@ def build_base(source: Path, target: Path, build, trust_remote_code: bool) -> st
     """Builds the base with LoRA slots on every slot module of `source`; returns the builder's log."""
     import tempfile
 
-    from tasks.build_onnx.stage import run_builder
+    from tasks.build_onnx.builder import run_builder
 
     slots = model_slots(source)
     with tempfile.TemporaryDirectory(prefix="grove-lora-stub-") as stub:

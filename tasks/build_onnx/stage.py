@@ -7,24 +7,23 @@ on the same eval split as the PyTorch models: this is where int4 loses accuracy.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from grove.engines import OnnxEngine, eos_ids_of
 from grove.models import load_tokenizer, model_folder
 from tasks.build_onnx import quantization
-from tasks.build_onnx.quantization import builder_options, builder_precision, calibration_quantize
+from tasks.build_onnx.base import onnx_base
+from tasks.build_onnx.builder import run_builder
+from tasks.build_onnx.quantization import builder_options
 from grove.scoring import score_prompts
 from grove.served import ADAPTER_FILE
 from grove.shipped import ShippedModel, prompt_spec, write_shipped_files
 from tasks.build_onnx.search import candidate_row, select_candidate, within_tolerance
-from tasks.build_onnx.ship import onnx_base, ship_adapter
+from tasks.build_onnx.ship import ship_adapter
 from grove.settings import BenchmarkSettings, BuildSettings, EvalSettings, ModelSettings, SearchSettings
 from grove.stage import (ArtifactRef, StageFailed, current_run, grove_stage, open_artifact, output_dir,
                          pending_ref, task_run_name)
@@ -32,34 +31,6 @@ from grove.store import folder_bytes
 from grove.textdata import encode, prompt_and_answer, read_jsonl
 
 log = logging.getLogger("grove.build_onnx")
-
-
-def run_builder(source: Path, target: Path, build: BuildSettings, trust_remote_code: bool,
-                calibration: list[list[int]] | None = None, extra: list[str] = ()) -> str:
-    """Runs create_model in-process (then HQQ or GPTQ for those algorithms, GPTQ on the
-    `calibration` token ids); returns what the builder printed. `extra`: more KEY=VALUE
-    options (nodes_to_exclude lists are joined)."""
-    from onnxruntime_genai.models.builder import create_model, parse_extra_options
-
-    printed = io.StringIO()
-    precision = builder_precision(build)
-    with tempfile.TemporaryDirectory(prefix="grove-builder-cache-") as cache, \
-            contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
-        options = parse_extra_options(str(source), str(source), str(target), precision,
-                                      build.execution_provider, cache,
-                                      merge_options(builder_options(build, trust_remote_code), extra))
-        create_model(str(source), str(source), str(target), precision, build.execution_provider,
-                     cache, **options)
-        if build.algo in quantization.POST_BUILD:
-            calibration_quantize(target, build, calibration)
-    return printed.getvalue()
-
-
-def merge_options(options: list[str], extra: list[str]) -> list[str]:
-    merged = dict(option.split("=", 1) for option in options)
-    for key, value in (option.split("=", 1) for option in extra):
-        merged[key] = f"{merged[key]},{value}" if key == "nodes_to_exclude" and key in merged else value
-    return [f"{k}={v}" for k, v in merged.items()]
 
 
 def smoke_test(engine: OnnxEngine, tokenizer) -> str:
@@ -121,7 +92,8 @@ def build_onnx(build: BuildSettings, evaluation: EvalSettings, model: ModelSetti
     started = time.monotonic()
     adapter_file = None
     if adapter is not None:
-        target, base = onnx_base(build, model)
+        run = current_run()
+        target, base = onnx_base(build, model, run.store, forced=run.forced("build_onnx"))
         summary.update(base=base, adapter=ship_adapter(open_artifact(adapter) / "adapter", target, base, output_dir()),
                        build_seconds=round(time.monotonic() - started, 2), size_bytes=folder_bytes(target))
         adapter_file = output_dir() / ADAPTER_FILE

@@ -8,7 +8,6 @@ import logging
 import time
 from pathlib import Path
 
-from grove import ui
 from grove.lm_head import labelled_logits
 from grove.settings import ModelSettings, TrainSettings
 from grove.stage import current_run
@@ -123,18 +122,20 @@ def _progress_callback():
     run = current_run()
 
     class Progress(TrainerCallback):
-        """Shows steps and loss: in the CLI's progress bar and as Prefect artifacts."""
+        """Shows steps and loss: in the CLI's progress bar (run.on_progress) and as Prefect
+        artifacts (run.publisher), both set by the flow: no display code in train's key."""
 
         def __init__(self):
             self.loss = None
             self.started = time.monotonic()
-            self.ui = None
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.ui = ui.TrainingProgress(run.model_name)
+            if run.publisher is not None:
+                run.publisher.training_started()
 
         def on_train_end(self, args, state, control, **kwargs):
-            ui.loss_table(run.model_name, state.log_history)
+            if run.publisher is not None:
+                run.publisher.training_ended(state.log_history)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -142,8 +143,8 @@ def _progress_callback():
                 log.info("step %d/%d loss %.4f", state.global_step, state.max_steps, self.loss)
 
         def on_step_end(self, args, state, control, **kwargs):
-            if self.ui is not None:
-                self.ui.update(state.global_step, state.max_steps)
+            if run.publisher is not None:
+                run.publisher.training_step(state.global_step, state.max_steps)
             if run.on_progress:
                 run.on_progress("train", state.global_step, state.max_steps, {"loss": self.loss})
 

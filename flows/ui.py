@@ -1,7 +1,10 @@
 """What each stage shows in the Prefect UI: table and progress artifacts.
 
-A stage that runs publishes its artifacts from inside its task run, so the UI lists them
-under that task; a cached stage publishes nothing new (the run's report covers it).
+The flow hands a `PrefectArtifacts` to the stages as RunContext.publisher (grove/stage.py);
+no stage imports this module, so it is in no stage's cache key: editing how a result is
+shown never reruns a stage. A stage that runs publishes its artifacts from inside its task
+run, so the UI lists them under that task; a cached stage publishes nothing new (the run's
+report covers it).
 Artifact keys are per model name (`grove-<name>-<what>`), so the UI's Artifacts page keeps
 each table's history across nightly runs. Showing is never worth failing a stage for:
 an API error here is logged and the stage goes on.
@@ -119,3 +122,24 @@ class TrainingProgress:
             return
         self.shown = percent
         _safely("training progress", lambda: update_progress_artifact(self.artifact_id, progress=percent))
+
+
+class PrefectArtifacts:
+    """RunContext.publisher (grove.stage.Publisher) for one run: the artifacts above."""
+
+    def __init__(self, model_name: str):
+        self.model_name = model_name
+        self.progress: TrainingProgress | None = None
+
+    def stage_summary(self, stage: str, summary: dict[str, Any]) -> None:
+        publish_stage(stage, self.model_name, summary)
+
+    def training_started(self) -> None:
+        self.progress = TrainingProgress(self.model_name)
+
+    def training_step(self, step: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress.update(step, total)
+
+    def training_ended(self, log_history: list[dict[str, Any]]) -> None:
+        loss_table(self.model_name, log_history)
