@@ -11,7 +11,7 @@ import time
 import pytest
 
 from grove.stage import RunContext, grove_stage, output_dir, stage_run
-from grove.store import ArtifactStore, StoreError, sha256_file
+from grove.store import ArtifactStore, StoreError, artifacts, sha256_file
 
 
 def test_stored_entry_reads_back_identically(tmp_path, folder):
@@ -84,10 +84,13 @@ def corrupt_same_size(store: ArtifactStore, sha: str) -> None:
         handle.write(bytes(b ^ 0xFF for b in data[:16]))
 
 
-def test_a_same_size_damaged_blob_is_a_miss_and_the_next_store_replaces_it(tmp_path, folder, caplog):
+def test_a_same_size_damaged_blob_is_a_miss_and_the_next_store_replaces_it(tmp_path, folder, caplog, monkeypatch):
     store = ArtifactStore(str(tmp_path / "root"))
     entry = store.put_dir("train", "k1", folder, {})
     view = store.materialize(store.lookup("train", "k1"))
+    hashed = []
+    monkeypatch.setattr(artifacts, "sha256_file", lambda path: hashed.append(path) or sha256_file(path))
+    assert store.lookup("train", "k1") is not None and hashed == []  # a cached lookup reads no bytes
     sha = entry.files["sub/b.bin"]["sha256"]
     corrupt_same_size(store, sha)
 

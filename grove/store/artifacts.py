@@ -465,10 +465,7 @@ class ArtifactStore(Checkpoints):
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 blob = self._blob_path(info["sha256"])
                 if self.is_local:
-                    try:
-                        os.link(blob, dest)
-                    except OSError:
-                        shutil.copyfile(blob, dest)
+                    self._link_view(info["sha256"], blob, dest)
                     continue
                 self._download_verified(entry, rel, info, dest)
             (staging / ".complete").write_text(entry.digest)
@@ -479,6 +476,23 @@ class ArtifactStore(Checkpoints):
         finally:  # another process may have materialized it first: keep theirs
             shutil.rmtree(staging, ignore_errors=True)
         return target
+
+    def _link_view(self, sha: str, blob: str, dest: Path) -> None:
+        """Hard-link a blob into a view (a copy across devices). A link moves the blob's ctime,
+        part of its fingerprint: the memo follows when it vouched for the blob just before, so
+        opening an entry does not cost a hash at the next lookup."""
+        before = self._blob_info(blob)
+        vouched = before is not None and self.verified.recorded(sha) == self._fingerprint(before)
+        try:
+            os.link(blob, dest)
+        except OSError:
+            shutil.copyfile(blob, dest)
+            return
+        after = self._blob_info(blob) if vouched else None
+        unchanged = after is not None and all(getattr(after["stat"], field) == getattr(before["stat"], field)
+                                              for field in ("st_size", "st_mtime_ns", "st_ino"))
+        if unchanged:  # only the link count and so the ctime moved
+            self.verified.remember(sha, self._fingerprint(after))
 
     def _download_verified(self, entry: Entry, rel: str, info: dict[str, Any], dest: Path) -> None:
         """Download one file and check its sha256; a mismatch twice over is a damaged blob: it is
