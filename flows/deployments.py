@@ -52,9 +52,13 @@ def check_parameters(parameters: dict[str, Any], where: str, source: str, base_d
     if "config" not in parameters:
         raise ConfigError(f"{where}.config", "is required: the run config the deployment runs", source)
     check_from_stage(parameters.get("from_stage"), f"{where}.from_stage", source)
+    overrides = parameters.get("overrides")
+    if overrides is not None and (not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides)):
+        raise ConfigError(f"{where}.overrides", "must be a list of \"key.path=value\" strings", source)
     config = Path(parameters["config"])
     # s3:// data is listed when each run starts, by the worker that holds the keys
-    load_config(config if config.is_absolute() else base_dir / config, list_remote_data=False)
+    load_config(config if config.is_absolute() else base_dir / config, list_remote_data=False,
+                overrides=overrides)
 
 
 def check_prefect_yaml(path: Path) -> list[dict[str, Any]]:
@@ -86,7 +90,8 @@ def placement_pools(deployments: list[dict[str, Any]], base_dir: Path) -> list[s
     found: set[str] = set()
     for deployment in deployments:
         config = Path(deployment["parameters"]["config"])
-        cfg = load_config(config if config.is_absolute() else base_dir / config, list_remote_data=False)
+        cfg = load_config(config if config.is_absolute() else base_dir / config, list_remote_data=False,
+                          overrides=deployment["parameters"].get("overrides"))
         found.update(pools(cfg.placement) if cfg.placement else ())
     return sorted(found)
 

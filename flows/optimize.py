@@ -59,15 +59,16 @@ def pipeline(cfg: RunConfig) -> dict[str, ArtifactRef | None]:
 
 
 @flow(name="grove-optimize")
-def optimize(config: str, from_stage: str | None = None) -> dict[str, Any]:
+def optimize(config: str, from_stage: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     """Run an Olive run config (JSON/YAML path) as Grove's seven cached stages, then promote
-    the new model if it passes the config's quality gate."""
+    the new model if it passes the config's quality gate. `overrides`: `key.path=value` set on
+    the config's keys (`grove run ... key=value`), recorded in the run record."""
     check_from_stage(from_stage)
-    cfg = load_config(config)
+    cfg = load_config(config, overrides=overrides)
     store = ArtifactStore(cfg.artifact_root, cfg.aws_credentials_block)
     store.check_writable()
     hooks = display_hooks()
-    run_log = RunLog(store, cfg.name, config, from_stage)
+    run_log = RunLog(store, cfg.name, config, from_stage, overrides=list(overrides or []))
     show_start, show_end = hooks.pop("on_stage_start", None), hooks.pop("on_stage_end", None)
 
     def stage_started(stage: str) -> None:
@@ -88,7 +89,7 @@ def optimize(config: str, from_stage: str | None = None) -> dict[str, Any]:
     if cfg.placement:  # each stage group on its work pool, as child flow runs
         from flows.placement import Dispatcher
 
-        context.route = Dispatcher(config, cfg, context).route
+        context.route = Dispatcher(config, cfg, context, overrides).route
     try:
         with stage_run(context):
             refs = pipeline(cfg)
@@ -108,10 +109,10 @@ def optimize(config: str, from_stage: str | None = None) -> dict[str, Any]:
     return {**result, "run_id": run_log.run_id}
 
 
-def plan(config: str, from_stage: str | None = None) -> list[StageRecord]:
+def plan(config: str, from_stage: str | None = None, overrides: list[str] | None = None) -> list[StageRecord]:
     """Which stages a run would take from the cache, and why the others would run."""
     check_from_stage(from_stage)
-    cfg = load_config(config)
+    cfg = load_config(config, overrides=overrides)
     context = RunContext(store=ArtifactStore(cfg.artifact_root, cfg.aws_credentials_block), device=cfg.device,
                          from_stage=from_stage, dry_run=True)
     with stage_run(context):

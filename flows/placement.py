@@ -137,10 +137,11 @@ def _record(body: dict[str, Any]) -> StageRecord:
 class Dispatcher:
     """The parent side: RunContext.route for a placed run."""
 
-    def __init__(self, config: str, cfg: RunConfig, context: RunContext):
+    def __init__(self, config: str, cfg: RunConfig, context: RunContext, overrides: list[str] | None = None):
         # the child's worker reads the same file: absolute, as its working folder may differ
         self.config = config if "://" in config else str(Path(config).resolve())
         self.cfg, self.context = cfg, context
+        self.overrides = list(overrides or [])  # the child applies them to the file as the parent did
         self.groups = groups(cfg.placement)
         self.results: dict[str, StageRecord] = {}  # cache key -> what a child run did
         self.dispatched: set[int] = set()
@@ -166,7 +167,8 @@ class Dispatcher:
 
         given = {r.ref.key: r.ref.model_dump(mode="json") for r in self.context.records if r.ref is not None}
         parameters = {"config": self.config, "stages": list(stages), "given": given,
-                      "from_stage": self.context.from_stage, "code": {s: self.versions[s] for s in stages}}
+                      "from_stage": self.context.from_stage, "code": {s: self.versions[s] for s in stages},
+                      "overrides": self.overrides}
         attempts = 1 + max(self._retries(stage) for stage in stages)
         label = "+".join(stages)
         for attempt in range(1, attempts + 1):
@@ -196,9 +198,10 @@ class Dispatcher:
 
 @flow(name=GROUP_FLOW)
 def run_stages(config: str, stages: list[str], given: dict[str, dict[str, Any]], from_stage: str | None = None,
-               code: dict[str, str] | None = None) -> dict[str, Any]:
+               code: dict[str, str] | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     """Run one group of adjacent stages of a placed run on this work pool (started by the parent
-    flow through run_deployment); upstream artifacts are the references in `given`."""
+    flow through run_deployment); upstream artifacts are the references in `given`, and the
+    config is the parent's file with the parent's command-line `overrides` set again."""
     from prefect.runtime import flow_run
 
     from flows.config import load_config
@@ -213,7 +216,7 @@ def run_stages(config: str, stages: list[str], given: dict[str, dict[str, Any]],
     if stale:
         raise ValueError(f"this worker's Grove code differs from the parent run's for {', '.join(stale)}: "
                          f"deploy the same Grove version on every pool")
-    cfg = load_config(config)
+    cfg = load_config(config, overrides=overrides)
     store = ArtifactStore(cfg.artifact_root, cfg.aws_credentials_block)
     refs = {key: ArtifactRef.model_validate(ref) for key, ref in given.items()}
 

@@ -37,6 +37,7 @@ class RunLog:
     stages: list[dict[str, Any]] = field(default_factory=list)
     current: str | None = None  # the stage running now: the failed one if the run fails
     promotion: dict[str, Any] | None = None  # the promote step's decision and why
+    overrides: list[str] = field(default_factory=list)  # `key.path=value` given on the command line
 
     def __post_init__(self) -> None:
         if not self.run_id:
@@ -65,7 +66,7 @@ class RunLog:
             "status": status, "started": self.started.isoformat(timespec="microseconds"),
             "updated": _now().isoformat(timespec="seconds"), "error": error,
             "failed_stage": self.current if status == "failed" else None, "stages": self.stages,
-            "promotion": self.promotion})
+            "promotion": self.promotion, "overrides": self.overrides})
 
 
 def list_runs(store: ArtifactStore) -> list[dict[str, Any]]:

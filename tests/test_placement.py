@@ -157,7 +157,8 @@ def test_a_placed_run_puts_each_group_on_its_pool_then_reruns_cached_and_from_a_
         print(f"\nplaced first run {first:.1f} s; cached rerun placed {cached:.1f} s vs one pool "
               f"{one_pool_seconds:.1f} s")
 
-        grove_run(config, env, tmp_path / "from-stage.log", "--from-stage", "build_onnx")
+        # a command-line override travels to the child runs: the benchmark child's key matches the parent's
+        grove_run(config, env, tmp_path / "from-stage.log", "--from-stage", "build_onnx", "grove.benchmark.repeats=2")
         statuses = report(tmp_path)
         assert statuses["build_onnx"] == statuses["benchmark"] == "ran", statuses
         assert {statuses[s] for s in ("load_data", "template_corpus", "train", "evaluate", "merge_adapters")} == \

@@ -6,6 +6,8 @@ import logging
 import os
 import warnings
 
+from enum import Enum
+
 import typer
 
 from flows.cli.errors import DEBUG, console, fail
@@ -16,6 +18,21 @@ CONFIG = typer.Option(..., "--config", "-c", help="Olive run config (JSON or YAM
 FROM_STAGE = typer.Option(None, "--from-stage", help="Reuse stages before this one, rerun it and the rest.")
 STORE_CONFIG = typer.Option(None, "--config", "-c", help="Run config whose artifact root to use.")
 STORE_URI = typer.Option(None, "--store", help="Artifact root (folder or s3://bucket/prefix) instead of --config.")
+OVERRIDES = typer.Argument(None, show_default=False,
+                           help="Set config keys for this run, as errors name them, e.g. "
+                                "passes.lora.config.training_args.max_steps=20 grove.device=cpu "
+                                "(a value is JSON when it parses, else text).")
+DEVICE = typer.Option(None, "--device", show_default=False, help="Shorthand for grove.device=cpu|cuda.")
+
+
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def with_device(overrides: list[str] | None, device: Device | None) -> list[str]:
+    """The command line's overrides, --device as the last one (it wins over a grove.device=...)."""
+    return [*(overrides or []), *([f"grove.device={device.value}"] if device else [])]
 
 
 def _quiet_libraries() -> None:
@@ -84,4 +101,5 @@ def server_ready() -> None:
         fail(exc)
 
 
-__all__ = ["app", "console", "CONFIG", "FROM_STAGE", "STORE_CONFIG", "STORE_URI"]
+__all__ = ["app", "console", "CONFIG", "DEVICE", "FROM_STAGE", "OVERRIDES", "Device", "STORE_CONFIG", "STORE_URI",
+           "with_device"]

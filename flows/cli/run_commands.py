@@ -12,13 +12,13 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from flows.cli.app import CONFIG, FROM_STAGE, app, console, server_ready
+from flows.cli.app import CONFIG, DEVICE, FROM_STAGE, Device, OVERRIDES, app, console, server_ready, with_device
 from flows.cli.errors import clean_errors, fail, quiet_user_errors_in_prefect_console, stage_failed
 from flows.progress_lines import DEFAULT_EVERY, ProgressLines
 
 
 @app.command()
-def validate(config: Path = CONFIG,
+def validate(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES, device: Optional[Device] = DEVICE,
              resolved: bool = typer.Option(False, "--resolved", help="print each stage's resolved settings "
                                                                     "(JSON) and every warning")) -> None:
     """Check a run config without running anything."""
@@ -26,7 +26,7 @@ def validate(config: Path = CONFIG,
 
     warnings: list[str] = []
     with clean_errors():
-        cfg = load_config(config, warnings=warnings)
+        cfg = load_config(config, warnings=warnings, overrides=with_device(overrides, device))
     if resolved:
         print(cfg.model_dump_json(indent=2))
         for warning in warnings:
@@ -37,13 +37,14 @@ def validate(config: Path = CONFIG,
 
 
 @app.command()
-def stages(config: Path = CONFIG, from_stage: Optional[str] = FROM_STAGE) -> None:
+def stages(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES, device: Optional[Device] = DEVICE,
+           from_stage: Optional[str] = FROM_STAGE) -> None:
     """The plan: each stage, whether it would be a cache hit, and why not."""
     from flows.optimize import plan
     from grove.stage import STAGES
 
     with clean_errors():
-        records = {r.stage: r for r in plan(str(config), from_stage)}
+        records = {r.stage: r for r in plan(str(config), from_stage, with_device(overrides, device))}
     table = Table(title=f"Plan for {config}")
     for column in ("stage", "cache", "why", "key"):
         table.add_column(column)
@@ -59,7 +60,8 @@ def stages(config: Path = CONFIG, from_stage: Optional[str] = FROM_STAGE) -> Non
 
 
 @app.command()
-def run(config: Path = CONFIG, from_stage: Optional[str] = FROM_STAGE,
+def run(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES, device: Optional[Device] = DEVICE,
+        from_stage: Optional[str] = FROM_STAGE,
         log_every: int = typer.Option(DEFAULT_EVERY, "--log-every", min=1,
                                       help="When stdout is not a terminal: a training line every N steps.")) -> None:
     """Run the recipe: seven cached stages, progress per stage, then a summary table.
@@ -73,9 +75,10 @@ def run(config: Path = CONFIG, from_stage: Optional[str] = FROM_STAGE,
     from grove.stage import MissingStageError
     from grove.store import StoreError
 
+    overrides = with_device(overrides, device)
     with clean_errors():  # bad input fails here: before Prefect starts, before the store is touched
         check_from_stage(from_stage)
-        cfg = load_config(config)
+        cfg = load_config(config, overrides=overrides)
     from flows.server import launching
     from grove.models import model_folder, needs_conversion
 
@@ -116,7 +119,7 @@ def run(config: Path = CONFIG, from_stage: Optional[str] = FROM_STAGE,
     started = time.monotonic()
     try:
         with display:
-            result = optimize(str(config), from_stage)
+            result = optimize(str(config), from_stage, overrides or None)
     except (UserError, MissingStageError) as exc:  # e.g. remote data that load_data found bad
         fail(exc)
     except StoreError as exc:

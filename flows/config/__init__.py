@@ -21,6 +21,7 @@ from flows.config.errors import ConfigError, Warnings, check_keys, did_you_mean,
 from flows.config.fates import known_keys, sift
 from flows.config.grove_section import GrovePlacement, GroveSection
 from flows.config.input_model import check_systems, model_settings
+from flows.config.overrides import apply_overrides, blame, parse_override
 from flows.config.olive import TOP_KEYS, Engine, PassLevel
 from flows.config.plausible import check_training
 from flows.config.promotion import promotion_settings
@@ -37,8 +38,10 @@ ENGINE_KEYS = set(known_keys("engine"))
 
 
 def load_config(path: str | Path, base_dir: Path | None = None, list_remote_data: bool = True,
-                warnings: list[str] | None = None) -> RunConfig:
+                warnings: list[str] | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read a JSON or YAML run config and validate all of it (`warnings` collects every warning).
+    `overrides`: `key.path=value` from the command line, set on the file's keys before validation
+    (flows/config/overrides.py); an error they cause says so.
 
     Data locations are listed and their files hashed here, at the start of every run.
     `list_remote_data=False` (deploy-time checks) leaves s3:// locations to the run: the
@@ -61,15 +64,18 @@ def load_config(path: str | Path, base_dir: Path | None = None, list_remote_data
                           str(path)) from exc
     except yaml.YAMLError as exc:
         raise ConfigError("", f"invalid YAML: {exc}", str(path)) from exc
+    applied = None
     try:
+        if overrides:
+            applied = apply_overrides(raw, [parse_override(text) for text in overrides])
+            raw = applied.raw
         config = parse_config(raw, base_dir=base_dir or Path.cwd(), config_dir=path.parent.resolve(),
                               list_remote_data=list_remote_data, warnings=warnings)
+        # what the machine must offer, and every data file read through, before any work
+        return check_run_config(config, raw, str(path), on_this_machine=list_remote_data)
     except ConfigError as exc:
-        if exc.source is None:
-            raise ConfigError(exc.path, exc.message, str(path)) from None
-        raise
-    # what the machine must offer, and every data file read through, before any work
-    return check_run_config(config, raw, str(path), on_this_machine=list_remote_data)
+        exc = blame(exc, applied)
+        raise ConfigError(exc.path, exc.message, exc.source or str(path)) from None
 
 
 def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None, list_remote_data: bool = True,
