@@ -184,7 +184,7 @@ def model_folder(model: ModelSettings) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = bundled_gguf(model.bundled)
-    with _gguf_read_once():
+    with _gguf_read_once(), gguf_bar_only_on_a_terminal():
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         weights = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # GGUF-loaded models refuse save_pretrained until the quantization marker is removed;
@@ -263,6 +263,21 @@ def _gguf_read_once():
         yield
     finally:
         gguf.GGUFReader, gguf.get_tensor_name_map = saved
+
+
+@contextlib.contextmanager
+def gguf_bar_only_on_a_terminal():
+    """transformers' GGUF tensor conversion draws a tqdm bar (carriage returns) whatever its
+    progress-bar settings; into a log file or a worker's output it is noise. tqdm's disable=None:
+    the bar only when stderr is a terminal."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    saved = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(saved, disable=None)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = saved
 
 
 def resolve_device(requested: str) -> str:

@@ -70,7 +70,7 @@ def test_full_flow_then_cache_hits_and_targeted_reruns(store_root, tiny_model, t
     assert shown["status"] == "completed" and [s["status"] for s in shown["stages"]] == ["cached"] * 7
     assert shown["stages"][5]["uri"].startswith(f"{store_root}/entries/build_onnx/")
     plan = grove("stages", "--config", str(config))
-    assert len(re.findall(r"│ hit\s+│", plan)) == 7
+    assert len(re.findall(r"^\w+ +hit\b", plan, re.M)) == 7
 
     raw["passes"]["builder"]["config"]["precision"] = "int8"
     write_config(raw)
@@ -85,7 +85,7 @@ def test_full_flow_then_cache_hits_and_targeted_reruns(store_root, tiny_model, t
     first["phrase"] = "X" + first["phrase"][1:]  # one byte
     tone_copy.write_text("\n".join([json.dumps(first)] + lines[1:]) + "\n")
     plan = grove("stages", "--config", str(config))
-    assert not re.findall(r"│ hit\s+│", plan) and "no stored entry" in plan
+    assert not re.findall(r"^\w+ +hit\b", plan, re.M) and "no stored entry" in plan
     grove("run", "--config", str(config))
     assert statuses(out) == dict.fromkeys(ALL, "ran")
 

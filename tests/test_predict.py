@@ -78,3 +78,34 @@ def test_grove_predict_answers_every_eval_row_as_the_evaluation_did(shipped):
 def test_predict_refuses_a_folder_grove_did_not_ship(tmp_path):
     result = runner.invoke(app, ["predict", "--model", str(tmp_path), "hello"])
     assert result.exit_code == 2 and "has no grove_prompt.json" in " ".join(result.output.split())
+
+
+def test_predict_reads_standard_input_and_jsonl_or_text_files(shipped, tmp_path):
+    texts = [row["phrase"] for row in shipped["rows"]]
+    expected = shipped["evaluation"]["predictions"]
+    piped = runner.invoke(app, ["predict", "--model", str(shipped["model"]), "-"], input="\n".join(texts) + "\n")
+    assert piped.exit_code == 0, piped.output
+    answers = lambda out: out.split("\n")[:-1]  # noqa: E731 - a tiny model's answers hold \x1c: not splitlines
+    assert answers(piped.stdout) == expected, "one answer per line of standard input"
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps(row) for row in shipped["rows"]) + "\n\n")  # labels too: ignored
+    batch = runner.invoke(app, ["predict", "--model", str(shipped["model"]), "--input", str(rows)])
+    assert batch.exit_code == 0 and answers(batch.stdout) == expected, batch.output
+    lines = tmp_path / "texts.txt"
+    lines.write_text("\n".join(texts[:3]))
+    both = runner.invoke(app, ["predict", "--model", str(shipped["model"]), "-i", str(lines), texts[3]])
+    assert both.exit_code == 0 and answers(both.stdout) == [*expected[3:4], *expected[:3]], both.output
+
+
+@pytest.mark.parametrize("args, stdin, said", [
+    (["", ], None, "error: text 1 is empty: nothing to answer"),
+    (["  "], None, "error: text 1 is empty"),
+    (["-"], "\n\n", "error: standard input: no text to answer"),
+    (["--input", "{rows}"], None, "rows.jsonl:2: no 'phrase' (the prompt template's fields: phrase)"),
+])
+def test_predict_refuses_an_empty_text_and_a_row_without_the_fields(shipped, tmp_path, args, stdin, said):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"phrase": "Could you kindly advise?"}\n{"text": "hi"}\n')
+    result = runner.invoke(app, ["predict", "--model", str(shipped["model"]), *[a.format(rows=rows) for a in args]],
+                           input=stdin)
+    assert result.exit_code == 2 and said in " ".join(result.output.split()), result.output

@@ -9,6 +9,7 @@ import typer
 
 # the order of `grove --help`: a run, then the store, then schedules
 from flows.cli import run_commands  # noqa: F401, I001 - each module registers its commands
+from flows.cli import predict_command  # noqa: F401
 from flows.cli import store_commands  # noqa: F401
 from flows.cli import schedule_commands  # noqa: F401
 from flows.cli import server_commands  # noqa: F401

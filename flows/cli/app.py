@@ -9,16 +9,29 @@ import warnings
 from enum import Enum
 
 import typer
+from typer.core import TyperGroup
 
 from flows.cli.errors import DEBUG, console, fail
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# Plain help (click's layout): flags read `--resolved`, not `--resolved <bool>`, and the help is
+# the same text on a terminal, in a pipe or a log.
+class _Grove(TyperGroup):
+    """Keeps the command line after `grove` for the set-up: `grove run -h` starts no server."""
+
+    def invoke(self, ctx):
+        ctx.meta["grove.args"] = [*ctx._protected_args, *ctx.args]
+        return super().invoke(ctx)
+
+
+app = typer.Typer(cls=_Grove, add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Grove: run an Olive fine-tune -> int4 ONNX recipe as a cached Prefect flow.")
 CONFIG = typer.Option(..., "--config", "-c", help="Olive run config (JSON or YAML).")
 FROM_STAGE = typer.Option(None, "--from-stage", help="Reuse stages before this one, rerun it and the rest.")
-STORE_CONFIG = typer.Option(None, "--config", "-c", help="Run config whose artifact root to use.")
+STORE_CONFIG = typer.Option(None, "--config", "-c", help="Run config whose artifact root to use "
+                                                         "(default: ./.grove-cache, where a config without one stores).")
 STORE_URI = typer.Option(None, "--store", help="Artifact root (folder or s3://bucket/prefix) instead of --config.")
-OVERRIDES = typer.Argument(None, show_default=False,
+OVERRIDES = typer.Argument(None, metavar="KEY.PATH=VALUE", show_default=False,
                            help="Set config keys for this run, as errors name them, e.g. "
                                 "passes.lora.config.training_args.max_steps=20 grove.device=cpu "
                                 "(a value is JSON when it parses, else text).")
@@ -76,10 +89,22 @@ def _skip_tls_setup_for_plain_http() -> None:
         os.environ["PREFECT_API_TLS_INSECURE_SKIP_VERIFY"] = "true"
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from importlib.metadata import version
+
+        print(f"grove {version('grove')}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _setup(ctx: typer.Context,
-           debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error, too.")) -> None:
+           debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error, too."),
+           _version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                         help="Print Grove's version and exit.")) -> None:
     DEBUG["traceback"] = debug
+    if {"-h", "--help"} & set(ctx.meta.get("grove.args", ())):
+        return  # help needs no Prefect server
     if ctx.invoked_subcommand != "server":
         # before anything imports prefect: its settings are fixed for the process at import
         from flows.server import use_local_server

@@ -9,7 +9,8 @@ from contextlib import contextmanager
 import typer
 from rich.console import Console
 
-console = Console()
+# Off a terminal rich would wrap every line at 80 columns (a command or URI broken mid-line in a log)
+console = Console(soft_wrap=not sys.stdout.isatty())
 DEBUG = {"traceback": False}
 
 

@@ -1,4 +1,4 @@
-"""`grove validate`, `stages`, `run` and `predict`: a run config checked, planned, run; a shipped model used."""
+"""`grove validate`, `stages` and `run`: a run config checked, planned, run."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from typing import Optional
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
 from flows.cli.app import CONFIG, DEVICE, FROM_STAGE, Device, OVERRIDES, app, console, server_ready, with_device
 from flows.cli.errors import clean_errors, fail, quiet_user_errors_in_prefect_console, stage_failed
+from flows.cli.output import Listing
 from flows.progress_lines import DEFAULT_EVERY, ProgressLines
 
 
@@ -45,9 +45,7 @@ def stages(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES, de
 
     with clean_errors():
         records = {r.stage: r for r in plan(str(config), from_stage, with_device(overrides, device))}
-    table = Table(title=f"Plan for {config}")
-    for column in ("stage", "cache", "why", "key"):
-        table.add_column(column)
+    table = Listing(f"Plan for {config}", ["stage", "cache", "why", "key"])
     for stage in STAGES:
         record = records.get(stage)
         if record is None:
@@ -56,7 +54,7 @@ def stages(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES, de
             table.add_row(stage, "[green]hit[/]", record.reason, record.ref.key[:12])
         else:
             table.add_row(stage, "[yellow]miss[/]", record.reason, "")
-    console.print(table)
+    table.print()
 
 
 @app.command()
@@ -130,13 +128,12 @@ def run(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES, devic
         stage_failed(bars, finished, exc)
     finally:
         observers.reset(token)
-    table = Table(title=f"Grove run finished in {time.monotonic() - started:.1f}s")
-    for column in ("stage", "cached or ran", "seconds", "key result"):
-        table.add_column(column)
+    table = Listing(f"Grove run finished in {time.monotonic() - started:.1f}s",
+                    ["stage", "cached or ran", "seconds", "key result"])
     for stage in result["stages"]:
         table.add_row(stage.get("task_run") or stage["stage"], stage["status"], f"{stage['seconds']:.1f}",
                       key_result(stage["stage"], stage["summary"]))
-    console.print(table)
+    table.print()
     console.print(f"final model: {result['model_path']}\nreport:      {result['report_path']}\n"
                   f"run:         {result['run_id']} (grove show {result['run_id'][:8]} --config {config})")
     promotion = result.get("promotion")
@@ -146,43 +143,3 @@ def run(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES, devic
         colour = {"promoted": "green", "not_promoted": "yellow"}.get(promotion["decision"], "default")
         words, why = verdict_words(promotion)
         console.print(f"model:       {promotion.get('model_name')}: [{colour}]{words}[/]: {why}")
-
-
-@app.command()
-def predict(model: Path = typer.Option(..., "--model", help="A shipped folder: <output_dir>/<name> or its model/."),
-            texts: Optional[list[str]] = typer.Argument(None, help="Texts to answer, one answer line each."),
-            field: Optional[list[str]] = typer.Option(None, "--field", help="NAME=VALUE for a template with "
-                                                                           "several fields."),
-            adapter: Optional[str] = typer.Option(None, "--adapter", help="A named adapter in adapters/ "
-                                                                          "(grove.ship: adapter), active on the base."),
-            max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1,
-                                                         help="Default: as the evaluation scored it.")) -> None:
-    """Answer with a shipped ONNX model exactly as the evaluation scored it (its README.md snippet)."""
-    from grove.errors import UserError
-    from grove.served import adapter_file, adapter_prompt
-    from grove.shipped import ShippedModel
-
-    with clean_errors():
-        folder = model / "model" if (model / "model").is_dir() else model
-        if adapter:
-            from grove.engines import OnnxEngine
-
-            file = adapter_file(model, adapter)
-            spec = adapter_prompt(file)
-            if spec is None:
-                raise UserError(f"{file}: no prompt template shipped with it (adapters/{adapter}.grove_prompt.json)")
-            shipped = ShippedModel(folder, OnnxEngine(folder, set(spec["eos_token_ids"]), adapter=file), spec)
-        else:
-            shipped = ShippedModel(folder)
-        if max_new_tokens:
-            shipped.spec = {**shipped.spec, "max_new_tokens": max_new_tokens}
-        rows = [shipped.row_from_text(text) for text in texts or []]
-        if field:
-            pairs = [f.split("=", 1) for f in field]
-            if any(len(p) != 2 for p in pairs):
-                raise UserError("--field takes NAME=VALUE")
-            rows.append(dict(pairs))
-        if not rows:
-            raise UserError("give a text to answer (or --field NAME=VALUE)")
-        for row in rows:
-            print(shipped.answer(row))

@@ -7,24 +7,38 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
+from rich import box
 
 from flows.cli.app import STORE_CONFIG, STORE_URI, app, console
 from flows.cli.errors import clean_errors, fail
+from flows.cli.output import Listing
 
 
 def open_store(config: Optional[Path], store: Optional[str]):
-    """The artifact store named directly or by a run config (keys from the environment or its block)."""
-    from flows.config import load_config
-    from grove.store import ArtifactStore
+    """The artifact store named directly or by a run config (keys from the environment or its block);
+    with neither, the one a config without a store setting uses: .grove-cache here. A store that
+    holds nothing is a mistyped root, said as such (exit 2), not an empty listing."""
+    return open_store_of(config, store)[0]
 
-    if (config is None) == (store is None):
-        fail(ValueError("give either --config or --store"))
+
+def open_store_of(config: Optional[Path], store: Optional[str]):
+    """open_store, and the name of the config's model (None with --store or neither)."""
+    from flows.config import DEFAULT_ARTIFACT_ROOT, load_config
+    from grove.store import ArtifactStore, StoreError
+
+    if config is not None and store is not None:
+        fail(ValueError("give --config or --store, not both"))
+    name = None
     with clean_errors():
-        if store is not None:
-            return ArtifactStore(store)
-        cfg = load_config(config)
-        return ArtifactStore(cfg.artifact_root, cfg.aws_credentials_block)
+        if config is not None:
+            cfg = load_config(config)
+            artifacts, name = ArtifactStore(cfg.artifact_root, cfg.aws_credentials_block), cfg.name
+        else:
+            artifacts = ArtifactStore(store or str(Path.cwd() / DEFAULT_ARTIFACT_ROOT))
+        if not artifacts.exists():
+            how = "" if config or store else " (the default store; name one with --store or --config)"
+            raise StoreError(f"no artifact store at {artifacts.location}{how}: nothing was ever stored there")
+    return artifacts, name
 
 
 @app.command()
@@ -47,17 +61,22 @@ def models(config: Optional[Path] = STORE_CONFIG, store: Optional[str] = STORE_U
     if not found:
         console.print(f"no promoted models in {artifacts.root}")
         return
-    table = Table(title=f"Models in {artifacts.root}")
-    for column in ("name", "", "promoted", "run", *PROMOTION_METRICS):
-        table.add_column(column)
-    table.add_column("model", overflow="fold")
+    # short headers, no box lines, no wrapping in the short columns: at 80 columns only the long URI folds
+    fixed = {"no_wrap": True}
+    table = Listing(f"Models in {artifacts.root}",
+                    [("name", {"overflow": "fold"}), ("promoted", fixed), ("run", fixed),
+                     *((METRIC_HEADERS.get(m, m), {**fixed, "justify": "right"}) for m in PROMOTION_METRICS),
+                     ("model", {"overflow": "fold", "min_width": 20})], box=box.SIMPLE_HEAD)
     for name, (current, history) in found.items():
         past = [m for m in history if m["run_id"] != current["run_id"]]
         for index, model in enumerate([current, *past]):
-            table.add_row(name if index == 0 else "", "current" if index == 0 else "past",
-                          model["promoted_at"][:19], model["run_id"][:8],
+            table.add_row(name if index == 0 else "  past", model["promoted_at"][:10], model["run_id"][:8],
                           *(_metric(model["metrics"].get(m)) for m in PROMOTION_METRICS), model["model"]["uri"])
-    console.print(table)
+    table.print()
+
+
+METRIC_HEADERS = {"onnx_accuracy": "acc", "fine_tuned_accuracy": "tuned",
+                  "onnx_decode_tokens_per_s": "tok/s"}
 
 
 def _metric(value: float | None) -> str:
@@ -71,27 +90,25 @@ def _mb(size: int) -> str:
 @app.command()
 def runs(config: Optional[Path] = STORE_CONFIG, store: Optional[str] = STORE_URI,
          as_json: bool = typer.Option(False, "--json", help="Print the run records as JSON.")) -> None:
-    """The runs recorded in an artifact store, newest first."""
+    """The runs recorded in an artifact store, newest first (with --config: that config's runs)."""
     from flows.runs import list_runs
     from grove.store import StoreError
 
-    artifacts = open_store(config, store)
+    artifacts, name = open_store_of(config, store)
     try:
-        recorded = list_runs(artifacts)
+        recorded = [r for r in list_runs(artifacts) if name is None or r["name"] == name]
     except StoreError as exc:
         fail(exc)
     if as_json:
         print(json.dumps(recorded, indent=1))
         return
-    table = Table(title=f"Runs in {artifacts.root}")
-    for column in ("run", "started", "name", "status", "ran", "cached", "produced"):
-        table.add_column(column)
+    table = Listing(f"Runs{f' of {name}' if name else ''} in {artifacts.root}", ["run", "started", "name", "status", "ran", "cached", "produced"])
     for run in recorded:
         ran = [s for s in run["stages"] if s["status"] == "ran"]
         status = f"failed at {run['failed_stage']}" if run.get("failed_stage") else run["status"]
         table.add_row(run["run_id"][:8], run["started"][:19], run["name"], status, str(len(ran)),
                       str(len(run["stages"]) - len(ran)), _mb(sum(s["size_bytes"] for s in ran)))
-    console.print(table)
+    table.print()
 
 
 @app.command()
@@ -112,14 +129,12 @@ def show(run_id: str = typer.Argument(..., help="Run id (a unique prefix is enou
         return
     console.print(f"run {run['run_id']} ({run['name']}, {run['config']}): {run['status']}, started {run['started']}"
                   + (f"\nerror: {run['error']}" if run.get("error") else ""), highlight=False)
-    table = Table()
-    for column in ("stage", "used or produced", "size"):
-        table.add_column(column)
-    table.add_column("stored at", overflow="fold")  # a URI is only useful whole
+    table = Listing(None, ["stage", "used or produced", "size",
+                           ("stored at", {"overflow": "fold"})])  # a URI is only useful whole
     for stage in run["stages"]:
         table.add_row(stage["stage"], "produced" if stage["status"] == "ran" else "used (cached)",
                       _mb(stage["size_bytes"]), stage["uri"])
-    console.print(table)
+    table.print()
 
 
 @app.command()

@@ -33,6 +33,7 @@ from grove.stage import STAGES
 
 __all__ = ["ConfigError", "Engine", "GroveSection", "load_config", "parse_config", "build_settings",
            "check_from_stage", "training_argument_names"]
+DEFAULT_ARTIFACT_ROOT = ".grove-cache"  # with neither grove.artifact_root nor engine.cache_dir, under the cwd
 SUPPORTED_PASSES = ("LoRA", "QLoRA", "MergeAdapterWeights", "ModelBuilder")
 ENGINE_KEYS = set(known_keys("engine"))
 
@@ -136,8 +137,8 @@ def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None, list_
     config = RunConfig(
         name=name,
         placement=placement_of(grove.placement, sources.storage(grove.artifact_root or engine.cache_dir
-                                                                 or ".grove-cache")),
-        artifact_root=sources.storage(grove.artifact_root or engine.cache_dir or ".grove-cache"),
+                                                                 or DEFAULT_ARTIFACT_ROOT)),
+        artifact_root=sources.storage(grove.artifact_root or engine.cache_dir or DEFAULT_ARTIFACT_ROOT),
         aws_credentials_block=grove.aws_credentials_block,
         output_dir=sources.storage(engine.output_dir or "grove-output"),
         retries={stage: RetrySettings(**r.model_dump()) for stage, r in grove.retries.items()},

@@ -163,8 +163,9 @@ def _check_providers(config: RunConfig, where: _Where) -> None:
     known = onnxruntime.get_all_providers()
     for at, ep in unknown:
         if ep not in known:
+            # onnxruntime's whole list (19 names) would bury the two a Grove build can use
             raise ConfigError(at, f"unknown execution provider {ep!r}{did_you_mean(str(ep), known)}; "
-                                  f"onnxruntime knows: {', '.join(known)}")
+                                  f"Grove builds for {' or '.join(BUILD_PROVIDERS)}")
         if config.build is not None:
             raise ConfigError(at, f"{ep} is not built for here: Grove builds for "
                                   f"{' or '.join(BUILD_PROVIDERS)}")

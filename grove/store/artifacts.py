@@ -131,6 +131,13 @@ class ArtifactStore(Checkpoints):
             raise self._explain(exc, doing) from None
         raise AssertionError("unreachable")
 
+    def exists(self) -> bool:
+        """Whether anything was ever stored at the root (`grove runs` on a mistyped root says so)."""
+        try:
+            return bool(self._retry("checking the root", lambda: self.fs.exists(self._base)))
+        except FileNotFoundError:
+            return False
+
     def check_writable(self) -> None:
         """Fail early, before any compute, when the root cannot be reached or written.
 

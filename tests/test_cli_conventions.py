@@ -1,0 +1,133 @@
+"""The `grove` command's conventions: -h and --version, plain flag help, the default store, a store
+that does not exist, `runs -c` listing that config's runs, plain unwrapped rows off a terminal, a
+models table that fits 80 columns, provider typos naming what Grove builds, no GGUF bar in logs."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import ROOT, TONE_DATA, tiny_config
+from flows.cli import app
+from flows.cli.errors import console
+
+runner = CliRunner()
+
+
+def grove(*args: str, code: int = 0) -> str:
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == code, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def store(tiny_model, tmp_path_factory):
+    """One promoted run of `tiny` and one of `other` in ./.grove-cache of a folder (the default store)."""
+    folder = tmp_path_factory.mktemp("conventions")
+    data = folder / "tone.jsonl"
+    shutil.copyfile(TONE_DATA, data)
+    configs = {}
+    for name in ("tiny", "other"):
+        raw = tiny_config(tiny_model, data, folder / ".grove-cache", folder / "out")
+        raw["grove"]["name"] = name
+        raw["grove"]["promotion"] = {"min_gain_over_base": 0}  # a tiny model scores 0 like its base
+        configs[name] = folder / f"{name}.json"
+        configs[name].write_text(json.dumps(raw))
+        grove("run", "-c", str(configs[name]))
+    return folder, configs
+
+
+def test_h_version_and_flags_without_type_noise():
+    assert "[OPTIONS] COMMAND" in grove("-h") and "Show this message" in grove("-h")
+    usage = grove("validate", "-h")
+    assert "--resolved" in usage and "<bool>" not in usage and "--help" in usage, usage
+    assert grove("--version").strip() == "grove 0.1.0"
+
+
+def test_models_and_runs_use_the_default_store_and_runs_c_lists_that_configs(store, monkeypatch):
+    folder, configs = store
+    monkeypatch.chdir(folder)
+    listed = grove("runs")
+    assert "tiny" in listed and "other" in listed
+    assert "tiny" in grove("models") and "other" in grove("models")
+    mine = json.loads(grove("runs", "-c", str(configs["tiny"]), "--json"))
+    assert [r["name"] for r in mine] == ["tiny"]
+    table = grove("runs", "-c", str(configs["tiny"]))
+    assert "tiny" in table and "other" not in table.replace(str(folder), "")
+
+
+def test_a_store_that_does_not_exist_is_an_error_not_an_empty_table(tmp_path, monkeypatch):
+    for command in ("runs", "models"):
+        said = grove(command, "--store", str(tmp_path / "nope"), code=2)
+        assert f"no artifact store at {tmp_path / 'nope'}" in said
+    monkeypatch.chdir(tmp_path)
+    assert "(the default store; name one with --store or --config)" in grove("runs", code=2)
+
+
+def test_off_a_terminal_tables_are_plain_rows_and_nothing_wraps(store, monkeypatch):
+    folder, configs = store
+    root = str(folder / ".grove-cache")
+    listed = grove("runs", "--store", root)
+    assert "│" not in listed and "┃" not in listed
+    assert f"Runs in {root}" in listed.splitlines(), "the title with the whole root, on one line"
+    header, *rows = listed.splitlines()[1:]
+    assert header.split() == ["run", "started", "name", "status", "ran", "cached", "produced"]
+    assert len(rows) == 2 and all(len(row.split()) == 8 for row in rows), rows  # the date has a space
+    ok = grove("validate", "-c", str(configs["tiny"]))
+    assert len(ok.strip().splitlines()) == 1 and ok.strip().endswith(root), ok
+
+
+def test_models_at_80_columns_keeps_the_short_columns_whole(store, monkeypatch):
+    folder, _ = store
+    out = io.StringIO()
+    monkeypatch.setattr(console, "_force_terminal", True)
+    monkeypatch.setattr(console, "_width", 80)
+    monkeypatch.setattr(console, "_file", out)
+    grove("models", "--store", str(folder / ".grove-cache"))
+    table = out.getvalue()
+    assert all(len(line) <= 80 for line in table.splitlines()), table
+    current = json.loads(grove("models", "--store", str(folder / ".grove-cache"), "--json"))
+    for name, body in current.items():
+        assert body["current"]["run_id"][:8] in table, table  # the run id, not folded
+        assert body["current"]["promoted_at"][:10] in table, table
+    for header in ("promoted", "acc", "tuned", "tok/s"):
+        assert header in table, table
+
+
+def test_a_provider_typo_names_only_what_grove_builds(tiny_model, tone_copy, tmp_path, write_config):
+    config = write_config(tiny_config(tiny_model, tone_copy, tmp_path / "store", tmp_path / "out"))
+    said = " ".join(grove("validate", "-c", str(config), 'engine.execution_providers=["CPUExecutionProvidr"]',
+                          code=2).split())
+    assert "(did you mean 'CPUExecutionProvider'?); Grove builds for CPUExecutionProvider or " \
+           "CUDAExecutionProvider" in said and "Tensorrt" not in said, said
+
+
+def test_the_gguf_conversion_draws_no_bar_off_a_terminal():
+    """The conversion itself takes ~20 s: the check is on the tqdm transformers' GGUF loader uses
+    while model_folder converts (grove.models.gguf_bar_only_on_a_terminal)."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from grove.models import gguf_bar_only_on_a_terminal
+
+    log = io.StringIO()
+    with gguf_bar_only_on_a_terminal():
+        for _ in gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors...", file=log):
+            pass
+    assert log.getvalue() == ""
+
+
+def test_mistakes_end_as_one_line_from_the_real_command(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "runs", "--store", str(tmp_path / "nope")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stdout == "", (done.stdout, done.stderr)
+    assert done.stderr.strip().splitlines() == [f"error: no artifact store at {tmp_path / 'nope'}: "
+                                                f"nothing was ever stored there"]
+    version = subprocess.run([sys.executable, "-m", "flows.cli", "--version"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=300)
+    assert version.returncode == 0 and version.stdout.startswith("grove "), version
