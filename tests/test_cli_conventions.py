@@ -131,3 +131,35 @@ def test_mistakes_end_as_one_line_from_the_real_command(tmp_path):
     version = subprocess.run([sys.executable, "-m", "flows.cli", "--version"], cwd=ROOT, capture_output=True,
                              text=True, timeout=300)
     assert version.returncode == 0 and version.stdout.startswith("grove "), version
+
+
+def test_export_takes_a_promoted_model_a_run_or_an_entry_out_and_predict_answers_from_it(store, tmp_path):
+    folder, _ = store
+    root = str(folder / ".grove-cache")
+    listing = grove("models", "--store", root)
+    assert "grove export NAME (or a past RUN id) --to FOLDER" in listing and "grove predict --model FOLDER" in listing
+    grove("export", "tiny", "--to", str(tmp_path / "tiny"), "--store", root)
+    out = tmp_path / "tiny"
+    for file in ("model/genai_config.json", "model/grove_prompt.json", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "merged/config.json", "merged/model.safetensors",
+                 "metrics/metrics.json", "metrics/train_log.json", "metrics/benchmark.json", "README.md"):
+        assert (out / file).is_file(), file
+    readme = (out / "README.md").read_text()
+    assert "`adapter/` | the LoRA adapter in peft format" in readme and "metrics/train_log.json" in readme
+    from peft import PeftConfig
+
+    assert PeftConfig.from_pretrained(str(out / "adapter")).r == 4  # peft reads it as written
+    answered = runner.invoke(app, ["predict", "--model", str(out), "Could you kindly advise?"])
+    assert answered.exit_code == 0 and answered.stdout.strip(), answered.output
+
+    other = json.loads(grove("runs", "--store", root, "--json"))
+    run = next(r for r in other if r["name"] == "other")
+    grove("export", run["run_id"][:8], "-o", str(tmp_path / "run"), "--store", root)
+    assert json.loads((tmp_path / "run" / "export.json").read_text())["source"].startswith(f"run {run['run_id']}")
+    train = next(s for s in run["stages"] if s["stage"] == "train")
+    grove("export", f"train/{train['key'][:10]}", "-o", str(tmp_path / "entry"), "--store", root)
+    assert sorted(p.name for p in (tmp_path / "entry").iterdir()) == ["README.md", "adapter", "export.json", "metrics"]
+
+    said = " ".join(grove("export", "nope", "-o", str(tmp_path / "x"), "--store", root, code=2).split())
+    assert said.startswith("error: nope: no promoted model, run id or STAGE/KEY by that name") and "tiny" in said
+    assert "exists and is not empty" in grove("export", "tiny", "-o", str(out), "--store", root, code=2)

@@ -1,4 +1,4 @@
-"""`grove models`, `runs`, `show` and `gc`: what an artifact store holds."""
+"""`grove models`, `runs`, `show`, `export` and `gc`: what an artifact store holds, and taking it out."""
 
 from __future__ import annotations
 
@@ -61,22 +61,25 @@ def models(config: Optional[Path] = STORE_CONFIG, store: Optional[str] = STORE_U
     if not found:
         console.print(f"no promoted models in {artifacts.root}")
         return
-    # short headers, no box lines, no wrapping in the short columns: at 80 columns only the long URI folds
+    # short headers and no box lines: fits 80 columns; the store URI of an entry is in --json only
+    # (predict takes an exported or shipped folder, not an entry)
     fixed = {"no_wrap": True}
     table = Listing(f"Models in {artifacts.root}",
                     [("name", {"overflow": "fold"}), ("promoted", fixed), ("run", fixed),
-                     *((METRIC_HEADERS.get(m, m), {**fixed, "justify": "right"}) for m in PROMOTION_METRICS),
-                     ("model", {"overflow": "fold", "min_width": 20})], box=box.SIMPLE_HEAD)
+                     *((METRIC_HEADERS.get(m, m), {**fixed, "justify": "right"}) for m in PROMOTION_METRICS)],
+                    box=box.SIMPLE_HEAD)
     for name, (current, history) in found.items():
         past = [m for m in history if m["run_id"] != current["run_id"]]
         for index, model in enumerate([current, *past]):
-            table.add_row(name if index == 0 else "  past", model["promoted_at"][:10], model["run_id"][:8],
-                          *(_metric(model["metrics"].get(m)) for m in PROMOTION_METRICS), model["model"]["uri"])
+            table.add_row(name if index == 0 else "  past", model["promoted_at"][:16].replace("T", " "),
+                          model["run_id"][:8], *(_metric(model["metrics"].get(m)) for m in PROMOTION_METRICS))
     table.print()
+    where = f" --store {artifacts.root}"
+    print(f"take one out: grove export NAME (or a past RUN id) --to FOLDER{where}\n"
+          f"then answer with it: grove predict --model FOLDER \"a text\"", flush=True)
 
 
-METRIC_HEADERS = {"onnx_accuracy": "acc", "fine_tuned_accuracy": "tuned",
-                  "onnx_decode_tokens_per_s": "tok/s"}
+METRIC_HEADERS = {"onnx_accuracy": "acc", "fine_tuned_accuracy": "tuned", "onnx_decode_tokens_per_s": "tok/s"}
 
 
 def _metric(value: float | None) -> str:
@@ -135,6 +138,25 @@ def show(run_id: str = typer.Argument(..., help="Run id (a unique prefix is enou
         table.add_row(stage["stage"], "produced" if stage["status"] == "ran" else "used (cached)",
                       _mb(stage["size_bytes"]), stage["uri"])
     table.print()
+
+
+@app.command()
+def export(what: str = typer.Argument(..., metavar="NAME|RUN|STAGE/KEY",
+                                      help="A promoted model's name (its current model), a run id (a unique "
+                                           "prefix) or one stage entry (grove show lists them)."),
+           to: Path = typer.Option(..., "--to", "-o", help="A new (or empty) folder to write."),
+           config: Optional[Path] = STORE_CONFIG, store: Optional[str] = STORE_URI) -> None:
+    """Copy a model out of the store: the ONNX model, the peft adapter, the merged HF model, metrics and
+    logs, with a README.md saying what is where."""
+    from flows.export import export as export_from
+
+    artifacts = open_store(config, store)
+    with clean_errors():
+        done = export_from(artifacts, what, to)
+    console.print(f"exported {done.source} to {to}: " + ", ".join(f"{folder}/" for folder in done.placed)
+                  + f" (see {to / 'README.md'})", highlight=False)
+    if "model" in done.placed:
+        console.print(f"answer with it: grove predict --model {to} \"a text\"", highlight=False)
 
 
 @app.command()

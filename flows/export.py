@@ -1,0 +1,131 @@
+"""`grove export`: a run's, a promoted model's or one stage entry's files out of the store into a
+plain folder a user can take anywhere, with a README saying what is where.
+
+    model/     the ONNX model as shipped (onnxruntime-genai; `grove predict --model FOLDER`)
+    adapter/   the LoRA adapter in peft format (PeftModel.from_pretrained(base, "adapter"))
+    merged/    the merged Hugging Face model (AutoModelForCausalLM.from_pretrained("merged"))
+    metrics/   the stages' metrics and logs (metrics.json, train_log.json, onnx_eval.json, ...)
+
+Files are copied by the digest the run recorded, so a later run that reused the keys does not
+change what is exported.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from grove.errors import UserError
+from grove.stage import STAGES
+from grove.store import ArtifactStore, Entry
+
+# Stages whose files a user takes away; load_data/template_corpus hold the data, already theirs.
+EXPORTED = ("train", "evaluate", "merge_adapters", "build_onnx", "benchmark")
+WHAT = {"model": "the ONNX model as shipped (onnxruntime-genai): `grove predict --model {folder}`; its README.md "
+                 "has the Python snippet that answers as the evaluation scored",
+        "adapter": "the LoRA adapter in peft format: `PeftModel.from_pretrained(base_model, \"{folder}/adapter\")`",
+        "merged": "the merged Hugging Face model: `AutoModelForCausalLM.from_pretrained(\"{folder}/merged\")`",
+        "metrics": "each stage's metrics and logs (see the list below)"}
+
+
+@dataclass
+class Export:
+    source: str  # what was exported, in words
+    entries: list[Entry]
+    placed: dict[str, list[str]] = field(default_factory=dict)  # folder -> files written there
+
+
+def resolve(store: ArtifactStore, what: str) -> tuple[str, list[Entry]]:
+    """A promoted model's name, a run id (a unique prefix) or STAGE/KEY (a key prefix) -> its entries."""
+    from flows.runs import find_run
+    from tasks.promote import current_model
+
+    if "/" in what:
+        stage, key = what.split("/", 1)
+        if stage not in STAGES:
+            raise UserError(f"{what}: unknown stage {stage!r}; stages are: {', '.join(STAGES)}")
+        matches = [e for e in store.entries(stage) if e.key.startswith(key)]
+        if len(matches) != 1:
+            raise UserError(f"{what}: {'no' if not matches else len(matches)} {stage} entries with key {key!r} "
+                            f"in {store.root}")
+        return f"stage entry {stage}/{matches[0].key}", matches
+    current = current_model(store, what)
+    if current is not None:
+        return (f"model {what} (current, promoted {current['promoted_at'][:19]} from run {current['run_id'][:8]})",
+                _by_digest(store, current["entries"], f"model {what}"))
+    try:
+        run = find_run(store, what)
+    except LookupError:
+        from flows.runs import list_runs
+        from tasks.promote import current_models
+
+        names = ", ".join(m["name"] for m in current_models(store)) or "none"
+        runs = ", ".join(r["run_id"][:8] for r in list_runs(store)[:5]) or "none"
+        raise UserError(f"{what}: no promoted model, run id or STAGE/KEY by that name in {store.root} "
+                        f"(models: {names}; recent runs: {runs})") from None
+    return f"run {run['run_id']} ({run['name']}, {run['status']})", _by_digest(store, run["stages"], f"run {what}")
+
+
+def _by_digest(store: ArtifactStore, recorded: list[dict[str, Any]], what: str) -> list[Entry]:
+    entries = []
+    for item in recorded:
+        if item.get("stage") not in EXPORTED or not item.get("digest"):
+            continue
+        entry = store.by_digest(item["digest"])
+        if entry is None:
+            raise UserError(f"{what}: its {item['stage']} entry {item['key'][:12]} is no longer in {store.root} "
+                            f"(removed by grove gc?)")
+        entries.append(entry)
+    if not entries:
+        raise UserError(f"{what}: no stage produced files to export")
+    return entries
+
+
+def _destination(entry: Entry, rel: str) -> str:
+    """Where a stage's file goes in the export."""
+    if entry.stage == "merge_adapters":
+        return f"merged/{rel}"
+    top, _, rest = rel.partition("/")
+    if not rest:
+        return f"metrics/{rel}"
+    if (entry.stage, top) in (("build_onnx", "model"), ("train", "adapter")):
+        return rel
+    return f"{entry.stage}/{rel}"  # anything else keeps its stage's folder
+
+
+def export(store: ArtifactStore, what: str, target: Path) -> Export:
+    source, entries = resolve(store, what)
+    if target.exists() and any(target.iterdir()):
+        raise UserError(f"{target}: exists and is not empty; export into a new folder")
+    result = Export(source, entries)
+    for entry in entries:
+        local = store.materialize(entry)
+        for rel in sorted(entry.files):
+            destination = _destination(entry, rel)
+            (target / destination).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(local / rel, target / destination)  # a copy: the export owes nothing to the store
+            result.placed.setdefault(destination.split("/", 1)[0], []).append(destination)
+    (target / "README.md").write_text(readme(result, store, target))
+    (target / "export.json").write_text(json.dumps({
+        "source": source, "store": store.root,
+        "entries": [{"stage": e.stage, "key": e.key, "digest": e.digest} for e in entries],
+        "files": result.placed}, indent=1))
+    return result
+
+
+def readme(result: Export, store: ArtifactStore, target: Path) -> str:
+    lines = [f"# Exported by grove: {result.source}", "", f"From the artifact store {store.root}.", "",
+             "| folder | what |", "|---|---|"]
+    for folder in ("model", "adapter", "merged", "metrics"):
+        if folder in result.placed:
+            lines.append(f"| `{folder}/` | {WHAT[folder].format(folder=target)} |")
+    for folder in sorted(set(result.placed) - set(WHAT)):
+        lines.append(f"| `{folder}/` | the {folder} stage's other files |")
+    if "metrics" in result.placed:
+        lines += ["", "Metrics and logs: " + ", ".join(f"`{p}`" for p in result.placed["metrics"]) + "."]
+    lines += ["", "Stage entries (stage, key, manifest digest), also in export.json:", ""]
+    lines += [f"- {e.stage} {e.key} {e.digest[:16]}" for e in result.entries]
+    return "\n".join(lines) + "\n"
