@@ -203,7 +203,7 @@ def main() -> None:
         merged_dir = merged["out"] / "model"
         base_dir = adapter["out"] / "model" if adapter else None
         adapter_file = next((adapter["out"] / "adapters").glob("*.onnx_adapter")) if adapter else None
-        speed = BenchmarkSettings(prompts=4, max_new_tokens=48, warmup=1, repeats=2, machine="")
+        speed = BenchmarkSettings(prompts=4, max_new_tokens=48, warmup=1, repeats=2)
         prompts = [[1, 504, 2657, 42, 1032, 337, 30, 1145], [1, 2083, 314, 260, 3575, 282, 4649, 47],
                    [1, 20, 18, 5250, 42, 339, 1538, 1107], [1, 1345, 10, 29, 5113, 28, 1023, 93]]
         variants = [("merged_int4", merged_dir, None)]

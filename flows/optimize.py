@@ -87,9 +87,10 @@ def optimize(config: str, from_stage: str | None = None, overrides: list[str] | 
                          result_storage=prefect_result_storage(store), on_stage_start=stage_started,
                          on_stage_end=stage_ended, publisher=PrefectArtifacts(cfg.name), **hooks)
     if cfg.placement:  # each stage group on its work pool, as child flow runs
-        from flows.placement import Dispatcher
+        from flows.placement import Dispatcher, PoolMachines
 
         context.route = Dispatcher(config, cfg, context, overrides).route
+        context.machine_of = PoolMachines(store, cfg.placement)  # keys from the pools' machine facts
     try:
         with stage_run(context):
             refs = pipeline(cfg)
@@ -113,8 +114,12 @@ def plan(config: str, from_stage: str | None = None, overrides: list[str] | None
     """Which stages a run would take from the cache, and why the others would run."""
     check_from_stage(from_stage)
     cfg = load_config(config, overrides=overrides)
-    context = RunContext(store=ArtifactStore(cfg.artifact_root, cfg.aws_credentials_block), device=cfg.device,
-                         from_stage=from_stage, dry_run=True)
+    store = ArtifactStore(cfg.artifact_root, cfg.aws_credentials_block)
+    context = RunContext(store=store, device=cfg.device, from_stage=from_stage, dry_run=True)
+    if cfg.placement:
+        from flows.placement import PoolMachines
+
+        context.machine_of = PoolMachines(store, cfg.placement)
     with stage_run(context):
         pipeline(cfg)
     return context.records

@@ -16,8 +16,15 @@ the stage on the caller's machine; it also ships the flow as a pickled bundle th
 configured per pool (`prefect work-pool storage configure`), a beta feature in Prefect 3.9.
 Deployments work with every pool type, including process pools served by their own workers,
 and run the code installed where the worker runs. A worker whose code differs from the parent's
-is refused (each stage's code version travels with the group), so a stale GPU image fails fast
-instead of computing keys the parent would not find.
+is refused (each stage's code version travels with the group), so a stale GPU image fails fast.
+
+Machine facts (grove/machine_facts.py: library versions, device, `train.processes: auto`, the
+benchmark's machine) are part of each stage's key and are resolved where the stage runs, never
+where the config is parsed: the parent needs none of its pools' hardware. Each child run stores
+its machine's profile as `machines/<pool>.json`; the parent computes a pool's keys from the
+profile stored there (no profile yet: the group is dispatched) and takes what a child returns by
+stage name. Downstream keys depend on upstream contents, which agree everywhere, so a stale
+profile (the pool's machines changed) costs one dispatch, never a wrong key.
 
 Caching: a group whose stages are all stored is never dispatched (the parent takes the entries
 from the store, as a one-pool run does), so a cached rerun starts no child run at all. Retries:
@@ -40,6 +47,7 @@ from grove.stage import DEFAULT_RETRIES, STAGES, ArtifactRef, RunContext, StageR
 GROUP_FLOW = "grove-stages"
 ENTRYPOINT = "flows/placement.py:run_stages"
 RECORDS = "placed"  # store folder of the records each child run leaves for its parent
+MACHINES = "machines"  # store folder of each pool's machine profile, left by its child runs
 POLL_SECONDS = 1.0  # how often the parent asks whether a child run has finished
 
 
@@ -134,6 +142,22 @@ def _record(body: dict[str, Any]) -> StageRecord:
     return StageRecord(**{**body, "ref": ref})
 
 
+class PoolMachines:
+    """RunContext.machine_of for a placed run's parent (and its plan): each stage's pool's profile
+    as its last child run stored it, read once per run; None for a pool that has not reported."""
+
+    def __init__(self, store, placement: dict[str, str]):
+        self.store, self.placement = store, placement
+        self.profiles: dict[str, dict[str, Any] | None] = {}
+
+    def __call__(self, stage: str) -> dict[str, Any] | None:
+        pool = self.placement[stage]
+        if pool not in self.profiles:
+            profile = self.store.get_json(f"{MACHINES}/{pool}.json")
+            self.profiles[pool] = {**profile, "pool": pool} if profile else None
+        return self.profiles[pool]
+
+
 class Dispatcher:
     """The parent side: RunContext.route for a placed run."""
 
@@ -143,30 +167,33 @@ class Dispatcher:
         self.cfg, self.context = cfg, context
         self.overrides = list(overrides or [])  # the child applies them to the file as the parent did
         self.groups = groups(cfg.placement)
-        self.results: dict[str, StageRecord] = {}  # cache key -> what a child run did
+        self.results: dict[str, StageRecord] = {}  # stage -> what a child run did
         self.dispatched: set[int] = set()
         self.versions = code_versions()
 
-    def route(self, stage: str, key: str, stored: bool) -> StageRecord | None:
-        if key in self.results:
-            return self.results[key]
-        if stored:
-            return None  # a hit: the parent takes it from the store, as a one-pool run does
+    def route(self, stage: str, stored: ArtifactRef | None) -> StageRecord:
+        """Every stage of a placed run is its pool's: found in the store for the key the pool's
+        facts give (a hit, as in a one-pool run), or run there by the group's child run."""
+        if stage in self.results:
+            return self.results[stage]
+        if stored is not None:
+            return StageRecord(stage, "cached", ref=stored)
         index = next(i for i, (_, stages) in enumerate(self.groups) if stage in stages)
         if index in self.dispatched:
-            raise RuntimeError(f"{stage}: the {self.groups[index][0]} pool's run did not return key {key}")
+            raise RuntimeError(f"{stage}: the {self.groups[index][0]} pool's run did not return it")
         self.dispatched.add(index)
         for record in self.dispatch(*self.groups[index]):
-            self.results[record.ref.key] = record
-        if key not in self.results:
-            raise RuntimeError(f"{stage}: the {self.groups[index][0]} pool's run did not return key {key}")
-        return self.results[key]
+            self.results[record.stage] = record
+        if stage not in self.results:
+            raise RuntimeError(f"{stage}: the {self.groups[index][0]} pool's run did not return it")
+        return self.results[stage]
 
     def dispatch(self, pool: str, stages: tuple[str, ...]) -> list[StageRecord]:
         from prefect.deployments import run_deployment
 
-        given = {r.ref.key: r.ref.model_dump(mode="json") for r in self.context.records if r.ref is not None}
-        parameters = {"config": self.config, "stages": list(stages), "given": given,
+        # upstream artifacts by stage: the child's keys for them are its machine's, not ours
+        given = {r.stage: r.ref.model_dump(mode="json") for r in self.context.records if r.ref is not None}
+        parameters = {"config": self.config, "stages": list(stages), "given": given, "pool": pool,
                       "from_stage": self.context.from_stage, "code": {s: self.versions[s] for s in stages},
                       "overrides": self.overrides}
         attempts = 1 + max(self._retries(stage) for stage in stages)
@@ -198,15 +225,18 @@ class Dispatcher:
 
 @flow(name=GROUP_FLOW)
 def run_stages(config: str, stages: list[str], given: dict[str, dict[str, Any]], from_stage: str | None = None,
-               code: dict[str, str] | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+               code: dict[str, str] | None = None, overrides: list[str] | None = None,
+               pool: str | None = None) -> dict[str, Any]:
     """Run one group of adjacent stages of a placed run on this work pool (started by the parent
-    flow through run_deployment); upstream artifacts are the references in `given`, and the
-    config is the parent's file with the parent's command-line `overrides` set again."""
+    flow through run_deployment); upstream artifacts are the references in `given`, by stage, and
+    the config is the parent's file with the parent's command-line `overrides` set again. This
+    machine's profile is stored for the parent (machines/<pool>.json) before any stage runs."""
     from prefect.runtime import flow_run
 
     from flows.config import load_config
     from flows.optimize import pipeline
     from flows.ui import PrefectArtifacts
+    from grove.machine_facts import this_machine
     from grove.result_storage import prefect_result_storage
     from grove.stage import stage_run
     from grove.store import ArtifactStore
@@ -216,21 +246,25 @@ def run_stages(config: str, stages: list[str], given: dict[str, dict[str, Any]],
     if stale:
         raise ValueError(f"this worker's Grove code differs from the parent run's for {', '.join(stale)}: "
                          f"deploy the same Grove version on every pool")
-    cfg = load_config(config, overrides=overrides)
+    # the machine checks of this group's stages only
+    cfg = load_config(config, overrides=overrides, here=stages)
     store = ArtifactStore(cfg.artifact_root, cfg.aws_credentials_block)
-    refs = {key: ArtifactRef.model_validate(ref) for key, ref in given.items()}
+    if pool is not None:
+        store.put_json(f"{MACHINES}/{pool}.json", this_machine())
+    refs = {stage: ArtifactRef.model_validate(ref) for stage, ref in given.items()}
 
-    def route(stage: str, key: str, stored: bool) -> StageRecord | None:
+    def route(stage: str, stored: ArtifactRef | None) -> StageRecord | None:
         if stage in stages:
             return None
-        if key in refs:
-            return StageRecord(stage, "given", ref=refs[key])
+        if stage in refs:
+            return StageRecord(stage, "given", ref=refs[stage])
         raise GroupDone(stage)
 
     context = RunContext(store=store, model_name=cfg.name, device=cfg.device,
                          credentials_block=cfg.aws_credentials_block, checkpoint_steps=cfg.checkpoint_steps,
                          from_stage=from_stage, retries=cfg.retries, result_storage=prefect_result_storage(store),
-                         route=route, publisher=PrefectArtifacts(cfg.name))
+                         route=route, publisher=PrefectArtifacts(cfg.name),
+                         machine_of=lambda stage: this_machine() if stage in stages else None)
     with stage_run(context):
         try:
             pipeline(cfg)

@@ -1,14 +1,18 @@
 """The one place a stage's cache key is built.
 
-    key = sha256({"stage": name, "code": code_digest(stage module), "params": canonical(params)})[:32]
+    settings key = sha256({"stage": name, "code": code_digest(stage module), "params": canonical(params)})[:32]
+    key          = sha256({"settings": settings key, "machine": facts})[:32]
+
+The facts are the machine's that runs the stage (grove/machine_facts.py): library versions,
+device and dtype, what `auto` resolved to; the settings key is the same on every machine.
 
 The code digest is complete by construction: it covers the source of the stage's module and
 of every project module (under grove/, tasks/, flows/) that module imports, transitively. The
 imports are read with `ast` from the source files, never by importing them, so a module imported
 only inside a function counts as much as one imported at the top, and so does every package
 `__init__.py` Python runs on the way (`import tasks.train.fit` runs tasks/__init__.py and
-tasks/train/__init__.py). Third-party modules are left out: their versions are the machine's,
-not the stage's.
+tasks/train/__init__.py). Third-party modules are left out of the code digest: the versions of
+those a stage's numerics depend on enter its key as machine facts.
 
 A module a stage runs in a subprocess (`python -m tasks.benchmark.worker`) is code the stage's
 results depend on too. The stage imports that module and builds the command from its
@@ -159,7 +163,15 @@ def canonical(value: Any) -> Any:
 
 
 def stage_key(stage: str, code: str, params: dict[str, Any]) -> str:
+    """The settings key: everything but the machine (the same on every machine)."""
     body = json.dumps({"stage": stage, "code": code, "params": canonical(params)}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()[:32]
+
+
+def machine_key(settings_key: str, facts: dict[str, Any]) -> str:
+    """A stage's cache key: its settings key and the facts of the machine that runs it
+    (grove/machine_facts.py: library versions, device and dtype, what `auto` resolved to)."""
+    body = json.dumps({"settings": settings_key, "machine": facts}, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:32]
 
 

@@ -1,5 +1,5 @@
-"""A short description of the hardware a run measures on, cheap enough for every config load
-(no torch import): the CPU model and core count, and the GPUs when CUDA may be used."""
+"""This machine's GPUs (cheap: no torch import), Grove's per-machine folder, a worker's environment.
+What of the machine enters cache keys is grove/machine_facts.py."""
 
 from __future__ import annotations
 
@@ -11,37 +11,20 @@ from pathlib import Path
 
 
 @functools.lru_cache(maxsize=None)
-def gpu_count() -> int:
-    """NVIDIA GPUs nvidia-smi lists (0 without it), without importing torch."""
+def gpu_names() -> tuple[str, ...]:
+    """The NVIDIA GPUs nvidia-smi lists (none without it), without importing torch."""
     if not shutil.which("nvidia-smi"):
-        return 0
+        return ()
     try:
         listed = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                                 text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
-        return 0
-    return sum(1 for line in listed.splitlines() if line.strip())
+        return ()
+    return tuple(line.strip() for line in listed.splitlines() if line.strip())
 
 
-@functools.lru_cache(maxsize=None)
-def machine_description(device: str) -> str:
-    cpu = "unknown cpu"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    description = f"{cpu} x{os.cpu_count()}"
-    if device != "cpu" and shutil.which("nvidia-smi"):
-        try:
-            gpus = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                                  text=True, timeout=10).stdout.split("\n")
-            gpus = [g.strip() for g in gpus if g.strip()]
-            if gpus:
-                description += f"; {len(gpus)}x {gpus[0]}"
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return description
+def gpu_count() -> int:
+    return len(gpu_names())
 
 
 def grove_home() -> Path:

@@ -281,11 +281,10 @@ def gguf_bar_only_on_a_terminal():
 
 
 def resolve_device(requested: str) -> str:
-    if requested != "auto":
-        return requested
-    import torch
+    """grove.device on this machine, as its cache keys resolve it (grove/machine_facts.py)."""
+    from grove.machine_facts import resolve_device as resolved
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return resolved(requested)
 
 
 def load_tokenizer(folder: Path, trust_remote_code: bool = False):

@@ -82,7 +82,9 @@ class TrainSettings(Frozen):
     kernels: Literal["liger", "none"] = "liger"
     packing: bool = True
     compile: bool = False
-    processes: int = 1  # data-parallel training processes (torchrun + DDP), one per GPU
+    # data-parallel training processes (torchrun + DDP); auto: one per GPU of the machine that
+    # trains, resolved there (grove/machine_facts.py; the resolved count is a fact of the key)
+    processes: int | Literal["auto"] = 1
     nodes: int = 1  # machines of one torchrun job (c10d rendezvous, tasks/train/nodes.py); processes on each
 
 
@@ -134,9 +136,8 @@ class SearchSettings(Frozen):
 
 
 class BenchmarkSettings(Frozen):
-    # The hardware measured on (tasks/benchmark/stage.py machine_description): timings from one
-    # machine are never a cache hit on another.
-    machine: str = ""
+    # The hardware measured on is a machine fact of the benchmark's key (grove/machine_facts.py):
+    # timings from one machine are never a cache hit on another.
     prompts: int = 3
     max_new_tokens: int = 32
     warmup: int = 1

@@ -6,7 +6,8 @@ returns a small summary dict. The decorator does the rest, once for all stages:
 
 - the cache key (grove/cache.py): sha256 of the stage name, the source of the stage's module
   and of every project module it imports, its settings and the content digests (never the
-  paths or timestamps) of its upstream artifacts;
+  paths or timestamps) of its upstream artifacts (together: the settings key), and the facts of
+  the machine that runs it (grove/machine_facts.py: library versions, device, dtype);
 - the store: a complete entry for that key is a hit; otherwise the stage runs and its
   folder is stored with the manifest written last; the manifest records the settings it ran with;
 - Prefect: each stage is a task whose cache key is the same key and whose result is the
@@ -31,7 +32,8 @@ from typing import Any, Callable, Iterator, Protocol
 
 from pydantic import BaseModel
 
-from grove.cache import code_digest, settings_record, stage_key
+from grove.cache import code_digest, machine_key, settings_record, stage_key
+from grove.machine_facts import differences, stage_facts, this_machine
 from grove.store import ArtifactStore, Entry
 from grove.store.artifacts import recording_reads
 
@@ -131,9 +133,15 @@ class RunContext:
     # progress inside a stage: (stage, done, total, details), e.g. training steps and loss
     on_progress: Callable[[str, int, int, dict], None] | None = None
     publisher: Publisher | None = None  # the Prefect UI's artifacts (set by the flow); None: nothing shown
-    # placement (flows/placement.py): asked (stage, key, stored here?) before a stage runs; a
-    # record means the stage ran on another work pool, None that it runs here as usual
-    route: Callable[[str, str, bool], StageRecord | None] | None = None
+    # placement (flows/placement.py): asked (stage, its stored ref or None) before a stage runs;
+    # a record means the stage ran (or was found) on another work pool, None that it runs here
+    route: Callable[[str, "ArtifactRef | None"], StageRecord | None] | None = None
+    # the profile (grove/machine_facts.py) of the machine that runs a stage, whose facts are in
+    # its key: None for this machine; a placed run's asks its pools' (None back: not known yet)
+    machine_of: Callable[[str], dict[str, Any] | None] | None = None
+
+    def machine_for(self, stage: str) -> dict[str, Any] | None:
+        return self.machine_of(stage) if self.machine_of else this_machine()
 
     def forced(self, stage: str) -> bool:
         return self.from_stage is not None and STAGES.index(stage) >= STAGES.index(self.from_stage)
@@ -222,14 +230,24 @@ def grove_stage(name: str, tags: tuple[str, ...] = ()):
             bound.apply_defaults()
             return dict(bound.arguments)
 
-        def key_of(params: dict[str, Any]) -> str:
-            """The one key of this stage for these parameters: the store's, Prefect's, the plan's."""
-            return stage_key(name, version, params)
+        def keys_of(params: dict[str, Any], machine: dict[str, Any] | None) -> tuple[str | None, str, dict | None]:
+            """(key, settings key, facts) of this stage for these parameters on `machine`: the
+            store's, Prefect's and the plan's key. No machine (a pool that has not reported its
+            facts yet): no key."""
+            settings = stage_key(name, version, params)
+            if machine is None:
+                return None, settings, None
+            facts = stage_facts(name, current_run().device, params, machine)
+            return machine_key(settings, facts), settings, facts
+
+        def key_here(params: dict[str, Any]) -> str:
+            """The key when the stage runs in this process: this machine's facts."""
+            return keys_of(params, this_machine())[0]
 
         def run_stage(*args, **kwargs) -> ArtifactRef:
             run = current_run()
             params = params_of(args, kwargs)
-            key = key_of(params)
+            key, settings_key, facts = keys_of(params, this_machine())
             if not run.forced(name):
                 entry = run.store.lookup(name, key)
                 if entry is not None:  # stored already (e.g. by a run with another Prefect database)
@@ -243,6 +261,7 @@ def grove_stage(name: str, tags: tuple[str, ...] = ()):
                 if run.publisher is not None:
                     run.publisher.stage_summary(name, summary)
                 meta = {"summary": summary, "code_version": version, "settings": settings_record(params),
+                        "settings_key": settings_key, "machine": facts,
                         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                         # every stored entry the stage opened (upstream artifacts, the shared
                         # adapter-ship base): gc keeps what a kept entry names here
@@ -264,7 +283,7 @@ def grove_stage(name: str, tags: tuple[str, ...] = ()):
         prefect_task = task(
             run_stage,
             name=name,
-            cache_key_fn=lambda _context, parameters: key_of(parameters),
+            cache_key_fn=lambda _context, parameters: key_here(parameters),
             persist_result=True,
             result_serializer="json",
             retry_jitter_factor=0.5,
@@ -276,19 +295,21 @@ def grove_stage(name: str, tags: tuple[str, ...] = ()):
         def call(*args, **kwargs) -> ArtifactRef:
             run = current_run()
             params = params_of(args, kwargs)
-            key = key_of(params)
+            machine = run.machine_for(name)
+            key, settings_key, facts = keys_of(params, machine)
             upstream = [v for v in params.values() if isinstance(v, ArtifactRef) and v.pending]
-            entry = None if run.forced(name) or upstream else run.store.lookup(name, key)
-            if run.from_stage and not run.forced(name) and entry is None and not run.dry_run:
+            entry = None if run.forced(name) or upstream or key is None else run.store.lookup(name, key)
+            # an unknown key (its pool's facts not reported yet) is the child run's to check
+            if run.from_stage and not run.forced(name) and entry is None and key is not None and not run.dry_run:
                 raise MissingStageError(
                     f"--from-stage {run.from_stage} reuses the stages before it, but {name} has no stored "
                     f"entry for this config in {run.store.root}; run without --from-stage (or from {name})")
             if run.dry_run:
-                return _plan(run, name, key, entry, upstream)
+                return _plan(run, name, key, entry, upstream, settings_key, facts, machine)
             if run.on_stage_start:
                 run.on_stage_start(name)
             started = time.monotonic()
-            routed = run.route(name, key, entry is not None) if run.route else None
+            routed = run.route(name, _ref(entry, run.store) if entry is not None else None) if run.route else None
             if routed is not None:
                 run.records.append(routed)
                 if run.on_stage_end:
@@ -345,7 +366,8 @@ def _drop_checkpoints(store: ArtifactStore, name: str, key: str) -> None:
         logging.getLogger("grove.store").warning("could not drop the checkpoints of %s/%s: %s", name, key, exc)
 
 
-def _plan(run: RunContext, name: str, key: str, entry: Entry | None, upstream: list[ArtifactRef]) -> ArtifactRef:
+def _plan(run: RunContext, name: str, key: str | None, entry: Entry | None, upstream: list[ArtifactRef],
+          settings_key: str, facts: dict | None, machine: dict | None) -> ArtifactRef:
     if entry is not None:
         ref = _ref(entry, run.store)
         run.records.append(StageRecord(name, "hit", reason="stored entry for this key", ref=ref))
@@ -354,7 +376,23 @@ def _plan(run: RunContext, name: str, key: str, entry: Entry | None, upstream: l
         reason = f"forced by --from-stage {run.from_stage}"
     elif upstream:
         reason = f"upstream {', '.join(sorted({u.stage for u in upstream}))} will run"
+    elif key is None:
+        reason = "its work pool has not reported its machine facts yet (no child run there so far)"
     else:
-        reason = "no stored entry for this key (config, data, model or stage code changed, or first run)"
+        reason = _other_machine(run.store, name, settings_key, facts, (machine or {}).get("pool")) or \
+            "no stored entry for this key (config, data, model or stage code changed, or first run)"
     run.records.append(StageRecord(name, "miss", reason=reason))
-    return ArtifactRef(stage=name, key=key, digest=f"pending:{name}", uri="")
+    return ArtifactRef(stage=name, key=key or "", digest=f"pending:{name}", uri="")
+
+
+def _other_machine(store: ArtifactStore, name: str, settings_key: str, facts: dict, pool: str | None) -> str:
+    """When the same settings are stored for other machine facts: how those facts differ
+    (the newest such entry), e.g. "stored for transformers 5.16.0 on cuda; this machine has
+    transformers 5.17.0 on cpu". Only a plan's miss pays for the listing."""
+    same = [e for e in store.entries(name) if e.manifest["meta"].get("settings_key") == settings_key
+            and e.manifest["meta"].get("machine") is not None]
+    if not same:
+        return ""
+    newest = max(same, key=lambda e: e.manifest["meta"].get("created", ""))
+    return differences(newest.manifest["meta"]["machine"], facts,
+                       f"work pool {pool}" if pool else "this machine")

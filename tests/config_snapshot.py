@@ -36,9 +36,6 @@ def parse_shipped(name: str) -> dict:
     with mock.patch.object(grove.models, "locate_model", locate):
         cfg = load_config(ROOT / "configs" / name, base_dir=ROOT, list_remote_data=False)
     dumped = cfg.model_dump(mode="json")
-    dumped["benchmark"]["machine"] = "<machine>"
-    if dumped.get("train"):
-        dumped["train"]["processes"] = "<processes>"
     return json.loads(json.dumps(dumped).replace(str(ROOT), "<ROOT>"))
 
 

@@ -309,7 +309,7 @@ def test_a_module_named_in_a_string_is_also_imported():
 
 def test_a_stored_entry_records_the_settings_it_was_built_with(tiny_model, tone_copy, tmp_path, write_config):
     from flows.config import load_config
-    from grove.cache import stage_key
+    from grove.cache import machine_key, stage_key
     from grove.stage import RunContext, stage_run
     from grove.store import ArtifactStore
     from tasks.load_data import load_data
@@ -324,7 +324,9 @@ def test_a_stored_entry_records_the_settings_it_was_built_with(tiny_model, tone_
     recorded = manifest["meta"]["settings"]
     assert recorded == {"corpus": cfg.corpus.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
                         "data": {"artifact": "load_data", "content": data.content}}
-    assert stage_key("template_corpus", template_corpus.code_version, recorded) == corpus.key
+    settings_key = stage_key("template_corpus", template_corpus.code_version, recorded)
+    assert manifest["meta"]["settings_key"] == settings_key
+    assert machine_key(settings_key, manifest["meta"]["machine"]) == corpus.key
     assert manifest["meta"]["code_version"] == template_corpus.code_version
 
 

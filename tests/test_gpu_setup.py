@@ -165,17 +165,19 @@ def test_grove_train_options_are_validated(raw, tmp_path):
         parse_config(raw, base_dir=tmp_path)
 
 
-def test_training_processes_auto_is_one_without_gpus_and_explicit_counts_are_kept(raw, tmp_path, monkeypatch):
-    import flows.config.training
+def test_training_processes_auto_is_resolved_by_the_machine_that_trains(raw, tmp_path):
+    """The config keeps `auto` (the orchestrator's GPUs say nothing of the trainer's); each machine
+    resolves it from its own profile: one per visible GPU on CUDA, else 1. Explicit counts are kept."""
+    from grove.machine_facts import this_machine, training_processes
 
-    monkeypatch.setattr(flows.config.training, "gpu_count", lambda: 0)
-    assert parse_config(raw, base_dir=tmp_path).train.processes == 1
-    monkeypatch.setattr(flows.config.training, "gpu_count", lambda: 2)
-    assert parse_config(raw, base_dir=tmp_path).train.processes == 2  # device auto, 2 GPUs: one each
-    raw["grove"]["device"] = "cpu"
-    assert parse_config(raw, base_dir=tmp_path).train.processes == 1
+    assert parse_config(raw, base_dir=tmp_path).train.processes == "auto"
+    two_gpus = {**this_machine(), "torch_cuda": True, "gpus": ["H200", "H200"]}
+    assert training_processes("auto", "cuda", two_gpus) == 2
+    assert training_processes("auto", "cpu", two_gpus) == 1
+    assert training_processes("auto", "cuda", {**two_gpus, "gpus": []}) == 1
     raw["grove"]["train"] = {"processes": 3}
     assert parse_config(raw, base_dir=tmp_path).train.processes == 3
+    assert training_processes(3, "cuda", two_gpus) == 3
     raw["grove"]["train"] = {"processes": 0}
     with pytest.raises(ConfigError, match=r"grove\.train\.processes"):
         parse_config(raw, base_dir=tmp_path)

@@ -1,7 +1,13 @@
 """Placement (grove.placement): stage groups on Prefect work pools, with real parts: the session's
 Prefect server, SeaweedFS as the s3:// store, two process work pools (`cpu`, `gpu`) with one worker
 each, created and deployed by `grove deploy`. Which worker ran which child flow run is read back
-from the Prefect API (the workers' submitted-flow-run events)."""
+from the Prefect API (the workers' submitted-flow-run events).
+
+The workers see other machines than the parent, each through its own environment: the cpu worker
+may use one core (its CPU affinity), the gpu worker has another transformers (a shim distribution
+on its PYTHONPATH) and an nvidia-smi that lists two GPUs (a stand-in script: this machine has no
+GPU; torch here is a CPU build, so the device still resolves to cpu, but `processes: auto` parsed
+there as one per GPU would not match the parent's)."""
 
 from __future__ import annotations
 
@@ -62,10 +68,29 @@ def test_a_bad_placement_is_refused_naming_the_key(tiny_model, tone_copy, tmp_pa
 
 
 # ---- real pools and workers ---------------------------------------------------------------------
-def start_worker(pool: str, name: str, env: dict, log: Path) -> subprocess.Popen:
+def start_worker(pool: str, name: str, env: dict, log: Path, cpus: set[int] | None = None) -> subprocess.Popen:
+    """A process worker; `cpus`: the only cores it and its flow runs may use (as taskset would)."""
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     return subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--name", name,
                              "--type", "process"], cwd=ROOT, env=env, stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=pin)
+
+
+def other_machine_env(env: dict, folder: Path) -> dict:
+    """The gpu worker's machine: transformers `<installed>+shim` (only its metadata, first on the
+    path) and an nvidia-smi listing two GPUs (a stand-in: no GPU here)."""
+    import importlib.metadata
+
+    version = f"{importlib.metadata.version('transformers')}+shim"
+    info = folder / "shim" / f"transformers-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: transformers\nVersion: {version}\n")
+    smi = folder / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text("#!/bin/sh\necho 'NVIDIA H200'\necho 'NVIDIA H200'\n")
+    smi.chmod(0o755)
+    return {**env, "PYTHONPATH": f"{folder / 'shim'}{os.pathsep}{env['PYTHONPATH']}",
+            "PATH": f"{smi.parent}{os.pathsep}{env['PATH']}"}
 
 
 def deploy(config: Path, tag: str, cpu: str, api: str, *extra: str) -> None:
@@ -122,19 +147,56 @@ def report(tmp_path: Path) -> dict[str, str]:
     return {s["stage"]: s["status"] for s in body["stages"]}
 
 
+def stage_plan(config: Path, env: dict) -> dict[str, str]:
+    """`grove stages` as the parent's machine prints it: stage -> its table row."""
+    shown = subprocess.run([sys.executable, "-m", "flows.cli", "stages", "--config", str(config)], cwd=ROOT,
+                           env={**env, "COLUMNS": "400"}, capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    return {line.split("│")[1].strip(): line for line in shown.stdout.splitlines() if line.count("│") > 3}
+
+
 def test_a_placed_run_puts_each_group_on_its_pool_then_reruns_cached_and_from_a_stage(
         s3_env, prefect_api, tiny_model, tone_copy, tmp_path, write_config):
+    """Every pool's machine differs from the parent's; each stage's key holds the facts of the
+    machine that ran it, the parent computes the same keys from the facts the pools stored, and
+    a cached rerun starts no child run."""
+    import importlib.metadata
+
+    import s3fs
+
+    from grove.machine_facts import usable_cpus
+
     tag = uuid.uuid4().hex[:6]
     cpu, gpu = f"cpu-{tag}", f"gpu-{tag}"
     root = f"s3://grove-tests/placed-{tag}"
-    config = write_config(placed_config(tiny_model, tone_copy, tmp_path, root, cpu, gpu), "placed.json")
+    raw = placed_config(tiny_model, tone_copy, tmp_path, root, cpu, gpu)
+    raw["grove"]["device"] = "auto"  # resolved by each pool's machine
+    config = write_config(raw, "placed.json")
     deploy(config, tag, cpu, prefect_api)
     env = worker_env(prefect_api)
-    workers = [start_worker(cpu, "cpu-worker", env, tmp_path / "cpu-worker.log"),
-               start_worker(gpu, "gpu-worker", env, tmp_path / "gpu-worker.log")]
+    one_core = {min(os.sched_getaffinity(0))} if usable_cpus() > 1 else None
+    workers = [start_worker(cpu, "cpu-worker", env, tmp_path / "cpu-worker.log", cpus=one_core),
+               start_worker(gpu, "gpu-worker", other_machine_env(env, tmp_path), tmp_path / "gpu-worker.log")]
+    fs = s3fs.S3FileSystem(key=os.environ["AWS_ACCESS_KEY_ID"], secret=os.environ["AWS_SECRET_ACCESS_KEY"],
+                           client_kwargs={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})
+    shim = f"{importlib.metadata.version('transformers')}+shim"
+
+    def meta(stage: str) -> dict:
+        body = json.loads((tmp_path / "out" / "tiny" / "report.json").read_text())
+        uri = next(s["uri"] for s in body["stages"] if s["stage"] == stage)
+        return json.loads(fs.cat(f"{uri.removeprefix('s3://')}/MANIFEST.json"))["meta"]
+
     try:
         first = grove_run(config, env, tmp_path / "first.log")
         assert set(report(tmp_path).values()) == {"ran"}, report(tmp_path)
+        # each stage's facts are its worker's machine's, not the parent's
+        trained = meta("train")["machine"]
+        assert trained["libraries"]["transformers"] == shim and trained["processes"] == 1, trained
+        assert meta("template_corpus")["machine"]["libraries"]["transformers"] != shim
+        if one_core:
+            assert meta("benchmark")["machine"]["machine"].endswith(" x1"), meta("benchmark")
+        gpu_machine = json.loads(fs.cat(f"{root.removeprefix('s3://')}/machines/{gpu}.json"))
+        assert gpu_machine["gpus"] == ["NVIDIA H200"] * 2 and gpu_machine["libraries"]["transformers"] == shim
         children = child_runs(prefect_api, (cpu, gpu))
         workers_of = submitted_by(prefect_api)
         placed = {run["name"].split(": ", 1)[1]: (run["deployment"], run["work_pool_name"], workers_of.get(run["id"]))
@@ -150,12 +212,13 @@ def test_a_placed_run_puts_each_group_on_its_pool_then_reruns_cached_and_from_a_
         cached = grove_run(config, env, tmp_path / "cached.log")
         assert set(report(tmp_path).values()) == {"cached"}, report(tmp_path)
         assert child_runs(prefect_api, (cpu, gpu)).keys() == children.keys(), "a cached rerun starts no child run"
-        one_pool = placed_config(tiny_model, tone_copy, tmp_path, root, cpu, gpu)
-        del one_pool["grove"]["placement"]
-        one_pool_seconds = grove_run(write_config(one_pool, "one-pool.json"), env, tmp_path / "one-pool.log")
-        assert set(report(tmp_path).values()) == {"cached"}
-        print(f"\nplaced first run {first:.1f} s; cached rerun placed {cached:.1f} s vs one pool "
-              f"{one_pool_seconds:.1f} s")
+        print(f"\nplaced first run {first:.1f} s; cached rerun {cached:.1f} s")
+        assert all(" hit " in row for row in stage_plan(config, env).values())
+        # the same stages planned to run on the parent's machine: its transformers is not the gpu pool's
+        one_pool = dict(raw, grove={k: v for k, v in raw["grove"].items() if k != "placement"})
+        here = stage_plan(write_config(one_pool, "one-pool.json"), env)
+        assert " hit " in here["load_data"] and " hit " in here["template_corpus"], here
+        assert f"stored for transformers {shim}; this machine has transformers {shim[:-5]}" in here["train"], here
 
         # a command-line override travels to the child runs: the benchmark child's key matches the parent's
         grove_run(config, env, tmp_path / "from-stage.log", "--from-stage", "build_onnx", "grove.benchmark.repeats=2")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import yaml
 
@@ -27,7 +27,6 @@ from flows.config.plausible import check_training
 from flows.config.promotion import promotion_settings
 from flows.config.ship import check_adapter_ship
 from flows.config.training import lora_pass, train_settings, training_argument_names
-from grove.machine import machine_description
 from grove.settings import BenchmarkSettings, EvalSettings, RetrySettings, RunConfig
 from grove.stage import STAGES
 
@@ -39,14 +38,17 @@ ENGINE_KEYS = set(known_keys("engine"))
 
 
 def load_config(path: str | Path, base_dir: Path | None = None, list_remote_data: bool = True,
-                warnings: list[str] | None = None, overrides: list[str] | None = None) -> RunConfig:
+                warnings: list[str] | None = None, overrides: list[str] | None = None,
+                here: Iterable[str] | None = None) -> RunConfig:
     """Read a JSON or YAML run config and validate all of it (`warnings` collects every warning).
     `overrides`: `key.path=value` from the command line, set on the file's keys before validation
     (flows/config/overrides.py); an error they cause says so.
 
     Data locations are listed and their files hashed here, at the start of every run.
     `list_remote_data=False` (deploy-time checks) leaves s3:// locations to the run: the
-    machine deploying may not hold the keys the worker has."""
+    machine deploying may not hold the keys the worker has. `here`: the stages this machine
+    runs, whose hardware and runtimes are checked (default: every stage, none for a placed
+    config, whose parent only dispatches; a placed child names its group)."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError("", f"{path} is a folder; --config takes a run config file (JSON or YAML)")
@@ -73,7 +75,9 @@ def load_config(path: str | Path, base_dir: Path | None = None, list_remote_data
         config = parse_config(raw, base_dir=base_dir or Path.cwd(), config_dir=path.parent.resolve(),
                               list_remote_data=list_remote_data, warnings=warnings)
         # what the machine must offer, and every data file read through, before any work
-        return check_run_config(config, raw, str(path), on_this_machine=list_remote_data)
+        if here is None:
+            here = () if config.placement else STAGES
+        return check_run_config(config, raw, str(path), on_this_machine=list_remote_data, here=frozenset(here))
     except ConfigError as exc:
         exc = blame(exc, applied)
         raise ConfigError(exc.path, exc.message, exc.source or str(path)) from None
@@ -155,7 +159,7 @@ def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None, list_
         ship=grove.ship,
         build=build,
         search=search,
-        benchmark=BenchmarkSettings(**grove.benchmark.model_dump(), machine=machine_description(grove.device)),
+        benchmark=BenchmarkSettings(**grove.benchmark.model_dump()),  # its machine: a fact of its key
         promotion=promotion_settings(grove.promotion, name, bool(builders), bool(merges)),
     )
     return config

@@ -21,7 +21,9 @@ from flows.config.errors import ConfigError, did_you_mean
 from flows.config.input_model import accelerator_providers
 from flows.config.training import RENAMED_TRAINING_ARGS
 from grove.data_check import check_data
+from grove.machine_facts import DEVICE_STAGES, torch_build
 from grove.settings import RunConfig
+from grove.stage import STAGES
 
 # Execution providers Grove builds for (tasks/build_onnx): the Olive name -> BuildSettings' name.
 BUILD_PROVIDERS = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda"}
@@ -59,12 +61,15 @@ TRAINING_VALUES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def check_run_config(config: RunConfig, raw: dict, source: str, on_this_machine: bool = True) -> RunConfig:
+def check_run_config(config: RunConfig, raw: dict, source: str, on_this_machine: bool = True,
+                     here: frozenset[str] = frozenset(STAGES)) -> RunConfig:
     """Raise ConfigError (a key path) or UserError (file:line) at the first problem.
 
     on_this_machine=False (deploy-time checks): only what does not depend on the machine that
-    runs the flow; its folders, data and runtimes are the worker's."""
-    memo = hashlib.sha256(f"{on_this_machine}{config.model_dump_json()}".encode()).hexdigest()
+    runs the flow; its folders, data and runtimes are the worker's. `here`: the stages that run
+    on this machine; the hardware and runtimes of the others are their machines' to check (a
+    placed run's orchestrator only dispatches, each child checks its own group)."""
+    memo = hashlib.sha256(f"{on_this_machine}{sorted(here)}{config.model_dump_json()}".encode()).hexdigest()
     if memo in _checked:
         return config
     where = _Where(raw)
@@ -75,7 +80,7 @@ def check_run_config(config: RunConfig, raw: dict, source: str, on_this_machine:
         if on_this_machine:
             _check_folders(config, where)
             _check_data_files(config)
-            _check_runtimes(config, where)
+            _check_runtimes(config, where, here)
             _check_modules(config, where)
     except ConfigError as exc:
         if exc.source is None:
@@ -205,16 +210,19 @@ def _check_data_files(config: RunConfig) -> None:
     check_data(data.files, data.format, data.text_cols, data.eval_size, data.eval_files, data.max_samples)
 
 
-def _check_runtimes(config: RunConfig, where: _Where) -> None:
-    if config.device == "cuda":
-        from grove.machine import gpu_count
+def _check_runtimes(config: RunConfig, where: _Where, here: frozenset[str]) -> None:
+    if config.device == "cuda" and here & set(DEVICE_STAGES):
+        from grove.machine_facts import visible_gpus
 
         version, cuda = torch_build()
-        why = "is a CPU build" if cuda is None else None if gpu_count() else "finds no NVIDIA GPU (nvidia-smi)"
+        why = "is a CPU build" if cuda is None else None if visible_gpus() else "finds no NVIDIA GPU (nvidia-smi)"
         if why:
-            raise ConfigError("grove.device", f"cuda, but torch {version} here {why}; set device auto or cpu "
-                                              f"(LoRA and QLoRA train on a CPU too)")
-    if config.train is not None and config.train.method == "qlora":
+            stages = ", ".join(s for s in STAGES if s in here and s in DEVICE_STAGES)
+            raise ConfigError("grove.device", f"cuda, but torch {version} here {why} ({stages} would run here); "
+                                              f"set device auto or cpu (LoRA and QLoRA train on a CPU too)")
+    if config.train is not None and "train" in here:
+        _check_dtypes(config, where)
+    if config.train is not None and config.train.method == "qlora" and "train" in here:
         import importlib.util
 
         if importlib.util.find_spec("bitsandbytes") is None:
@@ -222,28 +230,23 @@ def _check_runtimes(config: RunConfig, where: _Where) -> None:
                               f"QLoRA needs bitsandbytes: pip install {pinned('bitsandbytes')}")
     builds = [config.build] if config.build else []
     builds += [c.build for c in config.search.candidates] if config.search else []
-    if any(b.execution_provider == "cuda" for b in builds):
+    if any(b.execution_provider == "cuda" for b in builds) and here & {"build_onnx", "benchmark"}:
         problem = cuda_onnx_problem()
         if problem:
             at = next((a for a, ep in where.providers() if ep == "CUDAExecutionProvider"), "engine.execution_providers")
             raise ConfigError(at, problem)
 
 
-def torch_build() -> tuple[str, str | None]:
-    """torch's version and the CUDA version it was built for (None: a CPU build), read from
-    torch/version.py: importing torch costs seconds."""
-    import ast
-    import importlib.util
+def _check_dtypes(config: RunConfig, where: _Where) -> None:
+    """The dtypes the config names, on the device training resolves to here (`auto` included)."""
+    from tasks.train.base import dtype_problems
 
-    from grove.pysource import parse_python
-
-    spec = importlib.util.find_spec("torch")
-    values: dict[str, Any] = {}
-    for node in parse_python((Path(spec.origin).parent / "version.py").read_text()).body:
-        target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
-        if isinstance(target, ast.Name) and isinstance(getattr(node, "value", None), ast.Constant):
-            values[target.id] = node.value.value
-    return values.get("__version__", "?"), values.get("cuda")
+    if not (config.train.torch_dtype or config.train.compute_dtype):
+        return
+    problems = dtype_problems(config.train, config.device)
+    if problems:
+        key, _, message = problems[0].partition(": ")
+        raise ConfigError(f"{where.pass_of('LoRA', 'QLoRA')[0]}.{key}", message)
 
 
 def cuda_onnx_problem() -> str | None:

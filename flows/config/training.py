@@ -10,7 +10,6 @@ from flows.config.errors import ConfigError, did_you_mean, validate
 from flows.config.fates import FATES, known_keys, sift
 from flows.config.grove_section import GroveSection
 from flows.config.olive import LoraPass, QLoraPass
-from grove.machine import gpu_count
 from grove.settings import TrainSettings
 
 # TrainingArguments names that older transformers/Olive used and transformers 5 renamed.
@@ -80,8 +79,10 @@ def _check_training(settings: TrainSettings, where: str, device: str, adapter_pa
     """What the train stage would refuse after loading the model, refused here instead."""
     from tasks.train.base import adapter_conflicts, dtype_problems
 
-    # only a dtype the config names can be refused; the check imports torch, which a cached rerun skips
-    problems = dtype_problems(settings, device) if settings.torch_dtype or settings.compute_dtype else []
+    # only a dtype the config names can be refused; `auto` is the training machine's to resolve
+    # (flows/config/checks.py checks it there), an explicit device is checked here
+    named = settings.torch_dtype or settings.compute_dtype
+    problems = dtype_problems(settings, device) if named and device != "auto" else []
     if adapter_path is not None:
         problems += adapter_conflicts(settings, adapter_path)
     if problems:
@@ -90,11 +91,12 @@ def _check_training(settings: TrainSettings, where: str, device: str, adapter_pa
         raise ConfigError(f"{where}.{spelled if spelled in written else key}", message)
 
 
-def training_processes(grove: GroveSection, where: str) -> int:
-    """grove.train.processes resolved here, so the train key says how many processes trained."""
+def training_processes(grove: GroveSection, where: str) -> int | str:
+    """grove.train.processes checked; `auto` stays auto: it is resolved on the machine that trains
+    (grove/machine_facts.py), and the count it resolved to is a fact of the train key."""
     value = grove.train.processes
     if value == "auto":
-        return max(gpu_count(), 1) if grove.device != "cpu" else 1
+        return value
     if isinstance(value, bool) or value < 1:
         raise ConfigError(where, f"must be 'auto' or a whole number of at least 1, got {value!r}")
     return value

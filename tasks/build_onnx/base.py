@@ -16,7 +16,8 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from grove.cache import code_digest, stage_key
+from grove.cache import code_digest, machine_key, stage_key
+from grove.machine_facts import stage_facts
 from grove.models import model_folder
 from grove.settings import BuildSettings, ModelSettings
 from grove.store import ArtifactStore
@@ -28,10 +29,17 @@ BASE_PREFIX = "base-"  # build_onnx entries holding a base (key base-<key>)
 CODE_VERSION = code_digest(__name__)
 
 
+def base_facts() -> dict:
+    """The build_onnx stage's machine facts here (the builder's libraries; no device)."""
+    return stage_facts("build_onnx", "cpu", {})
+
+
 def base_key(build: BuildSettings, model: ModelSettings) -> str:
-    # the adapter a run starts from (model.adapter_path) shapes the adapter, never the base
-    return stage_key("build_onnx", CODE_VERSION, {"base_model": model.content_sha256,
-                                                  "trust_remote_code": model.trust_remote_code, "build": build})
+    # the adapter a run starts from (model.adapter_path) shapes the adapter, never the base;
+    # the builder's library versions on this machine do
+    settings = stage_key("build_onnx", CODE_VERSION, {"base_model": model.content_sha256,
+                                                      "trust_remote_code": model.trust_remote_code, "build": build})
+    return machine_key(settings, base_facts())
 
 
 def onnx_base(build: BuildSettings, model: ModelSettings, store: ArtifactStore,
@@ -47,7 +55,7 @@ def onnx_base(build: BuildSettings, model: ModelSettings, store: ArtifactStore,
             printed = adapters.build_base(model_folder(model), staging / "model", build, model.trust_remote_code)
             (staging / "builder.log").write_text(printed)
             meta = {"summary": {"base_model": model.name, "base_model_sha256": model.content_sha256},
-                    "code_version": CODE_VERSION, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                    "code_version": CODE_VERSION, "machine": base_facts(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
             entry = store.put_dir("build_onnx", key, staging, meta, replace=forced)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

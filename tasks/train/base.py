@@ -10,14 +10,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from grove.machine_facts import default_dtype as machine_default_dtype
 from grove.models import load_causal_lm, model_folder
 from grove.settings import ModelSettings, TrainSettings
 
 
 # ---- dtypes -------------------------------------------------------------------------------------
 def default_dtype(device: str) -> str:
-    """Grove's per-device dtype when the config names none (grove/models.py load_causal_lm's)."""
-    return "bfloat16" if device == "cuda" else "float32"
+    """Grove's per-device dtype when the config names none (a fact of the train key)."""
+    return machine_default_dtype(device)
 
 
 def training_dtypes(settings: TrainSettings, device: str) -> dict:

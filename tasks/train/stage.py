@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from grove.machine_facts import training_processes
 from grove.models import resolve_device
 from grove.settings import ModelSettings, TrainSettings
 from grove.stage import ArtifactRef, current_run, current_stage_key, grove_stage, open_artifact, output_dir
@@ -95,6 +96,8 @@ def train(settings: TrainSettings, corpus: ArtifactRef, model: ModelSettings) ->
     """Fine-tune LoRA/QLoRA adapters on the templated corpus; stores adapter/ and train_log.json."""
     run = current_run()
     device = resolve_device(run.device)
+    # `auto` processes: one per GPU of this machine (the count is a fact of this stage's key)
+    settings = settings.model_copy(update={"processes": training_processes(settings.processes, device)})
     folder = open_artifact(corpus)
     out = output_dir()
     key = current_stage_key()
