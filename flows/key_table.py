@@ -21,7 +21,8 @@ EVERY_KEY, EVERY_STAGE = "every key", "every stage"
 
 WHY = {
     EVERY_KEY: "the key itself (`cache`, `pysource`); the store that reads a stage's inputs and writes its entry "
-               "(`store.*`, `credentials`); the settings and their defaults; the device and GROVE_HOME (`machine`)",
+               "(`store.*`, `credentials`); the settings and their defaults; the device and GROVE_HOME (`machine`); the machine facts "
+               "(`machine_facts`: which library versions, device and dtype enter each key)",
     EVERY_STAGE: "the decorator that runs a stage, records its summary and stores what it wrote",
     "load_data": "reading, checking, deduplicating and splitting the data files",
     "template_corpus": "the tokenizer and the prompt template",
