@@ -61,6 +61,7 @@ def test_a_run_with_overrides_records_them_and_the_plan_keys_follow(tiny_model, 
     grove("run", "-c", config, f"{STEPS}=2", "--device", "cpu")
     record = json.loads(runner.invoke(app, ["runs", "-c", config, "--json"]).output)[0]
     assert record["overrides"] == [f"{STEPS}=2", "grove.device=cpu"]
+    assert f"overrides: {STEPS}=2 grove.device=cpu" in grove("show", record["run_id"][:8], "-c", config)
     same = grove("stages", "-c", config, f"{STEPS}=2", "--device", "cpu")
     assert len(re.findall(r"\bhit\b", same)) == 7, same
     as_written = grove("stages", "-c", config)  # max_steps 3 in the file: training and what follows rerun

@@ -131,7 +131,8 @@ def show(run_id: str = typer.Argument(..., help="Run id (a unique prefix is enou
         print(json.dumps(run, indent=1))
         return
     console.print(f"run {run['run_id']} ({run['name']}, {run['config']}): {run['status']}, started {run['started']}"
-                  + (f"\nerror: {run['error']}" if run.get("error") else ""), highlight=False)
+                  + (f"\noverrides: {' '.join(run['overrides'])}" if run.get("overrides") else "")
+                  + (f"\nerror: {run['error']}" if run.get("error") else ""), highlight=False, markup=False)
     table = Listing(None, ["stage", "used or produced", "size",
                            ("stored at", {"overflow": "fold"})])  # a URI is only useful whole
     for stage in run["stages"]:
