@@ -6,6 +6,7 @@ every adapter changes the model; their merged twins (peft merge_and_unload) are 
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 from conftest import TONE_DATA, seed_store, tiny_config
 from grove.engines import OnnxEngine
 from grove.settings import BuildSettings
+from grove.store import ArtifactStore
 from tasks.build_onnx import adapters
 from tasks.build_onnx.builder import run_builder
 
@@ -208,6 +210,18 @@ def test_adapter_ship_builds_the_base_once_and_a_nightly_run_stores_only_its_ada
     answer = grove("predict", "--model", str(out), "--adapter", "tiny", "--max-new-tokens", "3",
                    "### Text: I love it\n### The tone is:\n")
     assert answer.strip()
+
+    # gc keeps the shared base (build_onnx/base-..., no stage's own key, named by the build's
+    # manifest under meta.uses) although no run record or promoted model lists it: a cached rerun
+    # after gc still publishes the base and the adapter
+    config, store = tmp_path / "adapter.json", ArtifactStore(str(tmp_path / "adapter" / "store"))
+    [base] = [e for e in store.entries("build_onnx") if e.key.startswith("base-")]
+    grove("gc", "--keep", "1", "--config", str(config), "--grace-minutes", "0")
+    assert store.lookup("build_onnx", base.key) is not None and store.by_digest(base.digest) is not None
+    shutil.rmtree(out)
+    grove("run", "--config", str(config))
+    assert {s["status"] for s in json.loads((out / "report.json").read_text())["stages"]} == {"cached"}
+    assert (out / "model" / "model.onnx").is_file() and adapter_file(out, "tiny").is_file()
 
 
 def test_an_adapter_of_another_base_is_refused_before_loading(tiny_model, fp32_base, tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -89,26 +88,6 @@ def test_two_runs_of_one_config_at_once_on_one_s3_store(s3_env, prefect_api, tin
 
 
 # ---- gc never removes what is in use --------------------------------------------------------------------
-def test_gc_keeps_the_shared_adapter_base_so_a_cached_rerun_still_works(tiny_model, tone_copy, tmp_path,
-                                                                        write_config):
-    """grove.ship: adapter: the base (build_onnx/base-...) is no stage's own key; the build's manifest
-    names it (meta.uses), so gc keeps it although no run record or promoted model lists it."""
-    raw = tiny_config(tiny_model, tone_copy, tmp_path / "store", tmp_path / "out")
-    raw["grove"]["ship"] = "adapter"
-    config = write_config(raw)
-    grove("run", "--config", str(config))
-    store = ArtifactStore(str(tmp_path / "store"))
-    [base] = [e for e in store.entries("build_onnx") if e.key.startswith("base-")]
-
-    grove("gc", "--keep", "1", "--config", str(config), "--grace-minutes", "0")
-    assert store.lookup("build_onnx", base.key) is not None and store.by_digest(base.digest) is not None
-    shutil.rmtree(tmp_path / "out")
-    grove("run", "--config", str(config))  # fully cached: publishes the base and the adapter again
-    report = json.loads((tmp_path / "out" / "tiny" / "report.json").read_text())
-    assert {s["status"] for s in report["stages"]} == {"cached"}
-    assert (tmp_path / "out" / "tiny" / "model" / "model.onnx").is_file()
-
-
 def make_old(*paths) -> None:
     """Two hours old: past any grace period the tests use."""
     stamp = time.time() - 7200
