@@ -175,6 +175,26 @@ def tiny_config(model: Path, data: Path, store: Path, output: Path, rows: int | 
     }
 
 
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def one_label_rows(start: int, stop: int) -> str:
+    rows = [json.loads(line) for line in TONE_DATA.read_text().splitlines()][start:stop]
+    return "".join(json.dumps({"phrase": r["phrase"], "tone": "formal"}) + "\n" for r in rows)
+
+
+def learnable_config(model: Path, data: str, store: str, output: Path) -> dict:
+    """Tiny model, one label, enough steps to learn it (~30 s of training on 2 cores)."""
+    raw = tiny_config(model, TONE_DATA, store, output, rows=None, precision="fp32")
+    raw["data_configs"][0]["load_dataset_config"]["params"]["data_files"] = data
+    lora = raw["passes"]["lora"]["config"]
+    lora["target_modules"] = ALL_LINEAR
+    lora["training_args"].update(max_steps=30, learning_rate=2e-2)
+    raw["grove"]["evaluate"]["max_new_tokens"] = 6
+    raw["grove"]["promotion"] = {"metric": "onnx_accuracy", "min": 0.5, "max_drop": 0.1}
+    return raw
+
+
 @pytest.fixture(scope="session")
 def trained_store(tiny_model, prefect_api, tmp_path_factory) -> Path:
     """A local store holding one whole run of `tiny_config` on the bundled tone data, made once
@@ -190,6 +210,24 @@ def trained_store(tiny_model, prefect_api, tmp_path_factory) -> Path:
     result = optimize(str(config))
     assert [s["status"] for s in result["stages"]] == ["ran"] * 7, result["stages"]
     return folder / "store"
+
+
+@pytest.fixture(scope="session")
+def learned_run(tiny_model, prefect_api, tmp_path_factory) -> dict:
+    """`learnable_config` with the default promotion gate, run once per session into a local
+    store: tests/test_gate.py asserts on this run and goes on from a copy of its store;
+    tests/test_default_search.py seeds its store from it (training, evaluation, merge cached)."""
+    from flows.optimize import optimize
+
+    folder = tmp_path_factory.mktemp("learned")
+    data = folder / "tone.jsonl"
+    data.write_text(one_label_rows(0, 80))
+    raw = learnable_config(tiny_model, str(data), str(folder / "store"), folder / "out")
+    raw["grove"].pop("promotion")  # the defaults
+    (folder / "trained.json").write_text(json.dumps(raw))
+    result = optimize(str(folder / "trained.json"))
+    assert [s["status"] for s in result["stages"]] == ["ran"] * 7, result["stages"]
+    return {"result": result, "raw": raw, "store": folder / "store"}
 
 
 def seed_store(source: Path, root: Path) -> Path:

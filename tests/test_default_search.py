@@ -8,10 +8,9 @@ import json
 
 import pytest
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, learnable_config, one_label_rows, seed_store, tiny_config
 from flows.config import load_config
 from flows.config.candidates import LADDER
-from test_nightly import learnable_config, one_label_rows
 
 
 def test_the_bundled_config_ships_through_the_ladder_by_default():
@@ -41,16 +40,19 @@ def test_which_configs_search_by_default(tiny_model, tone_copy, tmp_path, write_
         assert not cfg.search.early_stop and len(cfg.search.candidates) > len(LADDER)
 
 
-def test_the_ladder_stops_at_the_first_candidate_within_tolerance(tiny_model, tmp_path):
+def test_the_ladder_stops_at_the_first_candidate_within_tolerance(tiny_model, learned_run, tmp_path):
     from flows.optimize import optimize
 
     data = tmp_path / "tone.jsonl"
     data.write_text(one_label_rows(0, 80))
-    raw = learnable_config(tiny_model, str(data), str(tmp_path / "store"), tmp_path / "out")
+    # the session's learned entries: training, evaluation and the merge come from the cache
+    raw = learnable_config(tiny_model, str(data), str(seed_store(learned_run["store"], tmp_path / "store")),
+                           tmp_path / "out")
     raw["passes"]["builder"]["config"] = {"precision": "int4"}
     raw["grove"].pop("quantization_search")  # the default
     (tmp_path / "run.json").write_text(json.dumps(raw))
     result = optimize(str(tmp_path / "run.json"))
+    assert {s["stage"]: s["status"] for s in result["stages"]}["train"] == "cached"
     built = [s for s in result["stages"] if s["stage"] == "build_onnx"]
     report = json.loads((tmp_path / "out" / "tiny" / "report.json").read_text())
     search = report["quantization_search"]

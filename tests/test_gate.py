@@ -18,27 +18,24 @@ from typer.testing import CliRunner
 from flows.cli import app
 from grove.settings import PromotionSettings
 from tasks.promote import RULES, accuracies_of, decide, metrics_of, verdict_words
-from test_nightly import learnable_config, one_label_rows
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_model, tmp_path_factory):
-    """A trained run with the default gate, then a barely-trained one through the CLI."""
-    from flows.optimize import optimize
+def runs(learned_run, tmp_path_factory):
+    """A trained run with the default gate (the session's learned_run), then a barely-trained one
+    through the CLI on a copy of its store (run records and the promoted model included)."""
+    import shutil
 
     folder = tmp_path_factory.mktemp("gate")
-    data = folder / "tone.jsonl"
-    data.write_text(one_label_rows(0, 80))
-    raw = learnable_config(tiny_model, str(data), str(folder / "store"), folder / "out")
-    raw["grove"].pop("promotion")  # the defaults are what is tested
-    (folder / "trained.json").write_text(json.dumps(raw))
-    trained = optimize(str(folder / "trained.json"))
+    shutil.copytree(learned_run["store"], folder / "store", ignore=shutil.ignore_patterns(".materialized"))
+    raw = json.loads(json.dumps(learned_run["raw"]))
+    raw["engine"] = {"cache_dir": str(folder / "store"), "output_dir": str(folder / "out")}
     raw["passes"]["lora"]["config"]["training_args"].update(max_steps=1, learning_rate=1e-4)
     (folder / "barely.json").write_text(json.dumps(raw))
     cli = runner.invoke(app, ["run", "--config", str(folder / "barely.json")])
-    return {"trained": trained, "cli": cli, "folder": folder}
+    return {"trained": learned_run["result"], "cli": cli, "folder": folder}
 
 
 def summary(result: dict, stage: str) -> dict:

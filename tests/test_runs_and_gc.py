@@ -12,7 +12,7 @@ import uuid
 
 from typer.testing import CliRunner
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, TONE_DATA, seed_store, tiny_config
 from flows.cli import app
 from flows.runs import RunLog, garbage_collect
 from grove.machine import grove_home
@@ -37,10 +37,13 @@ def stored_blobs(root) -> set[str]:
     return {p.name for p in (root / "blobs").rglob("*") if p.is_file()}
 
 
-def test_gc_keeps_what_recent_runs_use_and_frees_the_rest(tiny_model, tone_copy, tmp_path, write_config):
-    raw = tiny_config(tiny_model, tone_copy, tmp_path / "store", tmp_path / "out")
+def test_gc_keeps_what_recent_runs_use_and_frees_the_rest(tiny_model, trained_store, tmp_path, write_config):
+    # the first run takes every stage from the session's trained entries (same data file, same keys)
+    raw = tiny_config(tiny_model, TONE_DATA, seed_store(trained_store, tmp_path / "store"), tmp_path / "out")
     config = write_config(raw)
     grove("run", "--config", str(config))
+    report = json.loads((tmp_path / "out" / "tiny" / "report.json").read_text())
+    assert {s["status"] for s in report["stages"]} == {"cached"}
     raw["passes"]["builder"]["config"]["precision"] = "fp32"
     write_config(raw)
     grove("run", "--config", str(config))
