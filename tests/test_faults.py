@@ -10,7 +10,7 @@ import uuid
 import pytest
 from typer.testing import CliRunner
 
-from conftest import tiny_config
+from conftest import seed_store, tiny_config
 from flows.cli import app
 from seaweedfs import ACCESS_KEY, SECRET_KEY, free_port
 from grove.store import ArtifactStore, StoreError
@@ -113,13 +113,15 @@ def test_credentials_from_a_prefect_block_and_never_in_clear(s3_server, prefect_
     assert SECRET_KEY not in str(error.value) and "does not exist" in str(error.value)
 
 
-def test_a_transient_stage_failure_is_retried_and_a_bad_input_is_not(tiny_model, tone_copy, tmp_path, write_config,
-                                                                      monkeypatch):
+def test_a_transient_stage_failure_is_retried_and_a_bad_input_is_not(tiny_model, trained_store, tone_copy, tmp_path,
+                                                                      write_config, monkeypatch):
     """Injected faults (a dropped connection, then a data error) in load_data's reader: the
-    first is retried per grove.retries and the run completes; the second fails at once."""
+    first is retried per grove.retries and the run completes; the second fails at once. The
+    store starts with the session's trained entries: load_data runs (its data file is this
+    test's), training and evaluation come from the cache."""
     import tasks.load_data
 
-    raw = tiny_config(tiny_model, tone_copy, tmp_path / "store", tmp_path / "out")
+    raw = tiny_config(tiny_model, tone_copy, seed_store(trained_store, tmp_path / "store"), tmp_path / "out")
     del raw["passes"]["merge"], raw["passes"]["builder"]
     raw["grove"]["retries"] = {"load_data": {"retries": 2, "delay_seconds": 0}}
     config = write_config(raw)
@@ -135,6 +137,9 @@ def test_a_transient_stage_failure_is_retried_and_a_bad_input_is_not(tiny_model,
     result = runner.invoke(app, ["run", "--config", str(config)])
     assert result.exit_code == 0, result.output
     assert len(calls) == 2
+    report = json.loads((tmp_path / "out" / "tiny" / "report.json").read_text())
+    statuses = {s["stage"]: s["status"] for s in report["stages"]}
+    assert statuses["load_data"] == "ran" and statuses["train"] == "cached", statuses
 
     def broken(*args, **kwargs):
         calls.append(1)
