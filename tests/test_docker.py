@@ -290,3 +290,15 @@ def test_the_entry_point_dispatches_to_a_worker_grove_or_the_given_command(tmp_p
                           text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == expected
+
+
+def test_a_run_output_folder_beside_the_packages_is_not_installed(tmp_path):
+    """`make demo` leaves grove-output/ in the project folder; a pattern like "grove*" made
+    setuptools install it as a namespace package (and the image's file set then differed)."""
+    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+    for package in ("grove", "flows", "tasks"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+    (tmp_path / "grove-output" / "smollm2-tone" / "model").mkdir(parents=True)
+    (tmp_path / "grove-output" / "smollm2-tone" / "model" / "genai_config.json").write_text("{}")
+    assert pyproject_packages(tmp_path) == {"grove", "flows", "tasks"}
