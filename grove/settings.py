@@ -62,6 +62,12 @@ class CorpusSettings(Frozen):
     eval_label_col: str | None = None
 
 
+# TrainingArguments a CPU cannot honour: the Trainer refuses fp16 there, and bf16 autocast and
+# tf32 have no effect the run would want. Config checks warn about them where the training
+# machine is known; the train stage turns them off (a placed stage learns its machine only there).
+CPU_OFF_FLAGS = ("fp16", "bf16", "tf32")
+
+
 class TrainSettings(Frozen):
     method: Literal["lora", "qlora"]
     r: int = 64

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from flows.config.errors import ConfigError
-from grove.settings import ModelSettings, TrainSettings
+from grove.settings import CPU_OFF_FLAGS, ModelSettings, TrainSettings
 
 # LoRA and full fine-tuning with AdamW use 1e-6..1e-2 (the recipe 1e-4, Grove's default 5e-4).
 # Each AdamW step moves a weight by about the learning rate: from 1 up the model is overwritten in
@@ -15,10 +15,6 @@ from grove.settings import ModelSettings, TrainSettings
 LEARNING_RATE_ERROR_FROM = 1.0
 LEARNING_RATE_USUAL = (1e-7, 1e-2)
 USUAL = "1e-7..1e-2"
-# TrainingArguments a CPU cannot honour: the Trainer refuses fp16 there, and bf16 autocast and
-# tf32 have no effect the run would want. tasks/train/fit.py turns the same ones off at train time
-# (a placed train stage only learns its machine there).
-CPU_OFF_FLAGS = ("fp16", "bf16", "tf32")
 
 
 def check_learning_rate(train: TrainSettings, at: str, warn) -> None:

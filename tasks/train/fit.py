@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from grove.lm_head import labelled_logits
-from grove.settings import ModelSettings, TrainSettings
+from grove.settings import CPU_OFF_FLAGS, ModelSettings, TrainSettings
 from grove.stage import current_run
 from grove.textdata import read_jsonl
 # load_base_for_training, add_lora and disable_cpu_bf16_4bit_path are used from here by tests and benches
@@ -68,7 +68,7 @@ def training_arguments(settings: TrainSettings, device: str, workdir: str, has_e
 
     args = {**DEFAULT_ARGS, **settings.training_args}
     if device == "cpu":
-        for flag in ("fp16", "bf16", "tf32"):
+        for flag in CPU_OFF_FLAGS:
             if args.pop(flag, False):
                 log.warning("training_args.%s: not available on the CPU; training in float32", flag)
         if str(args.get("optim", "")).startswith("paged_"):
