@@ -182,7 +182,7 @@ NEWLY_HONOURED = {"phi3-tone.json": {("train", "compute_dtype"): "bfloat16"},
 ADDED_SINCE = {("train", "nodes"): 1, (None, "placement"): {}, (None, "ship"): "merged",
                ("promotion", "max_drop_from_fine_tuned"): 0.02, ("promotion", "min_gain_over_base"): 0.05}
 # changed on purpose since the snapshots: the default run's benchmark times each prompt once (the
-# whole default run under 4 minutes on 2 cores; README: Measured: the default run)
+# whole default run under 4 minutes on 2 cores; bench/README.md: The default run)
 RETUNED = {"smollm2-tone.json": {("benchmark", "repeats"): 1}}
 # A plain int4 build with a label to score now gets the ladder search by default (the model
 # shipped keeps its accuracy), the CUDA ladder on CUDA; every other setting keeps its meaning.

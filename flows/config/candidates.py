@@ -34,7 +34,7 @@ def builtin_candidates(precision_default: BuildSettings, model_config: dict | No
         ("int4-kquant-b16-mixed", {"algo": "k_quant", "block_size": 16,
                                    "mixed_precision": {"last_matmul": "int8", "mixed_layers": "int8"}}),
         # rtn with zero points (uint4): builds in ~5 s where k_quant takes 40-75 s, and kept the
-        # bundled fine-tune's accuracy best (README: Measured: the default ladder)
+        # bundled fine-tune's accuracy best (bench/README.md: The quantization search)
         ("int4-rtn-asym-mixed", {"algo": "rtn", "is_symmetric": False,
                                  "mixed_precision": {"last_matmul": "int8", "mixed_layers": "int8"}}),
         ("int4-rtn-asym-b16-mixed", {"algo": "rtn", "is_symmetric": False, "block_size": 16,
@@ -62,7 +62,7 @@ def builtin_candidates(precision_default: BuildSettings, model_config: dict | No
 # takes a minute) with zero points, block 16, an int8 LM head and int8 sensitive layers: it kept
 # the bundled fine-tune's accuracy exactly at 25% of the fp32 size, where the same at block 32
 # (21.5%, faster decode) lost 2.5 points and k_quant at block 16 lost 1.7; then int8, the
-# accurate fallback (README: Measured: the default run).
+# accurate fallback (bench/README.md: The default run).
 LADDER = ("int4-rtn-asym-b16-mixed", "int8")
 
 

@@ -1,0 +1,74 @@
+"""The README a newcomer navigates: every link of its table of contents (and bench/README.md's) lands
+on a heading as GitHub anchors it, every section is listed, and links to other files of the repo
+point at files that exist."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from markdown_it import MarkdownIt
+
+from conftest import ROOT
+
+DOCS = [ROOT / "README.md", ROOT / "bench" / "README.md"]
+
+
+def github_anchor(heading: str) -> str:
+    """The id GitHub gives a heading: lower case, punctuation dropped (backticks, dots, colons,
+    parentheses), spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def headings(doc: Path) -> list[tuple[int, str]]:
+    """(level, text) of each heading, parsed as markdown (a `# comment` in a code block is none)."""
+    tokens = MarkdownIt("commonmark").enable("table").parse(doc.read_text())
+    return [(int(tok.tag[1]), tokens[i + 1].content) for i, tok in enumerate(tokens) if tok.type == "heading_open"]
+
+
+def anchors(doc: Path) -> set[str]:
+    seen: dict[str, int] = {}
+    out = set()
+    for _, text in headings(doc):
+        base = github_anchor(text)
+        out.add(base if base not in seen else f"{base}-{seen[base]}")  # GitHub numbers repeats -1, -2...
+        seen[base] = seen.get(base, 0) + 1
+    return out
+
+
+def links(doc: Path) -> list[str]:
+    tokens = MarkdownIt("commonmark").enable("table").parse(doc.read_text())
+    return [child.attrs["href"] for tok in tokens if tok.type == "inline"
+            for child in tok.children or [] if child.type == "link_open"]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda d: str(d.relative_to(ROOT)))
+def test_every_link_lands_on_a_heading_or_a_file_of_the_repo(doc):
+    local = [href for href in links(doc) if not re.match(r"^[a-z]+:", href)]
+    assert any(href.startswith("#") for href in local), f"{doc.name} has no table of contents"
+    for href in local:
+        path, _, anchor = href.partition("#")
+        target = (doc.parent / path).resolve() if path else doc
+        assert target.exists(), f"{doc.relative_to(ROOT)}: link to {href}: no such file"
+        if anchor:
+            assert anchor in anchors(target), f"{doc.relative_to(ROOT)}: link {href}: no heading with that anchor"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda d: str(d.relative_to(ROOT)))
+def test_every_section_is_in_the_table_of_contents(doc):
+    listed = {href[1:] for href in links(doc) if href.startswith("#")}
+    sections = [text for level, text in headings(doc)[1:] if level == 2 and text not in ("Contents", )]
+    missing = [text for text in sections if github_anchor(text) not in listed
+               and not text.startswith("The two commands")]
+    assert not missing, f"{doc.relative_to(ROOT)}: sections missing from its Contents: {missing}"
+
+
+def test_the_readme_starts_with_what_grove_is_and_the_two_commands():
+    levels = headings(ROOT / "README.md")
+    assert levels[0] == (1, "Grove") and levels[1][1].startswith("The two commands") and levels[2][1] == "Contents"
+    makefile = (ROOT / "Makefile").read_text()
+    block = (ROOT / "README.md").read_text().split("```bash\n", 1)[1].split("```", 1)[0]
+    for target in re.findall(r"^make (\w+)", block, re.M):
+        assert re.search(rf"^{target}:", makefile, re.M), f"the README's `make {target}` is no Makefile target"
+    assert re.findall(r"^make (\w+)", block, re.M) == ["demo", "test"]
