@@ -110,10 +110,12 @@ def optimize(config: str, from_stage: str | None = None, overrides: list[str] | 
     return {**result, "run_id": run_log.run_id}
 
 
-def plan(config: str, from_stage: str | None = None, overrides: list[str] | None = None) -> list[StageRecord]:
-    """Which stages a run would take from the cache, and why the others would run."""
+def plan(config: str, from_stage: str | None = None, overrides: list[str] | None = None,
+         loaded: RunConfig | None = None) -> list[StageRecord]:
+    """Which stages a run would take from the cache, and why the others would run (`loaded`: the
+    config already read with these overrides)."""
     check_from_stage(from_stage)
-    cfg = load_config(config, overrides=overrides)
+    cfg = loaded or load_config(config, overrides=overrides)
     store = ArtifactStore(cfg.artifact_root, cfg.aws_credentials_block)
     context = RunContext(store=store, device=cfg.device, from_stage=from_stage, dry_run=True)
     if cfg.placement:

@@ -75,3 +75,29 @@ def test_an_override_mistake_is_one_line_from_the_real_command(tiny_model, tone_
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.strip().startswith("error: ") and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "grove.seed" in done.stderr and "(from the command line: grove.seed=x)" in done.stderr
+
+
+def test_validate_resolved_is_pure_json_warns_once_and_the_plan_names_candidates_and_gate(tiny_model, tone_copy,
+                                                                                       tmp_path, write_config):
+    """`--resolved | jq` works: stdout is the JSON alone (the ok line and warnings on stderr, each
+    warning once); validate, stages and the JSON name the ladder's rungs and the gate's rules."""
+    from flows.config.candidates import LADDER
+
+    config = str(write_config(tiny_config(tiny_model, tone_copy, tmp_path / "store", tmp_path / "out")))
+    ladder = ['grove.quantization_search={"candidates": "ladder"}', "grove.promotion.min=0.25"]
+    result = runner.invoke(app, ["validate", "-c", config, "--resolved", "passes.lora.config.training_args.bf16=true",
+                                 *ladder])
+    assert result.exit_code == 0, result.output
+    settings = json.loads(result.stdout)
+    assert settings["plan"]["build"]["candidates"] == list(LADDER)
+    assert settings["plan"]["promotion"]["rules"][0] == "onnx_accuracy >= 0.25 (min)"
+    warned = "passes.lora.config.training_args.bf16: turned off: training runs on the CPU"
+    assert result.stderr.count(warned) == 1, result.stderr
+    assert result.stderr.startswith(f"warning: {warned}") and f"ok: {config}" in result.stderr
+    said = grove("validate", "-c", config, *ladder)
+    assert f"build: {' -> '.join(LADDER)}: built in this order; the first within 2 accuracy points" in said, said
+    assert "promote: tiny becomes current if onnx_accuracy >= 0.25 (min); shipped accuracy at most 2 points" in said
+    planned = grove("stages", "-c", config, *ladder)
+    assert f"build: {' -> '.join(LADDER)}:" in planned and "promote: tiny becomes current if" in planned
+    single = grove("stages", "-c", config)
+    assert "build: int4 block 32 symmetric cpu: the one build ships" in single, single

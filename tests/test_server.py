@@ -51,6 +51,14 @@ def test_concurrent_starts_give_one_server_later_commands_use_it_and_stop_ends_i
             assert response.status == 200
         again = grove(["server", "start"], env)
         assert "already running" in again.stdout and str(record["pid"]) in again.stdout
+        # status names the API and the line that points Prefect's own CLI at it: with it, `prefect
+        # flow-run ls` asks this server (without it, a fresh PREFECT_HOME's sqlite: a traceback)
+        status = grove(["server", "status"], env).stdout
+        assert f"API {record['url']}" in status, status
+        export = next(line for line in status.splitlines() if line.startswith("export PREFECT_API_URL="))
+        listed = subprocess.run([sys.executable, "-m", "prefect", "flow-run", "ls"], cwd=ROOT, capture_output=True,
+                                text=True, env={**env, "PREFECT_API_URL": export.split("=", 1)[1]}, timeout=120)
+        assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr[-2000:]
         probe = ("import sys; sys.argv = ['grove', 'validate', '--help']\n"
                  "from flows.server import use_local_server; use_local_server(False)\n"
                  "from prefect.settings import get_current_settings; print(get_current_settings().api.url)")
@@ -65,7 +73,7 @@ def test_concurrent_starts_give_one_server_later_commands_use_it_and_stop_ends_i
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGTERM)
     assert "stopped the local Prefect server" in stopped.stdout
-    assert "not running" in grove(["server", "status"], env).stdout
+    assert "not running: `grove server start` starts it" in grove(["server", "status"], env).stdout
     try:
         os.kill(record["pid"], 0)
         alive = True

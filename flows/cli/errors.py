@@ -11,6 +11,8 @@ from rich.console import Console
 
 # Off a terminal rich would wrap every line at 80 columns (a command or URI broken mid-line in a log)
 console = Console(soft_wrap=not sys.stdout.isatty())
+# What is not the answer of a command whose stdout is data (`grove validate --resolved`)
+stderr_console = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
 DEBUG = {"traceback": False}
 
 
@@ -66,6 +68,25 @@ def quiet_user_errors_in_prefect_console() -> None:
         for handler in logging.getLogger(name).handlers:
             if not isinstance(handler, APILogHandler):
                 handler.addFilter(_NoUserErrorTracebacks())
+
+
+@contextmanager
+def said_once(warnings: list[str]):
+    """The config's warnings as `warning: <key path>: <what>` lines on stderr, once each: the
+    config logger's own copy of each (what a run's log keeps) is held back meanwhile."""
+    import logging
+
+    from rich.markup import escape
+
+    logger = logging.getLogger("grove.config")
+    hold = logging.Filter("nothing")  # a name no record has: every record is dropped
+    logger.addFilter(hold)
+    try:
+        yield
+    finally:
+        logger.removeFilter(hold)
+        for warning in warnings:
+            stderr_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
 
 
 @contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -12,39 +13,45 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from flows.cli.app import CONFIG, DEVICE, FROM_STAGE, Device, OVERRIDES, app, console, server_ready, with_device
-from flows.cli.errors import clean_errors, fail, quiet_user_errors_in_prefect_console, stage_failed
+from flows.cli.errors import (clean_errors, fail, quiet_user_errors_in_prefect_console, said_once, stage_failed,
+                              stderr_console)
 from flows.cli.output import Listing
 from flows.progress_lines import DEFAULT_EVERY, ProgressLines
 
 
 @app.command()
 def validate(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES, device: Optional[Device] = DEVICE,
-             resolved: bool = typer.Option(False, "--resolved", help="print each stage's resolved settings "
-                                                                    "(JSON) and every warning")) -> None:
-    """Check a run config without running anything."""
+             resolved: bool = typer.Option(False, "--resolved", help="print each stage's resolved settings and the "
+                                                                    "plan as JSON on stdout (the rest on stderr)")) -> None:
+    """Check a run config without running anything; say what it would build and when it promotes."""
     from flows.config import load_config
+    from flows.plan_words import plan_lines, plan_of
 
     warnings: list[str] = []
-    with clean_errors():
+    with clean_errors(), said_once(warnings):
         cfg = load_config(config, warnings=warnings, overrides=with_device(overrides, device))
-    if resolved:
-        print(cfg.model_dump_json(indent=2))
-        for warning in warnings:
-            console.print(f"[yellow]warning:[/] {warning}", highlight=False)
-    console.print(f"[green]ok[/]: {config} -> model {cfg.model.name}, data {cfg.data.files[0]}, "
-                  f"train {cfg.train.method if cfg.train else 'none'}, build "
-                  f"{cfg.build.precision if cfg.build else 'none'}, store {cfg.artifact_root}")
+    if resolved:  # stdout is the JSON and nothing else: `grove validate --resolved | jq` works
+        print(json.dumps({**cfg.model_dump(mode="json"), "plan": plan_of(cfg)}, indent=2), flush=True)
+    say = stderr_console if resolved else console
+    say.print(f"[green]ok[/]: {config} -> model {cfg.model.name}, data {cfg.data.files[0]}, "
+              f"train {cfg.train.method if cfg.train else 'none'}, store {cfg.artifact_root}", highlight=False)
+    for line in plan_lines(cfg):
+        say.print(line, highlight=False, markup=False)
 
 
 @app.command()
 def stages(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES, device: Optional[Device] = DEVICE,
            from_stage: Optional[str] = FROM_STAGE) -> None:
     """The plan: each stage, whether it would be a cache hit, and why not."""
+    from flows.config import load_config
     from flows.optimize import plan
+    from flows.plan_words import plan_lines
     from grove.stage import STAGES
 
+    overrides = with_device(overrides, device)
     with clean_errors():
-        records = {r.stage: r for r in plan(str(config), from_stage, with_device(overrides, device))}
+        cfg = load_config(config, overrides=overrides)
+        records = {r.stage: r for r in plan(str(config), from_stage, overrides, loaded=cfg)}
     table = Listing(f"Plan for {config}", ["stage", "cache", "why", "key"])
     for stage in STAGES:
         record = records.get(stage)
@@ -55,6 +62,8 @@ def stages(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES, de
         else:
             table.add_row(stage, "[yellow]miss[/]", record.reason, "")
     table.print()
+    for line in plan_lines(cfg):
+        console.print(line, highlight=False, markup=False)
 
 
 @app.command()

@@ -36,7 +36,14 @@ def server_stop() -> None:
 
 @server_app.command("status")
 def server_status() -> None:
+    """Whether it runs, its UI and API, and the line that points Prefect's own CLI at it."""
     from flows.server import running
 
     record = running()
-    console.print(f"running: UI {record['ui']} (pid {record['pid']})" if record else "not running", highlight=False)
+    if record is None:
+        console.print("not running: `grove server start` starts it (`grove run` does too, when needed)",
+                      highlight=False)
+        return
+    console.print(f"running: UI {record['ui']}, API {record['url']} (pid {record['pid']})\n"
+                  f"for Prefect's own CLI (prefect flow-run ls, ...) in this shell:\n"
+                  f"export PREFECT_API_URL={record['url']}", highlight=False, markup=False)
