@@ -72,3 +72,46 @@ def test_the_readme_starts_with_what_grove_is_and_the_two_commands():
     for target in re.findall(r"^make (\w+)", block, re.M):
         assert re.search(rf"^{target}:", makefile, re.M), f"the README's `make {target}` is no Makefile target"
     assert re.findall(r"^make (\w+)", block, re.M) == ["demo", "test"]
+
+
+def grove_keys(model, prefix: str = "") -> set[str]:
+    """Every key path the `grove` section's pydantic model accepts: nested sections are walked, a
+    dict of sections (`retries`) is `retries.<stage>.KEY`; a list's items (candidates) are not."""
+    import types
+    from typing import Union, get_args, get_origin
+
+    from pydantic import BaseModel
+
+    keys = set()
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        keys.add(path)
+        union = get_origin(field.annotation) in (Union, types.UnionType)
+        for arg in get_args(field.annotation) if union else (field.annotation,):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                keys |= grove_keys(arg, f"{path}.")
+            elif get_origin(arg) is dict and isinstance(get_args(arg)[1], type) and issubclass(get_args(arg)[1], BaseModel):
+                keys |= grove_keys(get_args(arg)[1], f"{path}.<stage>.")
+    return keys
+
+
+def documented_grove_keys() -> set[str]:
+    """The keys the README's `grove` table names: `evaluate.max_new_tokens` / `batch_size` names
+    evaluate.max_new_tokens and evaluate.batch_size."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### The `grove` section\n", 1)[1].split("\n#", 1)[0]
+    keys = set()
+    for row in re.findall(r"^\| (`[^|]+)\|", section, re.M):
+        first, *rest = [part.strip().strip("`") for part in row.split("/")]
+        parent = first.rpartition(".")[0]
+        keys |= {first, *(f"{parent}.{key}" if parent else key for key in rest)}
+    return keys
+
+
+def test_every_key_of_the_grove_section_is_in_the_readme_and_no_other():
+    from flows.config.grove_section import GroveSection
+
+    accepted, documented = grove_keys(GroveSection), documented_grove_keys()
+    leaves = {key for key in accepted if not any(other.startswith(f"{key}.") for other in accepted)}
+    assert not leaves - documented, f"grove keys the README's grove table does not document: {sorted(leaves - documented)}"
+    assert not documented - accepted, f"the README documents grove keys Grove does not accept: {sorted(documented - accepted)}"
