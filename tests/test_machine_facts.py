@@ -122,3 +122,50 @@ def test_a_cuda_config_placed_on_a_gpu_pool_validates_on_a_cpu_only_orchestrator
     raw["grove"]["artifact_root"] = str(tmp_path / "store")
     with pytest.raises(ConfigError, match="grove.device: cuda, but torch"):  # one machine runs it all
         load_config(write_config(raw, "one-pool.json"))
+
+
+CHECKS_ON_A_GPU_MACHINE = """
+import sys
+from flows.config.checks import cuda_onnx_problem
+from grove.settings import TrainSettings
+from tasks.train.base import dtype_problems
+
+qlora = TrainSettings(method="qlora", compute_dtype="bfloat16", torch_dtype="bfloat16")
+print(repr(cuda_onnx_problem()))
+print(dtype_problems(qlora, "cuda"))
+print(sorted(m for m in ("torch", "onnxruntime", "onnxruntime_genai") if m in sys.modules))
+"""
+
+
+def test_a_gpu_machines_config_checks_import_neither_torch_nor_the_cuda_onnx_builds(tmp_path):
+    """The checks a cached rerun makes on a GPU machine (the CUDA onnxruntime builds are installed;
+    the GPU takes bfloat16) ask nvidia-smi and the packages' files, not torch or onnxruntime: each
+    import (and CUDA's initialization) cost seconds of every cached rerun there. What this CPU
+    machine cannot have stands in: an nvidia-smi script listing a pre-Ampere GPU, and the two CUDA
+    builds as package folders holding the CUDA libraries they ship (importing them would fail)."""
+    import os
+    import subprocess
+    import sys
+
+    bin_dir, site = tmp_path / "bin", tmp_path / "site"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text('#!/bin/sh\ncase "$1" in *compute_cap*) echo "Tesla T4, 7.5";; *) echo "Tesla T4";; esac\n')
+    smi.chmod(0o755)
+    for package, library in (("onnxruntime", "capi/libonnxruntime_providers_cuda.so"),
+                             ("onnxruntime_genai", "libonnxruntime-genai-cuda.so")):
+        (site / package / library).parent.mkdir(parents=True, exist_ok=True)
+        (site / package / "__init__.py").write_text("raise ImportError('a stand-in: never imported')\n")
+        (site / package / library).write_bytes(b"")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": os.pathsep.join([str(root), str(site)])}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    done = subprocess.run([sys.executable, "-c", CHECKS_ON_A_GPU_MACHINE], env=env, capture_output=True,
+                          text=True, cwd=root, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    problem, dtypes, imported = done.stdout.splitlines()[-3:]
+    assert problem == "None"
+    assert "compute_dtype: bfloat16 is not supported by this GPU (Tesla T4" in dtypes
+    assert "torch_dtype: bfloat16" in dtypes
+    assert imported == "[]"

@@ -253,6 +253,8 @@ def cuda_onnx_problem() -> str | None:
     """Why CUDA ONNX builds cannot run here (None: they can), with the command that fixes it."""
     import importlib.metadata
 
+    if cuda_onnx_builds_installed():
+        return None
     import onnxruntime
     import onnxruntime_genai
 
@@ -271,6 +273,25 @@ def cuda_onnx_problem() -> str | None:
     gpu = "" if gpu_count() else "; and this machine has no NVIDIA GPU (nvidia-smi finds none)"
     return (f"CUDAExecutionProvider builds need the CUDA builds of onnxruntime and onnxruntime-genai; "
             f"here: {', '.join(have)}. Fix: {fix}{gpu}")
+
+
+def cuda_onnx_builds_installed() -> bool:
+    """Whether the installed onnxruntime and onnxruntime-genai are their CUDA builds, read from the
+    libraries each ships (what get_available_providers and is_cuda_available report) without
+    importing them: onnxruntime-gpu and onnxruntime-genai-cuda load hundreds of MB of CUDA code,
+    seconds of every cached rerun on a GPU machine."""
+    import importlib.util
+
+    def package_folder(name: str) -> Path | None:
+        spec = importlib.util.find_spec(name)
+        return Path(spec.origin).parent if spec is not None and spec.origin else None
+
+    runtime, genai = package_folder("onnxruntime"), package_folder("onnxruntime_genai")
+    if runtime is None or genai is None:
+        return False
+    ort_cuda = any((runtime / "capi").glob("*onnxruntime_providers_cuda.*"))
+    genai_cuda = any(genai.glob("*onnxruntime-genai-cuda.*"))
+    return ort_cuda and genai_cuda
 
 
 def pinned(package: str) -> str:

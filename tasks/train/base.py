@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from grove.machine import gpus_without_bf16
 from grove.machine_facts import default_dtype as machine_default_dtype
+from grove.machine_facts import visible_gpus
 from grove.models import load_causal_lm, model_folder
 from grove.settings import ModelSettings, TrainSettings
 
@@ -54,13 +56,13 @@ def dtype_problems(settings: TrainSettings, device: str) -> list[str]:
     if settings.torch_dtype == "float16" and settings.training_args.get("bf16"):
         problems.append("torch_dtype: float16 (fp16 mixed precision) contradicts training_args.bf16")
     if device == "cuda":
-        import torch
-
-        if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-            for key in ("torch_dtype", "compute_dtype"):
-                if getattr(settings, key) == "bfloat16":
-                    problems.append(f"{key}: bfloat16 is not supported by this GPU "
-                                    f"({torch.cuda.get_device_name()}); use float16 or float32")
+        # asked of nvidia-smi, not torch: a config check must not cost a torch import and a CUDA
+        # initialization (seconds of every cached rerun on a GPU machine)
+        lacking = [name for name in visible_gpus() if name in gpus_without_bf16()]
+        for key in ("torch_dtype", "compute_dtype"):
+            if lacking and getattr(settings, key) == "bfloat16":
+                problems.append(f"{key}: bfloat16 is not supported by this GPU ({lacking[0]}: compute "
+                                f"capability below 8.0); use float16 or float32")
     if settings.method == "lora" and settings.compute_dtype is not None:
         problems.append("compute_dtype: only QLoRA quantizes the base (LoRA loads it in torch_dtype)")
     return problems
