@@ -29,8 +29,19 @@ from gpu_train_throughput import PHI3_MINI, TINY, build_random_model, save_repor
 
 STARTED = time.monotonic()
 # ModelBuilder pass keys tried against Grove's default CUDA build (the pass keys a config sets)
-VARIANTS = {"block_size_64": {"int4_block_size": 64}, "block_size_128": {"int4_block_size": 128},
-            "accuracy_level_4": {"int4_accuracy_level": 4}}
+VARIANTS = {"block_size_32": {"int4_block_size": 32}, "block_size_64": {"int4_block_size": 64},
+            "block_size_128": {"int4_block_size": 128}, "accuracy_level_4": {"int4_accuracy_level": 4},
+            # the builder's CUDA options (onnxruntime-genai 0.18 builder --help)
+            "prepacked_sm90": {"extra_options": {"matmulnbits_weights_prepacked": "2"}},  # Hopper fpA_intB layout
+            "fused_gate_up": {"extra_options": {"fuse_mlp_gate_up": "true"}},  # one MatMulNBits + Split per MLP
+            "fused_gate_up_prepacked_sm90": {"extra_options": {"fuse_mlp_gate_up": "true",
+                                                               "matmulnbits_weights_prepacked": "2"}},
+            "bf16_io": {"extra_options": {"use_cuda_bf16": "true"}},
+            "fp16_lm_head": {"int4_nodes_to_exclude": ["/lm_head/MatMul"]},
+            # what Grove ships by default on CUDA: the CUDA ladder's first rung (flows/config/candidates.py)
+            "cuda_ladder_first_rung": {"int4_block_size": 32, "int4_is_symmetric": False,
+                                       "extra_options": {"algo_config": "rtn",
+                                                         "matmul_mixed_precision": "last_matmul:int8,mixed_layers:int8"}}}
 # runtime settings tried on every build: environment variables onnxruntime reads when it loads the model
 RUNTIME_VARIANTS = {"fpa_intb": {"ORT_FPA_INTB_GEMM": "1"}}  # TensorRT-LLM's fpA_intB GEMM/GEMV for MatMulNBits
 
