@@ -13,10 +13,12 @@ from typing import Any
 
 from prefect import flow
 
+from flows.compare import flat_settings, run_metrics, shipped_name
 from flows.config import ConfigError, check_from_stage, load_config  # noqa: F401 - cli imports check_from_stage here
+from flows.config import config_as_run
 from flows.report import publish
 from flows.runs import RunLog
-from flows.ui import PrefectArtifacts
+from flows.ui import PrefectArtifacts, name_flow_run
 from tasks.benchmark import benchmark
 from tasks.build_onnx.stage import build_onnx, search_quantization
 from tasks.evaluate import evaluate
@@ -65,10 +67,14 @@ def optimize(config: str, from_stage: str | None = None, overrides: list[str] | 
     the config's keys (`grove run ... key=value`), recorded in the run record."""
     check_from_stage(from_stage)
     cfg = load_config(config, overrides=overrides)
+    name_flow_run(cfg.name)
     store = ArtifactStore(cfg.artifact_root, cfg.aws_credentials_block)
     store.check_writable()
     hooks = display_hooks()
-    run_log = RunLog(store, cfg.name, config, from_stage, overrides=list(overrides or []))
+    # the config as run, by key path (grove diff), with any secret the store's access knows taken out
+    settings = {key: store.access.scrub(value)
+                for key, value in flat_settings(config_as_run(config, overrides)).items()}
+    run_log = RunLog(store, cfg.name, config, from_stage, overrides=list(overrides or []), settings=settings)
     show_start, show_end = hooks.pop("on_stage_start", None), hooks.pop("on_stage_end", None)
 
     def stage_started(stage: str) -> None:
@@ -102,6 +108,8 @@ def optimize(config: str, from_stage: str | None = None, overrides: list[str] | 
                     {"grove", "stage:promote", f"model:{cfg.name}"}
                 promotion = promote.with_options(tags=tags)(cfg.promotion, refs, run_log.run_id, config)
         run_log.promotion = promotion
+        summaries = {stage: ref.summary for stage, ref in refs.items() if ref is not None}
+        run_log.metrics, run_log.shipped = run_metrics(summaries), shipped_name(summaries)
         result = publish(cfg, refs, context.records, store, promotion, run_log.run_id)
     except BaseException as exc:
         run_log.finish("failed", store.access.scrub(f"{type(exc).__name__}: {exc}"))

@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from flows.compare import EVAL_WORDS, evaluation_markdown, run_metrics, shipped_name
 from grove.served import BASE_FILE, publish_served
 from grove.settings import RunConfig
 from grove.stage import ArtifactRef, StageRecord
@@ -28,17 +29,17 @@ def key_result(stage: str, summary: dict[str, Any]) -> str:
         resumed = f" (resumed at step {s['resumed_from_step']})" if s.get("resumed_from_step") else ""
         return f"{s.get('method')} {s.get('steps')} steps on {s.get('device')}{resumed}, {loss}"
     if stage == "evaluate":
-        parts = [f"{name} acc {m.get('accuracy')}" for name, m in s.items() if isinstance(m, dict)
-                 and m.get("accuracy") is not None]
-        loss = [f"{name} loss {m.get('eval_loss')}" for name, m in s.items() if isinstance(m, dict)]
-        return ", ".join(parts or loss)
+        return ", ".join(f"{name} " + " ".join(f"{word} {m[key]}" for key, word in EVAL_WORDS if m.get(key) is not None)
+                         for name, m in s.items() if isinstance(m, dict))
     if stage == "merge_adapters":
         return f"{s.get('size_bytes', 0) / 2**20:.0f} MB safetensors"
     if stage == "build_onnx":
         if s.get("loaded") is False:
             return f"{s.get('precision')} {s.get('algo', '')}: FAILED ({str(s.get('error'))[:120]})"
         acc = f", acc {s['accuracy']}" if s.get("accuracy") is not None else ""
-        return f"{s.get('precision')} {s.get('execution_provider', 'cpu')} {s.get('size_bytes', 0) / 2**20:.0f} MB{acc}"
+        shipped = f"{s['candidate']}: " if s.get("candidate") else ""
+        return (f"{shipped}{s.get('precision')} {s.get('execution_provider', 'cpu')} "
+                f"{s.get('size_bytes', 0) / 2**20:.1f} MB{acc}")
     if stage == "benchmark":
         torch_run, onnx_run = s.get("pytorch") or {}, s.get("onnx") or {}
         torch_tps, onnx_tps = torch_run.get("decode_tokens_per_s"), onnx_run.get("decode_tokens_per_s")
@@ -54,6 +55,7 @@ def key_result(stage: str, summary: dict[str, Any]) -> str:
 def publish(cfg: RunConfig, refs: dict[str, ArtifactRef | None], records: list[StageRecord],
             store: ArtifactStore, promotion: dict[str, Any] | None = None, run_id: str | None = None) -> dict[str, Any]:
     """Copies the final model (ONNX if built, else the merged model) and writes report.json/.md."""
+    summaries = {stage: ref.summary for stage, ref in refs.items() if ref is not None}
     out = Path(cfg.output_dir) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
     final = refs.get("build_onnx") or refs.get("merge_adapters")
@@ -81,6 +83,8 @@ def publish(cfg: RunConfig, refs: dict[str, ArtifactRef | None], records: list[S
                     **({"task_run": r.reason} if r.reason else {}),
                     "summary": r.ref.summary if r.ref else {}} for r in records],
         "promotion": promotion,
+        "shipped": shipped_name(summaries),
+        "metrics": run_metrics(summaries),
     }
     onnx = refs.get("build_onnx")
     search = (onnx.summary or {}).get("search") if onnx is not None else None
@@ -98,7 +102,7 @@ def publish(cfg: RunConfig, refs: dict[str, ArtifactRef | None], records: list[S
     if promotion:
         log_promotion(promotion)
     return {"model_path": report["model_path"], "report_path": str(report_json), "stages": report["stages"],
-            "promotion": promotion}
+            "promotion": promotion, "shipped": report["shipped"], "metrics": report["metrics"]}
 
 
 # Written into the published model folder: which stored entry it is a copy of.
@@ -147,6 +151,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [f"# Grove run: {report['name']}", "", f"Run `{report.get('run_id')}`, finished {report['finished']}.", "",
              f"- final model (stored): `{final['uri'] if final else None}`",
              f"- final model (copied to): `{report['model_path']}`",
+             f"- shipped: **{report.get('shipped')}**",
              f"- artifact store: `{report['artifact_root']}`"]
     promotion = report.get("promotion")
     if promotion:
@@ -161,6 +166,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         name = stage.get("task_run") or stage["stage"]
         lines.append(f"| {name} | {stage['status']} | {stage['seconds']} | "
                      f"{key_result(stage['stage'], stage['summary'])} | `{stage['uri']}` |")
+    lines += evaluation_markdown(report.get("metrics") or {})
     evaluate = next((s["summary"] for s in report["stages"] if s["stage"] == "evaluate"), {})
     onnx = report.get("onnx") or next((s["summary"] for s in report["stages"] if s["stage"] == "build_onnx"), {})
     per_model = {name: m.get("per_label") for name, m in evaluate.items() if isinstance(m, dict)}
@@ -290,6 +296,8 @@ def _prefect_table(search: dict[str, Any], name: str) -> None:
     from prefect.artifacts import create_table_artifact
     from prefect.context import FlowRunContext
 
-    if FlowRunContext.get() is not None:
-        create_table_artifact(table=search_table(search), key="grove-quantization-search",
+    from flows.ui import artifact_key
+
+    if FlowRunContext.get() is not None:  # per model name, like every Grove artifact: one history per model
+        create_table_artifact(table=search_table(search), key=artifact_key(name, "quantization-search"),
                               description=f"Grove quantization search for {name}: {search['verdict']}")

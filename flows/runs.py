@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from flows.compare import run_metrics
 from tasks.promote import current_models
 from grove.stage import StageRecord
 from grove.store import ArtifactStore
@@ -38,6 +39,9 @@ class RunLog:
     current: str | None = None  # the stage running now: the failed one if the run fails
     promotion: dict[str, Any] | None = None  # the promote step's decision and why
     overrides: list[str] = field(default_factory=list)  # `key.path=value` given on the command line
+    settings: dict[str, str] = field(default_factory=dict)  # the config as run, flat (flows/compare.py)
+    metrics: dict[str, float] = field(default_factory=dict)  # what the run measured, flat (flows/compare.py)
+    shipped: str | None = None  # the build it ships: a search's kept candidate, else its precision
 
     def __post_init__(self) -> None:
         if not self.run_id:
@@ -66,7 +70,8 @@ class RunLog:
             "status": status, "started": self.started.isoformat(timespec="microseconds"),
             "updated": _now().isoformat(timespec="seconds"), "error": error,
             "failed_stage": self.current if status == "failed" else None, "stages": self.stages,
-            "promotion": self.promotion, "overrides": self.overrides})
+            "promotion": self.promotion, "overrides": self.overrides, "shipped": self.shipped,
+            "metrics": self.metrics, "settings": self.settings})
 
 
 def list_runs(store: ArtifactStore) -> list[dict[str, Any]]:
@@ -82,6 +87,19 @@ def find_run(store: ArtifactStore, run_id: str) -> dict[str, Any]:
         what = "no run" if not matches else f"{len(matches)} runs"
         raise LookupError(f"{what} with id {run_id!r} in {store.root} (recent: {known})")
     return matches[0]
+
+
+def measured(store: ArtifactStore, run: dict[str, Any]) -> dict[str, float]:
+    """A run record's metrics; a record from before runs kept them gets them from the summaries
+    of the entries it names (a search's kept candidate is the last build_onnx it recorded)."""
+    if run.get("metrics"):
+        return run["metrics"]
+    summaries = {}
+    for stage in run.get("stages", []):
+        entry = store.by_digest(stage["digest"]) if stage.get("digest") else None
+        if entry is not None:
+            summaries[stage["stage"]] = entry.manifest.get("meta", {}).get("summary") or {}
+    return run_metrics(summaries)
 
 
 def _still_running(run: dict[str, Any]) -> bool:

@@ -24,6 +24,35 @@ def artifact_key(model_name: str, what: str) -> str:
     return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", f"grove-{model_name}-{what}".lower())).strip("-")
 
 
+def flow_run_name(model_name: str, run_id: str) -> str:
+    return f"{model_name}-{run_id[:8]}"
+
+
+def name_flow_run(model_name: str) -> None:
+    """The flow run, named and tagged for the model it makes (`smollm2-tone-1a2b3c4d`, tags `grove`
+    and `model:smollm2-tone`) instead of Prefect's random name: the model name is known only once
+    the config is read, inside the run. Tags it already has (a deployment's) are kept."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.get_id()
+    if run_id is None:
+        return
+    tags = sorted({*(flow_run.tags or []), "grove", f"model:{model_name}"})
+
+    def rename() -> None:
+        from prefect.context import FlowRunContext
+
+        name = flow_run_name(model_name, run_id)
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(run_id, name=name, tags=tags)
+        context = FlowRunContext.get()
+        if context is not None and context.flow_run is not None:  # the run's own log lines say it too
+            context.flow_run.name, context.flow_run.tags = name, tags
+
+    _safely("flow-run name", rename)
+
+
 def _in_task_or_flow() -> bool:
     from prefect.context import FlowRunContext, TaskRunContext
 

@@ -230,6 +230,30 @@ def learned_run(tiny_model, prefect_api, tmp_path_factory) -> dict:
     return {"result": result, "raw": raw, "store": folder / "store"}
 
 
+@pytest.fixture(scope="session")
+def named_runs(tiny_model, prefect_api, tmp_path_factory):
+    """One promoted run of `tiny` and one of `other` through `grove run`, in ./.grove-cache of a
+    folder (the default store): (folder, {name: config path}). tests/test_cli_conventions.py lists,
+    exports and predicts from them; tests/test_compare_runs.py lists and compares them."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    folder = tmp_path_factory.mktemp("conventions")
+    data = folder / "tone.jsonl"
+    shutil.copyfile(TONE_DATA, data)
+    configs = {}
+    for name in ("tiny", "other"):
+        raw = tiny_config(tiny_model, data, folder / ".grove-cache", folder / "out")
+        raw["grove"]["name"] = name
+        raw["grove"]["promotion"] = {"min_gain_over_base": 0}  # a tiny model scores 0 like its base
+        configs[name] = folder / f"{name}.json"
+        configs[name].write_text(json.dumps(raw))
+        result = CliRunner().invoke(app, ["run", "-c", str(configs[name])])
+        assert result.exit_code == 0, result.output
+    return folder, configs
+
+
 def seed_store(source: Path, root: Path) -> Path:
     """Copies a store's entries (manifests and blobs) into a local root; its run records and
     promoted models stay behind, so the new store has stored stages and no history."""

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import subprocess
 import sys
 
 import pytest
 from typer.testing import CliRunner
 
-from conftest import ROOT, TONE_DATA, tiny_config
+from conftest import ROOT, tiny_config
 from flows.cli import app
 from flows.cli.errors import console
 
@@ -26,21 +25,9 @@ def grove(*args: str, code: int = 0) -> str:
     return result.output
 
 
-@pytest.fixture(scope="module")
-def store(tiny_model, tmp_path_factory):
-    """One promoted run of `tiny` and one of `other` in ./.grove-cache of a folder (the default store)."""
-    folder = tmp_path_factory.mktemp("conventions")
-    data = folder / "tone.jsonl"
-    shutil.copyfile(TONE_DATA, data)
-    configs = {}
-    for name in ("tiny", "other"):
-        raw = tiny_config(tiny_model, data, folder / ".grove-cache", folder / "out")
-        raw["grove"]["name"] = name
-        raw["grove"]["promotion"] = {"min_gain_over_base": 0}  # a tiny model scores 0 like its base
-        configs[name] = folder / f"{name}.json"
-        configs[name].write_text(json.dumps(raw))
-        grove("run", "-c", str(configs[name]))
-    return folder, configs
+@pytest.fixture
+def store(named_runs):
+    return named_runs
 
 
 def test_h_version_and_flags_without_type_noise():
@@ -77,10 +64,11 @@ def test_off_a_terminal_tables_are_plain_rows_and_nothing_wraps(store, monkeypat
     assert "│" not in listed and "┃" not in listed
     assert f"Runs in {root}" in listed.splitlines(), "the title with the whole root, on one line"
     header, *rows = listed.splitlines()[1:]
-    assert header.split() == ["run", "started", "name", "status", "ran", "cached", "produced"]
-    assert len(rows) == 2 and all(len(row.split()) == 8 for row in rows), rows  # the date has a space
-    ok = grove("validate", "-c", str(configs["tiny"]))
-    assert len(ok.strip().splitlines()) == 1 and ok.strip().endswith(root), ok
+    assert header.split() == ["run", "started", "name", "status", "ran/cached", "tuned", "acc", "loss", "ppl", "MB",
+                              "tok/s"]
+    assert len(rows) == 2 and all(len(row.split()) == 12 for row in rows), rows  # the date has a space
+    ok = grove("validate", "-c", str(configs["tiny"])).strip().splitlines()
+    assert ok[0].startswith("ok: ") and ok[0].endswith(root) and ok[1].startswith("build: "), ok
 
 
 def test_models_at_80_columns_keeps_the_short_columns_whole(store, monkeypatch):

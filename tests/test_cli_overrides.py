@@ -61,6 +61,9 @@ def test_a_run_with_overrides_records_them_and_the_plan_keys_follow(tiny_model, 
     grove("run", "-c", config, f"{STEPS}=2", "--device", "cpu")
     record = json.loads(runner.invoke(app, ["runs", "-c", config, "--json"]).output)[0]
     assert record["overrides"] == [f"{STEPS}=2", "grove.device=cpu"]
+    # the settings grove diff compares: the file's keys with the overrides set, by key path
+    assert record["settings"][STEPS] == "2" and record["settings"]["grove.device"] == '"cpu"'
+    assert record["settings"]["passes.lora.config.lora_r"] == "4"
     assert f"overrides: {STEPS}=2 grove.device=cpu" in grove("show", record["run_id"][:8], "-c", config)
     same = grove("stages", "-c", config, f"{STEPS}=2", "--device", "cpu")
     assert len(re.findall(r"\bhit\b", same)) == 7, same

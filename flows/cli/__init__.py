@@ -11,6 +11,7 @@ import typer
 from flows.cli import run_commands  # noqa: F401, I001 - each module registers its commands
 from flows.cli import predict_command  # noqa: F401
 from flows.cli import store_commands  # noqa: F401
+from flows.cli import compare_commands  # noqa: F401
 from flows.cli import schedule_commands  # noqa: F401
 from flows.cli import server_commands  # noqa: F401
 from flows.cli.app import app

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from flows.cli.app import CONFIG, DEVICE, FROM_STAGE, Device, OVERRIDES, app, console, server_ready, with_device
@@ -139,16 +140,39 @@ def run(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES, devic
         observers.reset(token)
     table = Listing(f"Grove run finished in {time.monotonic() - started:.1f}s",
                     ["stage", "cached or ran", "seconds", "key result"])
-    for stage in result["stages"]:
-        table.add_row(stage.get("task_run") or stage["stage"], stage["status"], f"{stage['seconds']:.1f}",
-                      key_result(stage["stage"], stage["summary"]))
+    for stage in result["stages"]:  # escaped: a search's `build_onnx[int4-b16]` is a name, not markup
+        table.add_row(escape(stage.get("task_run") or stage["stage"]), stage["status"], f"{stage['seconds']:.1f}",
+                      escape(key_result(stage["stage"], stage["summary"])))
     table.print()
-    console.print(f"final model: {result['model_path']}\nreport:      {result['report_path']}\n"
-                  f"run:         {result['run_id']} (grove show {result['run_id'][:8]} --config {config})")
+    console.print(f"final model: {result['model_path']}\nshipped:     {result.get('shipped')}"
+                  + "".join(f"\n{line}" for line in evaluation_lines(result.get("metrics") or {}))
+                  + f"\nreport:      {result['report_path']} (and report.md)\n"
+                  f"run:         {result['run_id']} (grove show {result['run_id'][:8]} --config {config})\n"
+                  f"prefect:     {flow_run_where(result['run_id'])}", highlight=False, markup=False)
     promotion = result.get("promotion")
     if promotion:
         from tasks.promote import verdict_words
 
         colour = {"promoted": "green", "not_promoted": "yellow"}.get(promotion["decision"], "default")
         words, why = verdict_words(promotion)
-        console.print(f"model:       {promotion.get('model_name')}: [{colour}]{words}[/]: {why}")
+        console.print(f"model:       {promotion.get('model_name')}: [{colour}]{escape(words)}[/]: {escape(why)}")
+
+
+def evaluation_lines(metrics: dict) -> list[str]:
+    """`eval:` lines: each scored model's accuracy, eval loss and perplexity (and whatever else
+    evaluate or build_onnx measured), as report.md's Evaluation table has them."""
+    from flows.compare import evaluation_table
+
+    columns, rows = evaluation_table(metrics)
+    return [f"eval:        {label:<13} " + ", ".join(f"{c} {v}" for c, v in zip(columns, values) if v != "-")
+            for label, *values in rows]
+
+
+def flow_run_where(run_id: str) -> str:
+    """The flow run's page in the Prefect UI when a server with a UI is known; Prefect's temporary
+    server has none that outlives the command, so then the id and how to keep one."""
+    from prefect.utilities.urls import url_for
+
+    url = url_for("flow-run", obj_id=run_id)
+    return url or (f"flow run {run_id} on Prefect's temporary server (gone with this command; "
+                   f"`grove server start` keeps a server with a UI)")

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 from rich import box
+from rich.markup import escape
 
 from flows.cli.app import STORE_CONFIG, STORE_URI, app, console
 from flows.cli.errors import clean_errors, fail
@@ -93,24 +94,30 @@ def _mb(size: int) -> str:
 @app.command()
 def runs(config: Optional[Path] = STORE_CONFIG, store: Optional[str] = STORE_URI,
          as_json: bool = typer.Option(False, "--json", help="Print the run records as JSON.")) -> None:
-    """The runs recorded in an artifact store, newest first (with --config: that config's runs)."""
-    from flows.runs import list_runs
+    """The runs recorded in an artifact store, newest first, with their key metrics (with --config:
+    that config's runs). Compare two: grove diff RUN RUN."""
+    from flows.compare import KEY_METRICS, key_metrics, number
+    from flows.runs import list_runs, measured
     from grove.store import StoreError
 
     artifacts, name = open_store_of(config, store)
     try:
         recorded = [r for r in list_runs(artifacts) if name is None or r["name"] == name]
+        metrics = [key_metrics(measured(artifacts, r)) for r in recorded]
     except StoreError as exc:
         fail(exc)
     if as_json:
         print(json.dumps(recorded, indent=1))
         return
-    table = Listing(f"Runs{f' of {name}' if name else ''} in {artifacts.root}", ["run", "started", "name", "status", "ran", "cached", "produced"])
-    for run in recorded:
+    right = {"justify": "right", "no_wrap": True}
+    table = Listing(f"Runs{f' of {name}' if name else ''} in {artifacts.root}",
+                    ["run", "started", "name", "status", ("ran/cached", right),
+                     *((header, right) for header, _ in KEY_METRICS)], box=box.SIMPLE_HEAD)
+    for run, numbers in zip(recorded, metrics):
         ran = [s for s in run["stages"] if s["status"] == "ran"]
         status = f"failed at {run['failed_stage']}" if run.get("failed_stage") else run["status"]
-        table.add_row(run["run_id"][:8], run["started"][:19], run["name"], status, str(len(ran)),
-                      str(len(run["stages"]) - len(ran)), _mb(sum(s["size_bytes"] for s in ran)))
+        table.add_row(run["run_id"][:8], run["started"][:16].replace("T", " "), escape(run["name"]), status,
+                      f"{len(ran)}/{len(run['stages']) - len(ran)}", *(number(v) for v in numbers.values()))
     table.print()
 
 

@@ -30,7 +30,8 @@ from flows.config.training import lora_pass, train_settings, training_argument_n
 from grove.settings import BenchmarkSettings, EvalSettings, RetrySettings, RunConfig
 from grove.stage import STAGES
 
-__all__ = ["ConfigError", "Engine", "GroveSection", "load_config", "parse_config", "build_settings",
+__all__ = ["ConfigError", "Engine", "GroveSection", "load_config", "config_as_run", "read_config_file",
+           "parse_config", "build_settings",
            "check_from_stage", "training_argument_names"]
 DEFAULT_ARTIFACT_ROOT = ".grove-cache"  # with neither grove.artifact_root nor engine.cache_dir, under the cwd
 SUPPORTED_PASSES = ("LoRA", "QLoRA", "MergeAdapterWeights", "ModelBuilder")
@@ -50,6 +51,26 @@ def load_config(path: str | Path, base_dir: Path | None = None, list_remote_data
     runs, whose hardware and runtimes are checked (default: every stage, none for a placed
     config, whose parent only dispatches; a placed child names its group)."""
     path = Path(path)
+    raw = read_config_file(path)
+    applied = None
+    try:
+        if overrides:
+            applied = apply_overrides(raw, [parse_override(text) for text in overrides])
+            raw = applied.raw
+        config = parse_config(raw, base_dir=base_dir or Path.cwd(), config_dir=path.parent.resolve(),
+                              list_remote_data=list_remote_data, warnings=warnings)
+        # what the machine must offer, and every data file read through, before any work
+        if here is None:
+            here = () if config.placement else STAGES
+        return check_run_config(config, raw, str(path), on_this_machine=list_remote_data, here=frozenset(here))
+    except ConfigError as exc:
+        exc = blame(exc, applied)
+        raise ConfigError(exc.path, exc.message, exc.source or str(path)) from None
+
+
+def read_config_file(path: str | Path) -> Any:
+    """The config file as written (JSON or YAML), or a ConfigError saying why it cannot be read."""
+    path = Path(path)
     if path.is_dir():
         raise ConfigError("", f"{path} is a folder; --config takes a run config file (JSON or YAML)")
     if not path.is_file():
@@ -67,20 +88,14 @@ def load_config(path: str | Path, base_dir: Path | None = None, list_remote_data
                           str(path)) from exc
     except yaml.YAMLError as exc:
         raise ConfigError("", f"invalid YAML: {exc}", str(path)) from exc
-    applied = None
-    try:
-        if overrides:
-            applied = apply_overrides(raw, [parse_override(text) for text in overrides])
-            raw = applied.raw
-        config = parse_config(raw, base_dir=base_dir or Path.cwd(), config_dir=path.parent.resolve(),
-                              list_remote_data=list_remote_data, warnings=warnings)
-        # what the machine must offer, and every data file read through, before any work
-        if here is None:
-            here = () if config.placement else STAGES
-        return check_run_config(config, raw, str(path), on_this_machine=list_remote_data, here=frozenset(here))
-    except ConfigError as exc:
-        exc = blame(exc, applied)
-        raise ConfigError(exc.path, exc.message, exc.source or str(path)) from None
+    return raw
+
+
+def config_as_run(path: str | Path, overrides: list[str] | None = None) -> Any:
+    """The raw config a run validated: the file with the command line's overrides set (already
+    checked by load_config), as `grove diff` compares two runs' settings."""
+    raw = read_config_file(path)
+    return apply_overrides(raw, [parse_override(text) for text in overrides]).raw if overrides else raw
 
 
 def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None, list_remote_data: bool = True,

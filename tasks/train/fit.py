@@ -127,6 +127,7 @@ def _progress_callback():
 
         def __init__(self):
             self.loss = None
+            self.waiting = None  # a step whose progress waits for its loss to be logged
             self.started = time.monotonic()
 
         def on_train_begin(self, args, state, control, **kwargs):
@@ -141,10 +142,20 @@ def _progress_callback():
             if logs and "loss" in logs:
                 self.loss = logs["loss"]
                 log.info("step %d/%d loss %.4f", state.global_step, state.max_steps, self.loss)
+            if self.waiting == state.global_step:
+                self._show(state)
 
         def on_step_end(self, args, state, control, **kwargs):
             if run.publisher is not None:
                 run.publisher.training_step(state.global_step, state.max_steps)
+            # The Trainer logs a step's loss after its on_step_end (control.should_log is set by then):
+            # a step that logs is shown from on_log, with its own loss, not the one logged before.
+            self.waiting = state.global_step if control.should_log else None
+            if not control.should_log:
+                self._show(state)
+
+        def _show(self, state):
+            self.waiting = None
             if run.on_progress:
                 run.on_progress("train", state.global_step, state.max_steps, {"loss": self.loss})
 
