@@ -29,14 +29,15 @@ def key_result(stage: str, summary: dict[str, Any]) -> str:
         resumed = f" (resumed at step {s['resumed_from_step']})" if s.get("resumed_from_step") else ""
         return f"{s.get('method')} {s.get('steps')} steps on {s.get('device')}{resumed}, {loss}"
     if stage == "evaluate":
-        return ", ".join(f"{name} " + " ".join(f"{word} {m[key]}" for key, word in EVAL_WORDS if m.get(key) is not None)
-                         for name, m in s.items() if isinstance(m, dict))
+        return ", ".join(f"{name} {model_words(m)}" for name, m in s.items() if isinstance(m, dict))
     if stage == "merge_adapters":
         return f"{s.get('size_bytes', 0) / 2**20:.0f} MB safetensors"
     if stage == "build_onnx":
         if s.get("loaded") is False:
             return f"{s.get('precision')} {s.get('algo', '')}: FAILED ({str(s.get('error'))[:120]})"
         acc = f", acc {s['accuracy']}" if s.get("accuracy") is not None else ""
+        if (s.get("generation") or {}).get("chrf") is not None:
+            acc = f", chrF {s['generation']['chrf']}, exact {s['generation']['exact_match']}"
         shipped = f"{s['candidate']}: " if s.get("candidate") else ""
         return (f"{shipped}{s.get('precision')} {s.get('execution_provider', 'cpu')} "
                 f"{s.get('size_bytes', 0) / 2**20:.1f} MB{acc}")
@@ -50,6 +51,14 @@ def key_result(stage: str, summary: dict[str, Any]) -> str:
                     f"({s.get('onnx_speedup')}x)")
         return f"decode {torch_tps} tok/s PyTorch{torch_on}"
     return ""
+
+
+def model_words(scores: dict[str, Any]) -> str:
+    """One model's evaluation in a few words: accuracy, loss, perplexity, and chrF of free-text answers."""
+    words = [f"{word} {scores[key]}" for key, word in EVAL_WORDS if scores.get(key) is not None]
+    if (scores.get("generation") or {}).get("chrf") is not None:
+        words.append(f"chrF {scores['generation']['chrf']}")
+    return " ".join(words)
 
 
 def publish(cfg: RunConfig, refs: dict[str, ArtifactRef | None], records: list[StageRecord],

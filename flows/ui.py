@@ -95,13 +95,24 @@ def accuracy(model_name: str, what: str, results: dict[str, dict[str, Any]], des
     _table(model_name, what, rows, description)
 
 
+def generation(model_name: str, what: str, results: dict[str, dict[str, Any]]) -> None:
+    """grove.evaluate.answer: text: exact match and chrF per model, instead of accuracy per label."""
+    rows = [{"model": name, **{k: scores["generation"].get(k) for k in ("rows", "exact_match", "chrf")}}
+            for name, scores in results.items() if scores.get("generation")]
+    _table(model_name, what, rows, "Free-text answers, greedy as served: exact match (fraction) and chrF (0-100)")
+
+
 def evaluation(model_name: str, summary: dict[str, Any]) -> None:
     results = {name: scores for name, scores in summary.items() if isinstance(scores, dict)}
+    if any(scores.get("generation") for scores in results.values()):
+        return generation(model_name, "evaluate", results)
     accuracy(model_name, "evaluate", results, "Task accuracy (greedy exact match) on the eval split: "
              + ", ".join(f"{name} eval loss {scores.get('eval_loss')}" for name, scores in results.items()))
 
 
 def onnx_accuracy(model_name: str, summary: dict[str, Any]) -> None:
+    if summary.get("generation"):
+        return generation(model_name, "onnx-generation", {"onnx": summary})
     if summary.get("accuracy") is None:
         return
     accuracy(model_name, "onnx-accuracy", {"onnx": summary},

@@ -31,7 +31,14 @@ def task_accuracy(engine, tokenizer, rows: list[dict], template: str, label_col:
 
 def score_prompts(engine, tokenizer, prompts: list[list[int]], labels: list[str], max_new_tokens: int,
                   batch_size: int, progress=None, known: dict[int, str] | None = None) -> dict[str, Any]:
-    """Greedy answers for tokenized prompts, scored against their labels.
+    """Greedy answers for tokenized prompts, scored against their labels."""
+    return summarize(generate_answers(engine, tokenizer, prompts, max_new_tokens, batch_size, progress, known),
+                     labels)
+
+
+def generate_answers(engine, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+                     progress=None, known: dict[int, str] | None = None) -> list[str]:
+    """Each prompt's greedy answer (the first line generated), in order.
 
     `known` maps row indexes to answers already established (see evaluate's forward-pass
     proof); every other row is generated greedily.
@@ -45,7 +52,7 @@ def score_prompts(engine, tokenizer, prompts: list[list[int]], labels: list[str]
             predictions[index] = first_line(tokenizer.decode(tokens, skip_special_tokens=True))
         if progress:
             progress(len(predictions), len(prompts))
-    return summarize([predictions[i] for i in range(len(prompts))], labels)
+    return [predictions[i] for i in range(len(prompts))]
 
 
 def summarize(predictions: list[str], labels: list[str]) -> dict[str, Any]:

@@ -99,7 +99,9 @@ class EvalSettings(Frozen):
     max_new_tokens: int = 8
     batch_size: int = 16
     max_rows: int | None = None
-    label_col: str | None = None
+    label_col: str | None = None  # the template's trailing column: the answer the model is asked for
+    answer: Literal["label", "text"] = "label"  # label_col is a label (accuracy) or free text (exact match, chrF)
+    generation_rows: int = 16  # answer text: rows answered greedily per model
 
 
 class BuildSettings(Frozen):
@@ -155,6 +157,11 @@ PROMOTION_METRICS = {
     "onnx_accuracy": ("build_onnx", "accuracy"),
     "fine_tuned_accuracy": ("evaluate", "fine_tuned.accuracy"),
     "onnx_decode_tokens_per_s": ("benchmark", "onnx.decode_tokens_per_s"),
+    # grove.evaluate.answer: text (chrF 0-100, exact match a fraction)
+    "onnx_chrf": ("build_onnx", "generation.chrf"),
+    "onnx_exact_match": ("build_onnx", "generation.exact_match"),
+    "fine_tuned_chrf": ("evaluate", "fine_tuned.generation.chrf"),
+    "fine_tuned_exact_match": ("evaluate", "fine_tuned.generation.exact_match"),
 }
 
 

@@ -1,5 +1,9 @@
 """Stage 4, evaluate: eval loss, perplexity and task accuracy, base model vs fine-tuned.
 
+With free-text answers (grove.evaluate.answer: text) there is no accuracy: the first
+generation_rows eval rows are answered greedily and scored by exact match and chrF
+(grove/generation.py), every row kept in generations.jsonl.
+
 The fine-tuned model is the full-precision base with the adapter merged in: exactly what
 merge_adapters produces (for QLoRA too, which merges into the unquantized base).
 """
@@ -10,9 +14,10 @@ import json
 import math
 
 from grove.engines import HfEngine, eos_ids_of
+from grove.generation import aggregates, text_scores, write_generations
 from grove.lm_head import labelled_logits
 from grove.models import load_causal_lm, load_tokenizer, model_folder, resolve_device
-from grove.scoring import prompts_and_labels, score_prompts
+from grove.scoring import generate_answers, prompts_and_labels, summarize
 from grove.settings import EvalSettings, ModelSettings
 from grove.stage import ArtifactRef, current_run, grove_stage, open_artifact, output_dir
 from grove.textdata import first_line, read_jsonl
@@ -75,14 +80,17 @@ def measure(model, tokenizer, rows, examples, settings: EvalSettings, label: str
     if settings.label_col:
         eos_ids = eos_ids_of(tokenizer, model.config)
         engine = HfEngine(model, tokenizer.pad_token_id, eos_ids)
-        prompts, labels = prompts_and_labels(rows, settings.text_template, settings.label_col, tokenizer)
+        text = settings.answer == "text"
+        scored = rows[: settings.generation_rows] if text else rows
+        prompts, labels = prompts_and_labels(scored, settings.text_template, settings.label_col, tokenizer)
         proven = proven_by_forward_pass(examples, argmax, prompts, labels, tokenizer, eos_ids,
                                         settings.max_new_tokens)
         run = current_run()
         progress = (lambda done, total: run.on_progress("evaluate", done, total, {"model": label})) \
             if run.on_progress else None
-        result.update(score_prompts(engine, tokenizer, prompts, labels, settings.max_new_tokens,
-                                    settings.batch_size, progress, known=proven))
+        answers = generate_answers(engine, tokenizer, prompts, settings.max_new_tokens, settings.batch_size,
+                                   progress, known=proven)
+        result.update({"generation": text_scores(answers, labels)} if text else summarize(answers, labels))
         result["rows_proven_by_forward_pass"] = len(proven)
     return result
 
@@ -105,6 +113,11 @@ def evaluate(settings: EvalSettings, data: ArtifactRef, corpus: ArtifactRef, mod
         # projection on every forward (the base was scored above, so its weights may change)
         tuned = PeftModel.from_pretrained(base, open_artifact(adapter) / "adapter").merge_and_unload().eval()
         metrics["fine_tuned"] = measure(tuned, tokenizer, rows, examples, settings, "fine-tuned")
+    generated = {name: m.pop("generation") for name, m in metrics.items() if "generation" in m}
+    if generated:
+        write_generations(output_dir(), generated)
+        for name, scores in generated.items():
+            metrics[name]["generation"] = aggregates(scores)
     (output_dir() / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    return {name: {k: m.get(k) for k in ("accuracy", "eval_loss", "perplexity", "per_label")}
-            for name, m in metrics.items()}
+    return {name: {k: m.get(k) for k in ("accuracy", "eval_loss", "perplexity", "per_label", "generation")
+                   if k in m or k != "generation"} for name, m in metrics.items()}

@@ -180,7 +180,8 @@ NEWLY_HONOURED = {"phi3-tone.json": {("train", "compute_dtype"): "bfloat16"},
                   "smollm2-tone-cuda.json": {("train", "compute_dtype"): "bfloat16"}}
 # settings added since the snapshots, at their defaults in every shipped config
 ADDED_SINCE = {("train", "nodes"): 1, (None, "placement"): {}, (None, "ship"): "merged",
-               ("promotion", "max_drop_from_fine_tuned"): 0.02, ("promotion", "min_gain_over_base"): 0.05}
+               ("promotion", "max_drop_from_fine_tuned"): 0.02, ("promotion", "min_gain_over_base"): 0.05,
+               ("evaluate", "answer"): "label", ("evaluate", "generation_rows"): 16}
 # changed on purpose since the snapshots: the default run's benchmark times each prompt once (the
 # whole default run under 4 minutes on 2 cores; bench/README.md: The default run)
 RETUNED = {"smollm2-tone.json": {("benchmark", "repeats"): 1}}
@@ -191,7 +192,7 @@ LADDER_BY_DEFAULT = {"smollm2-tone.json", "smollm2-tone-nightly.json", "smollm2-
 # the config is parsed: the benchmark's machine left the settings, train.processes stays `auto`.
 MACHINE_FACTS = {("benchmark", "machine"): None, ("train", "processes"): "auto"}
 # snapshotted when added, after ADDED_SINCE: they hold those settings already
-SNAPSHOTTED_LATER = {"phi3-lora-seed.json"}
+SNAPSHOTTED_LATER = {"phi3-lora-seed.json", "smollm2-commands.json"}
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.json")))

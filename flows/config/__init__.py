@@ -140,6 +140,12 @@ def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None, list_
         raise ConfigError("data_configs", "at least one data config is needed (Grove evaluates on its eval split)")
     data_s = data_settings(train_data, eval_data, eval_size, grove.seed, sources)
     corpus = corpus_settings(train_data, eval_data, grove.completion_only_loss)
+    if grove.evaluate.answer == "text":
+        if not (corpus.eval_label_col or corpus.label_col):
+            raise ConfigError("grove.evaluate.answer", "is text, but the data's text_template does not end with "
+                                                       "the answer column (e.g. '...### JSON:\n{json}'): there "
+                                                       "is no answer to generate and compare")
+        data_s = data_s.model_copy(update={"label_col": None})  # free text: no label to count, search or gate on
     provider = execution_provider(engine.execution_providers, systems)
     build = build_settings(builders[1][1], builders[1][2], provider, model, grove.build, warn) if builders else None
     search_section = default_search(grove.quantization_search, builders[1][1] if builders else None, build, data_s)
@@ -169,7 +175,7 @@ def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None, list_
         corpus=corpus,
         train=train,
         evaluate=EvalSettings(**grove.evaluate.model_dump(), text_template=corpus.eval_text_template or
-                              data_s.text_template, label_col=corpus.eval_label_col or data_s.label_col),
+                              data_s.text_template, label_col=corpus.eval_label_col or corpus.label_col),
         merge=bool(merges) and grove.ship == "merged",  # an adapter ships unmerged
         ship=grove.ship,
         build=build,

@@ -77,7 +77,8 @@ def search_settings(search: GroveSearch, build: BuildSettings | None, model: Mod
         raise ConfigError(where, "needs a ModelBuilder pass (the candidates are its variants)")
     if not data.label_col:
         raise ConfigError(where, "needs task accuracy: the data's text_template must end with the label column "
-                                 "(e.g. '...{tone}') so each candidate can be scored on the eval split")
+                                 "(e.g. '...{tone}'), and grove.evaluate.answer be label (not text), so each "
+                                 "candidate can be scored on the eval split")
     if search.candidates in ("builtin", "ladder"):
         from flows.config.candidates import builtin_candidates, ladder_candidates
         from grove.models import model_config

@@ -42,6 +42,10 @@ def R(note: str, dialect: str = "both", same: tuple = ()) -> Fate:
 
 NO_CODE = "Grove runs no user code; use text_template/text_cols (or prepare the data files beforehand)"
 LOGS = "Grove logs through Prefect (PREFECT_LOGGING_LEVEL)"
+EVALUATION = ("Olive's evaluators and metrics (accuracy, perplexity, latency, custom) are not run: Grove's "
+              "evaluate and build_onnx stages score eval loss and perplexity, and task accuracy (a label) or "
+              "exact match and chrF (grove.evaluate.answer: text), on base, fine-tuned and shipped models "
+              "(grove.evaluate)")
 
 _LORA = {
     "r": H("train.r (LoRA rank; default 64)", "0.13"),
@@ -84,7 +88,7 @@ FATES: dict[str, dict[str, Fate]] = {
         "grove": H("Grove's own section (see below)"),
         "$comment": H("a comment: read by people only"),
         "$schema": H("a comment: read by editors only"),
-        "evaluators": W("Grove's evaluate stage scores task accuracy on the eval split (grove.evaluate)"),
+        "evaluators": W(EVALUATION),
         "pass_flows": W("the passes run in the recipe's order: LoRA/QLoRA, MergeAdapterWeights, ModelBuilder", "0.6"),
         "auto_optimizer_config": W("Grove runs the passes the config lists", "0.6"),
         "azureml_client": R("Azure ML; Grove runs locally or on Prefect workers", "0.6"),
@@ -107,7 +111,7 @@ FATES: dict[str, dict[str, Fate]] = {
         "clean_cache": W("Grove's cache is keyed by content; use `grove run --from-stage` to redo stages",
                          same=(False,)),
         "clean_evaluation_cache": W("evaluation results are cached by content", same=(False,)),
-        "evaluator": W("Grove's evaluate stage scores task accuracy (grove.evaluate)"),
+        "evaluator": W(EVALUATION),
         "evaluate_input_model": W("the evaluate stage always scores the base and the fine-tuned model"),
         "packaging_config": W("the model is stored in the artifact store and exported to output_dir"),
         "plot_pareto_frontier": W("no search, no frontier", same=(False,)),
@@ -195,7 +199,8 @@ FATES: dict[str, dict[str, Fate]] = {
         "type": H("text-generation pre-processing only (others refused)"),
         "dataset_type": H("checked: corpus only", "0.6"),
         "text_cols": H("corpus.text_cols / data.text_cols"),
-        "text_template": H("corpus.text_template; a trailing {column} is the label for evaluation"),
+        "text_template": H("corpus.text_template; a trailing {column} is the answer evaluation asks for: a label, "
+                           "or free text with grove.evaluate.answer: text"),
         "corpus_strategy": H("corpus.corpus_strategy: join, join-random or line-by-line", "0.6"),
         "strategy": H("corpus.corpus_strategy: join, join-random or line-by-line", "0.13"),
         "source_max_len": H("corpus.source_max_len", "0.6"),
@@ -222,7 +227,7 @@ FATES: dict[str, dict[str, Fate]] = {
         "type": H("LoRA, QLoRA, MergeAdapterWeights or ModelBuilder (others refused)"),
         "config": H("the pass's options (0.6 nesting; 0.13 writes them next to type)"),
         "host": W("every stage runs where the flow runs"),
-        "evaluator": W("Grove's evaluate stage scores task accuracy (grove.evaluate)"),
+        "evaluator": W(EVALUATION),
         "disable_search": W("Grove does not search pass options", "0.6", same=(True, False)),
         "clean_run_cache": W("use `grove run --from-stage` to redo stages", "0.6", same=(False,)),
         "output_name": W("stage outputs are named by the store", "0.6"),

@@ -39,6 +39,12 @@ class GroveEval(Strict):
     max_new_tokens: int = Field(8, gt=0, description="tokens generated after each prompt")
     batch_size: int = Field(16, gt=0)
     max_rows: int | None = Field(None, gt=0, description="evaluate at most this many eval rows")
+    answer: Literal["label", "text"] = Field(
+        "label", description="what the template's trailing column holds: a label (accuracy, per label; the "
+                             "ladder and the gate judge on it) or free text (no label: exact match and chrF "
+                             "of greedy answers on generation_rows rows)")
+    generation_rows: int = Field(16, gt=0, description="answer: text: eval rows answered greedily and scored, "
+                                                       "per model (base, fine-tuned, ONNX)")
 
 
 class GroveBenchmark(Strict):

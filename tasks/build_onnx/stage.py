@@ -19,7 +19,8 @@ from tasks.build_onnx import quantization
 from tasks.build_onnx.base import onnx_base
 from tasks.build_onnx.builder import run_builder
 from tasks.build_onnx.quantization import builder_options
-from grove.scoring import score_prompts
+from grove.generation import aggregates, text_scores, write_generations
+from grove.scoring import generate_answers, summarize
 from grove.served import ADAPTER_FILE
 from grove.shipped import ShippedModel, prompt_spec, write_shipped_files
 from tasks.build_onnx.search import candidate_row, select_candidate, within_tolerance
@@ -128,7 +129,8 @@ def build_onnx(build: BuildSettings, evaluation: EvalSettings, model: ModelSetti
         progress = (lambda done, total: run.on_progress("build_onnx", done, total, {"model": "onnx"})) \
             if run.on_progress else None
         # scored as a user runs the shipped folder (grove/shipped.py), not through Grove's own tokenizing
-        scored = rows[: evaluation.max_rows]
+        text = evaluation.answer == "text"
+        scored = rows[: evaluation.max_rows][: evaluation.generation_rows if text else None]
         spec = prompt_spec(evaluation.text_template, evaluation.label_col, evaluation.max_new_tokens, tokenizer)
         # the prompt template travels with what is shipped: the model, or the adapter (the stored
         # base is shared by every adapter and never written to)
@@ -137,17 +139,24 @@ def build_onnx(build: BuildSettings, evaluation: EvalSettings, model: ModelSetti
         prompts = [shipped.encode(r) for r in scored]
         trained_on = [encode(tokenizer, prompt_and_answer(evaluation.text_template, evaluation.label_col, r)[0],
                              eos=False)[0] for r in scored]
-        scores = score_prompts(engine, shipped, prompts, [str(r[evaluation.label_col]).strip() for r in scored],
-                               evaluation.max_new_tokens, evaluation.batch_size, progress)
+        answers = generate_answers(engine, shipped, prompts, evaluation.max_new_tokens, evaluation.batch_size,
+                                   progress)
+        references = [str(r[evaluation.label_col]).strip() for r in scored]
+        scores = {"generation": text_scores(answers, references)} if text else summarize(answers, references)
         # rows whose shipped prompt ids differ from the training tokenization (expected: 0)
         scores["prompts_unlike_training"] = sum(a != b for a, b in zip(prompts, trained_on))
         if scores["prompts_unlike_training"]:  # seen: a tokenizer.json onnxruntime-genai reads otherwise
             log.warning("%d of %d prompts encode differently through onnxruntime-genai's tokenizer than in "
-                        "training: the ONNX accuracy measures the tokenizer, not the model (check tokenizer.json "
+                        "training: the ONNX scores measure the tokenizer, not the model (check tokenizer.json "
                         "in %s)", scores["prompts_unlike_training"], len(prompts), target)
+        if text:
+            write_generations(output_dir(), {"onnx": scores["generation"]})
+            scores["generation"] = aggregates(scores["generation"])
+            summary["generation"] = scores["generation"]
+        else:
+            summary.update(accuracy=scores["accuracy"], per_label=scores["per_label"])
         (output_dir() / "onnx_eval.json").write_text(json.dumps(scores, indent=1))
-        summary.update(accuracy=scores["accuracy"], per_label=scores["per_label"],
-                       prompts_unlike_training=scores["prompts_unlike_training"])
+        summary["prompts_unlike_training"] = scores["prompts_unlike_training"]
     if speed is not None and rows:
         prompts = [encode(tokenizer, prompt_and_answer(evaluation.text_template, evaluation.label_col, r)[0],
                           eos=False)[0] for r in rows[: speed.prompts]]

@@ -1,0 +1,116 @@
+"""The bundled generative example (configs/smollm2-commands.json): free-text answers, no label.
+
+The config as shipped, with the tiny model in place of SmolLM2 and a short training: every
+stage runs, and base, fine-tuned and shipped ONNX are scored by exact match and chrF on
+greedy answers (grove/generation.py) instead of accuracy. The real model runs the same
+config in test_the_bundled_generative_example_learns_its_answers (slow).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import ROOT
+
+CONFIG = ROOT / "configs" / "smollm2-commands.json"
+DATA = ROOT / "configs" / "data" / "home_commands.jsonl"
+
+
+def commands_config(tmp_path, model=None) -> dict:
+    raw = json.loads(CONFIG.read_text())
+    raw["engine"] = {"cache_dir": str(tmp_path / "store"), "output_dir": str(tmp_path / "out")}
+    raw["data_configs"][0]["load_dataset_config"]["params"]["data_files"] = str(DATA)
+    if model is not None:  # the tiny model: two layers, a few steps, short answers
+        raw["input_model"]["model_path"] = str(model)
+        raw["grove"].pop("lora_top_layers")
+        args = raw["passes"]["lora"]["config"]["training_args"]
+        args.pop("num_train_epochs")
+        args.update(max_steps=3)
+        raw["grove"]["evaluate"].update(max_new_tokens=6, max_rows=8, generation_rows=4)
+        raw["grove"]["benchmark"] = {"prompts": 1, "max_new_tokens": 4, "warmup": 0, "repeats": 1}
+    return raw
+
+
+def stored_lines(store, stage: str, name: str) -> list[dict]:
+    from grove.store import ArtifactStore
+
+    artifacts = ArtifactStore(str(store))
+    [entry] = artifacts.entries(stage)
+    return [json.loads(line) for line in (artifacts.materialize(entry) / name).read_text().splitlines()]
+
+
+def test_the_generative_example_scores_free_text_answers_as_served(tiny_model, tmp_path, write_config):
+    from flows.optimize import optimize
+    from grove.shipped import ShippedModel
+
+    result = optimize(str(write_config(commands_config(tmp_path, tiny_model))))
+    assert [s["status"] for s in result["stages"]] == ["ran"] * 7, result["stages"]
+    summary = {s["stage"]: s["summary"] for s in result["stages"]}
+    # no label: nothing counted per label, no accuracy anywhere
+    assert "train_labels" not in summary["load_data"]
+    for name in ("base", "fine_tuned"):
+        assert summary["evaluate"][name]["accuracy"] is None
+        assert summary["evaluate"][name]["generation"]["rows"] == 4
+    onnx = summary["build_onnx"]
+    assert "accuracy" not in onnx and onnx["generation"]["rows"] == 4
+
+    # every scored row is stored: the evaluate entry holds base and fine-tuned, build_onnx the shipped model
+    store = tmp_path / "store"
+    references = [json.loads(line)["json"] for line in DATA.read_text().splitlines()]
+    evaluated = stored_lines(store, "evaluate", "generations.jsonl")
+    assert [(r["model"], r["row"]) for r in evaluated] == [(m, i) for m in ("base", "fine_tuned") for i in range(4)]
+    shipped_rows = stored_lines(store, "build_onnx", "generations.jsonl")
+    for row in evaluated + shipped_rows:
+        assert row["reference"] in references
+        assert row["exact_match"] == (row["predicted"] == row["reference"]) and 0 <= row["chrf"] <= 100
+    assert onnx["generation"]["exact_match"] == sum(r["exact_match"] for r in shipped_rows) / 4
+
+    # the shipped rows are what the shipped folder answers (grove predict's code path)
+    eval_rows = stored_lines(store, "load_data", "eval.jsonl")[:4]
+    shipped = ShippedModel(tmp_path / "out" / "smollm2-commands" / "model")
+    assert shipped.spec["label_col"] == "json" and shipped.spec["fields"] == ["command"]
+    assert [shipped.answer(r) for r in eval_rows] == [r["predicted"] for r in shipped_rows]
+    assert [r["json"] for r in eval_rows] == [r["reference"] for r in shipped_rows]
+
+    # aggregates in report.json and report.md's Evaluation table (the Prefect report artifact is that markdown)
+    out = tmp_path / "out" / "smollm2-commands"
+    metrics = json.loads((out / "report.json").read_text())["metrics"]
+    for model, scores in (("base", summary["evaluate"]["base"]), ("onnx", onnx)):
+        assert metrics[f"{model}.generation.chrf"] == scores["generation"]["chrf"]
+        assert metrics[f"{model}.generation.exact_match"] == scores["generation"]["exact_match"]
+    markdown = (out / "report.md").read_text()
+    header = next(line for line in markdown.splitlines() if line.startswith("| model |"))
+    assert "generation.chrf" in header and "generation.exact_match" in header
+    assert f"chrF {onnx['generation']['chrf']}, exact {onnx['generation']['exact_match']}" in markdown
+
+
+@pytest.mark.parametrize("change, where, words", [
+    (lambda raw: raw["data_configs"][0]["pre_process_data_config"]["params"].update(
+        text_template="Command: {command}\nJSON: {json}\n---"), "grove.evaluate.answer", "does not end with"),
+    (lambda raw: raw["grove"].update(quantization_search={"candidates": "ladder"}), "grove.quantization_search",
+     "needs task accuracy"),
+    (lambda raw: raw["grove"]["evaluate"].update(answer="prose"), "grove.evaluate.answer", "label"),
+])
+def test_free_text_answers_refuse_what_they_cannot_do(tmp_path, write_config, change, where, words):
+    from flows.config import ConfigError, load_config
+
+    raw = commands_config(tmp_path)
+    change(raw)
+    with pytest.raises(ConfigError) as caught:
+        load_config(write_config(raw))
+    assert caught.value.path == where and words in caught.value.message, caught.value
+
+
+@pytest.mark.slow
+def test_the_bundled_generative_example_learns_its_answers(tmp_path, write_config):
+    """The real SmolLM2-135M on the config as shipped (minutes on 2 cores)."""
+    from flows.optimize import optimize
+
+    result = optimize(str(write_config(commands_config(tmp_path))))
+    summary = {s["stage"]: s["summary"] for s in result["stages"]}
+    base, tuned = summary["evaluate"]["base"]["generation"], summary["evaluate"]["fine_tuned"]["generation"]
+    onnx = summary["build_onnx"]["generation"]
+    assert tuned["chrf"] > base["chrf"] + 30 and tuned["exact_match"] >= 0.5, (base, tuned)
+    assert onnx["chrf"] > base["chrf"] + 30, (base, onnx)
