@@ -40,8 +40,11 @@ def test_which_configs_search_by_default(tiny_model, tone_copy, tmp_path, write_
         assert not cfg.search.early_stop and len(cfg.search.candidates) > len(LADDER)
 
 
-def test_the_ladder_stops_at_the_first_candidate_within_tolerance(tiny_model, learned_run, tmp_path):
-    from flows.optimize import optimize
+def test_the_ladder_stops_at_the_first_candidate_within_tolerance(tiny_model, learned_run, tmp_path, prefect_api):
+    """Through `grove run`: the summary names the candidate that ships, and the run record keeps it."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
 
     data = tmp_path / "tone.jsonl"
     data.write_text(one_label_rows(0, 80))
@@ -51,10 +54,21 @@ def test_the_ladder_stops_at_the_first_candidate_within_tolerance(tiny_model, le
     raw["passes"]["builder"]["config"] = {"precision": "int4"}
     raw["grove"].pop("quantization_search")  # the default
     (tmp_path / "run.json").write_text(json.dumps(raw))
-    result = optimize(str(tmp_path / "run.json"))
-    assert {s["stage"]: s["status"] for s in result["stages"]}["train"] == "cached"
-    built = [s for s in result["stages"] if s["stage"] == "build_onnx"]
+    said = CliRunner().invoke(app, ["run", "-c", str(tmp_path / "run.json")])
+    assert said.exit_code == 0, said.output
     report = json.loads((tmp_path / "out" / "tiny" / "report.json").read_text())
+    assert {s["stage"]: s["status"] for s in report["stages"]}["train"] == "cached"
+    built = [s for s in report["stages"] if s["stage"] == "build_onnx"]
+    # the summary names what ships: the candidate's task run (not taken for markup) and the shipped line
+    assert f"build_onnx[{LADDER[0]}]" in said.output and f"shipped:     {LADDER[0]}\n" in said.output, said.output
+    record = json.loads(CliRunner().invoke(app, ["runs", "-c", str(tmp_path / "run.json"), "--json"]).output)[0]
+    assert record["shipped"] == LADDER[0]
+    # the search's table artifact is kept per model name, like every other Grove artifact
+    import httpx
+
+    found = httpx.post(f"{prefect_api}/artifacts/filter", timeout=30, json={"artifacts": {
+        "key": {"any_": ["grove-tiny-quantization-search"]}, "flow_run_id": {"any_": [record["run_id"]]}}})
+    assert found.status_code == 200 and len(found.json()) == 1, found.text
     search = report["quantization_search"]
     assert search["within_tolerance"] and search["chosen"] == LADDER[0], search["verdict"]
     assert len(built) == 1 and search["not_built"] == list(LADDER[1:])
