@@ -1,4 +1,4 @@
-"""Comparing runs: `grove runs` shows each run's key metrics, `grove diff RUN RUN` puts two runs
+"""Comparing runs: `grove runs` and `grove show` show each run's key metrics, `grove diff RUN RUN` puts two runs
 side by side (the settings that differ by the key paths config errors name, the stored entries
 that differ, every metric), all read from the run records a real `grove run` wrote."""
 
@@ -45,6 +45,8 @@ def test_runs_show_each_runs_key_metrics_as_its_stages_measured_them(named_runs)
                          "ppl": number(measured["fine_tuned.perplexity"]), "MB": number(measured["shipped.size_mb"]),
                          "tok/s": number(measured["bench.onnx.decode_tokens_per_s"])}, (header, cells)
         assert record["shipped"] == f"{summary['build_onnx']['precision']} cpu"  # a single build, no search
+        shows = grove("show", record["run_id"][:8], "--store", root)
+        assert "\nmetrics: " + ", ".join(f"{k} {v}" for k, v in shown.items()) + "\n" in shows, shows
     only_tiny = grove("runs", "-c", str(configs["tiny"]))
     assert "Runs of tiny in" in only_tiny and len(only_tiny.splitlines()) == 3, only_tiny
 

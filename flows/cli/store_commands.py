@@ -125,7 +125,8 @@ def runs(config: Optional[Path] = STORE_CONFIG, store: Optional[str] = STORE_URI
 def show(run_id: str = typer.Argument(..., help="Run id (a unique prefix is enough)."),
          config: Optional[Path] = STORE_CONFIG, store: Optional[str] = STORE_URI,
          as_json: bool = typer.Option(False, "--json", help="Print the run record as JSON.")) -> None:
-    """The entries a run used or produced: stage, cached or ran, size, where they are."""
+    """A run's key metrics and the entries it used or produced: stage, cached or ran, size, where they are
+    (every metric: --json, or grove diff)."""
     from flows.runs import find_run
     from grove.store import StoreError
 
@@ -137,8 +138,15 @@ def show(run_id: str = typer.Argument(..., help="Run id (a unique prefix is enou
     if as_json:
         print(json.dumps(run, indent=1))
         return
+    from flows.compare import key_metrics, number
+    from flows.runs import measured
+
+    numbers = key_metrics(measured(artifacts, run))
     console.print(f"run {run['run_id']} ({run['name']}, {run['config']}): {run['status']}, started {run['started']}"
                   + (f"\noverrides: {' '.join(run['overrides'])}" if run.get("overrides") else "")
+                  + (f"\nshipped: {run['shipped']}" if run.get("shipped") else "")
+                  + (f"\nmetrics: " + ", ".join(f"{k} {number(v)}" for k, v in numbers.items() if v is not None)
+                     if any(v is not None for v in numbers.values()) else "")
                   + (f"\nerror: {run['error']}" if run.get("error") else ""), highlight=False, markup=False)
     table = Listing(None, ["stage", "used or produced", "size",
                            ("stored at", {"overflow": "fold"})])  # a URI is only useful whole
