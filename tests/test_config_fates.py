@@ -192,7 +192,7 @@ LADDER_BY_DEFAULT = {"smollm2-tone.json", "smollm2-tone-nightly.json", "smollm2-
 # the config is parsed: the benchmark's machine left the settings, train.processes stays `auto`.
 MACHINE_FACTS = {("benchmark", "machine"): None, ("train", "processes"): "auto"}
 # snapshotted when added, after ADDED_SINCE: they hold those settings already
-SNAPSHOTTED_LATER = {"phi3-lora-seed.json", "smollm2-commands.json"}
+SNAPSHOTTED_LATER = {"phi3-lora-seed.json", "smollm2-commands.json", "smollm2-capitals.json"}
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.json")))

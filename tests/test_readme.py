@@ -4,7 +4,12 @@ point at files that exist."""
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -115,3 +120,45 @@ def test_every_key_of_the_grove_section_is_in_the_readme_and_no_other():
     leaves = {key for key in accepted if not any(other.startswith(f"{key}.") for other in accepted)}
     assert not leaves - documented, f"grove keys the README's grove table does not document: {sorted(leaves - documented)}"
     assert not documented - accepted, f"the README documents grove keys Grove does not accept: {sorted(documented - accepted)}"
+
+
+def own_data_commands() -> list[list[str]]:
+    """The shell commands of the README's own-data section, as written (comments dropped)."""
+    section = (ROOT / "README.md").read_text().split("## Your own data: a worked example\n", 1)[1].split("\n## ", 1)[0]
+    tokens = MarkdownIt("commonmark").parse(section)
+    blocks = [tok.content for tok in tokens if tok.type == "fence" and tok.info == "bash"]
+    return [shlex.split(line, comments=True) for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def test_the_own_data_example_runs_as_written(tiny_model, prefect_api, tmp_path):
+    """Every command of "Your own data" runs through the real CLI, in a folder laid out as the
+    repository (its configs/). validate and stages run as written, on the bundled model; from
+    `grove run` on, each command that takes a config also gets `input_model.model_path=<tiny model>`
+    and the search turned off, so the whole flow runs in seconds rather than minutes (the bundled
+    model's run is measured in the README). The CSV's split, the shipped folder and the plan after a
+    run are what the section says."""
+    commands = own_data_commands()
+    assert [c[:2] for c in commands] == [["grove", "validate"], ["grove", "stages"], ["grove", "run"],
+                                         ["grove", "predict"], ["grove", "stages"]]
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    tiny = [f"input_model.model_path={tiny_model}", "grove.quantization_search.enabled=false"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    said, after_run = [], False
+    for command in commands:
+        after_run = after_run or command[1] == "run"
+        if after_run and "--config" in command:
+            command = command + tiny
+        done = subprocess.run([sys.executable, "-m", "flows.cli", *command[1:]], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{shlex.join(command)}:\n{done.stdout}\n{done.stderr}"
+        said.append((command, done.stdout))
+    (_, validated), (_, planned), (_, ran), (_, answered), (_, replanned) = said
+    assert validated.startswith("ok: configs/smollm2-capitals.json") and "configs/data/capitals.csv" in validated
+    stage_rows = lambda out: dict(re.findall(r"^(\w+) +(hit|miss) ", out, re.M))  # noqa: E731
+    assert stage_rows(planned) == {stage: "miss" for stage in ("load_data", "template_corpus", "train", "evaluate",
+                                                              "merge_adapters", "build_onnx", "benchmark")}
+    assert "48 train / 16 eval rows" in ran, ran
+    model = tmp_path / "grove-output" / "smollm2-capitals" / "model"
+    assert (model / "grove_prompt.json").is_file() and answered.count("\n") == 1, answered  # one question, one answer
+    replanned = stage_rows(replanned)
+    assert replanned["load_data"] == replanned["template_corpus"] == "hit" and replanned["train"] == "miss", replanned
