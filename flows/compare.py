@@ -80,6 +80,13 @@ def key_metrics(metrics: dict[str, float]) -> dict[str, float | None]:
             for header, names in KEY_METRICS}
 
 
+def short(value: Any) -> str:
+    """A table cell: 4 significant digits, large numbers whole (16069.6 -> 16070)."""
+    if isinstance(value, float):
+        return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    return number(value)
+
+
 def number(value: Any) -> str:
     if value is None:
         return "-"

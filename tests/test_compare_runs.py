@@ -9,7 +9,7 @@ import json
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.compare import number
+from flows.compare import number, short
 
 runner = CliRunner()
 
@@ -40,13 +40,17 @@ def test_runs_show_each_runs_key_metrics_as_its_stages_measured_them(named_runs)
         assert measured["onnx.accuracy"] == summary["build_onnx"]["accuracy"]
         assert measured["shipped.size_mb"] == round(summary["build_onnx"]["size_bytes"] / 2**20, 2)
         assert measured["bench.onnx.decode_tokens_per_s"] == summary["benchmark"]["onnx"]["decode_tokens_per_s"]
-        assert shown == {"tuned": number(measured["fine_tuned.accuracy"]), "acc": number(measured["onnx.accuracy"]),
-                         "loss": number(measured["fine_tuned.eval_loss"]),
-                         "ppl": number(measured["fine_tuned.perplexity"]), "MB": number(measured["shipped.size_mb"]),
-                         "tok/s": number(measured["bench.onnx.decode_tokens_per_s"])}, (header, cells)
+        assert shown == {"tuned": short(measured["fine_tuned.accuracy"]), "acc": short(measured["onnx.accuracy"]),
+                         "loss": short(measured["fine_tuned.eval_loss"]),
+                         "ppl": short(measured["fine_tuned.perplexity"]), "MB": short(measured["shipped.size_mb"]),
+                         "tok/s": short(measured["bench.onnx.decode_tokens_per_s"])}, (header, cells)
         assert record["shipped"] == f"{summary['build_onnx']['precision']} cpu"  # a single build, no search
+        assert cells[5] == f"{sum(s['status'] == 'ran' for s in record['stages'])}/7"  # the date has a space
         shows = grove("show", record["run_id"][:8], "--store", root)
-        assert "\nmetrics: " + ", ".join(f"{k} {v}" for k, v in shown.items()) + "\n" in shows, shows
+        assert "\nmetrics: " + ", ".join(f"{k} {number(measured[n])}" for k, n in (
+            ("tuned", "fine_tuned.accuracy"), ("acc", "onnx.accuracy"), ("loss", "fine_tuned.eval_loss"),
+            ("ppl", "fine_tuned.perplexity"), ("MB", "shipped.size_mb"),
+            ("tok/s", "bench.onnx.decode_tokens_per_s"))) + "\n" in shows, shows
     only_tiny = grove("runs", "-c", str(configs["tiny"]))
     assert "Runs of tiny in" in only_tiny and len(only_tiny.splitlines()) == 3, only_tiny
 
@@ -68,3 +72,21 @@ def test_diff_puts_two_runs_side_by_side_settings_by_key_path_and_metrics(named_
     loss = number(records["tiny"]["metrics"]["fine_tuned.eval_loss"])
     assert any(line.split() == ["fine_tuned.eval_loss", loss, loss] for line in said.splitlines()), said
     assert "no run with id 'nope'" in grove("diff", "nope", tiny[:8], "--store", root, code=2)
+
+
+def test_runs_at_80_columns_keeps_every_column_whole(named_runs, monkeypatch):
+    import io
+
+    from flows.cli.errors import console
+
+    folder, _ = named_runs
+    out = io.StringIO()
+    monkeypatch.setattr(console, "_force_terminal", True)
+    monkeypatch.setattr(console, "_width", 80)
+    monkeypatch.setattr(console, "_file", out)
+    grove("runs", "--store", str(folder / ".grove-cache"))
+    table = out.getvalue()
+    assert all(len(line) <= 80 for line in table.splitlines()), table
+    header = next(line for line in table.splitlines() if line.startswith("run "))
+    assert header.split() == ["run", "started", "name", "status", "ran", "tuned", "acc", "loss", "ppl", "MB", "tok/s"]
+    assert "…" not in table, table

@@ -63,24 +63,29 @@ def models(config: Optional[Path] = STORE_CONFIG, store: Optional[str] = STORE_U
         console.print(f"no promoted models in {artifacts.root}")
         return
     # short headers and no box lines: fits 80 columns; the store URI of an entry is in --json only
-    # (predict takes an exported or shipped folder, not an entry)
+    # (predict takes an exported or shipped folder, not an entry). Only the gate metrics some model
+    # has: a labelled task's accuracies, a free-text task's chrF and exact match.
+    listed = [model for current, history in found.values() for model in (current, *history)]
+    shown = [m for m in PROMOTION_METRICS if any(model["metrics"].get(m) is not None for model in listed)]
     fixed = {"no_wrap": True}
     table = Listing(f"Models in {artifacts.root}",
                     [("name", {"overflow": "fold"}), ("promoted", fixed), ("run", fixed),
-                     *((METRIC_HEADERS.get(m, m), {**fixed, "justify": "right"}) for m in PROMOTION_METRICS)],
+                     *((METRIC_HEADERS.get(m, m), {**fixed, "justify": "right"}) for m in shown)],
                     box=box.SIMPLE_HEAD)
     for name, (current, history) in found.items():
         past = [m for m in history if m["run_id"] != current["run_id"]]
         for index, model in enumerate([current, *past]):
             table.add_row(name if index == 0 else "  past", model["promoted_at"][:16].replace("T", " "),
-                          model["run_id"][:8], *(_metric(model["metrics"].get(m)) for m in PROMOTION_METRICS))
+                          model["run_id"][:8], *(_metric(model["metrics"].get(m)) for m in shown))
     table.print()
     where = f" --store {artifacts.root}"
     print(f"take one out: grove export NAME (or a past RUN id) --to FOLDER{where}\n"
           f"then answer with it: grove predict --model FOLDER \"a text\"", flush=True)
 
 
-METRIC_HEADERS = {"onnx_accuracy": "acc", "fine_tuned_accuracy": "tuned", "onnx_decode_tokens_per_s": "tok/s"}
+METRIC_HEADERS = {"onnx_accuracy": "acc", "fine_tuned_accuracy": "tuned", "onnx_decode_tokens_per_s": "tok/s",
+                  "onnx_chrf": "chrF", "onnx_exact_match": "exact", "fine_tuned_chrf": "tuned chrF",
+                  "fine_tuned_exact_match": "tuned exact"}
 
 
 def _metric(value: float | None) -> str:
@@ -91,12 +96,15 @@ def _mb(size: int) -> str:
     return f"{size / 2**20:.1f} MB"
 
 
+STATUS_WORDS = {"completed": "done"}
+
+
 @app.command()
 def runs(config: Optional[Path] = STORE_CONFIG, store: Optional[str] = STORE_URI,
          as_json: bool = typer.Option(False, "--json", help="Print the run records as JSON.")) -> None:
     """The runs recorded in an artifact store, newest first, with their key metrics (with --config:
     that config's runs). Compare two: grove diff RUN RUN."""
-    from flows.compare import KEY_METRICS, key_metrics, number
+    from flows.compare import KEY_METRICS, key_metrics, short
     from flows.runs import list_runs, measured
     from grove.store import StoreError
 
@@ -109,15 +117,19 @@ def runs(config: Optional[Path] = STORE_CONFIG, store: Optional[str] = STORE_URI
     if as_json:
         print(json.dumps(recorded, indent=1))
         return
+    # fits 80 columns on a terminal: short headers (as grove models'), minutes, numbers to 4 digits;
+    # ran: the stages that ran of those the run used (the rest were cached)
     right = {"justify": "right", "no_wrap": True}
     table = Listing(f"Runs{f' of {name}' if name else ''} in {artifacts.root}",
-                    ["run", "started", "name", "status", ("ran/cached", right),
-                     *((header, right) for header, _ in KEY_METRICS)], box=box.SIMPLE_HEAD)
+                    [("run", {"no_wrap": True}), ("started", {"no_wrap": True}), ("name", {"overflow": "fold"}),
+                     ("status", {"overflow": "fold"}), ("ran", right), *((header, right) for header, _ in KEY_METRICS)],
+                    box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False, show_edge=False)
     for run, numbers in zip(recorded, metrics):
         ran = [s for s in run["stages"] if s["status"] == "ran"]
-        status = f"failed at {run['failed_stage']}" if run.get("failed_stage") else run["status"]
-        table.add_row(run["run_id"][:8], run["started"][:16].replace("T", " "), escape(run["name"]), status,
-                      f"{len(ran)}/{len(run['stages']) - len(ran)}", *(number(v) for v in numbers.values()))
+        status = f"failed:{run['failed_stage']}" if run.get("failed_stage") else STATUS_WORDS.get(run["status"],
+                                                                                                   run["status"])
+        table.add_row(run["run_id"][:8], run["started"][5:16].replace("T", " "), escape(run["name"]), status,
+                      f"{len(ran)}/{len(run['stages'])}", *(short(v) for v in numbers.values()))
     table.print()
 
 
