@@ -4,6 +4,7 @@ point at files that exist."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -162,3 +163,35 @@ def test_the_own_data_example_runs_as_written(tiny_model, prefect_api, tmp_path)
     assert (model / "grove_prompt.json").is_file() and answered.count("\n") == 1, answered  # one question, one answer
     replanned = stage_rows(replanned)
     assert replanned["load_data"] == replanned["template_corpus"] == "hit" and replanned["train"] == "miss", replanned
+
+
+def checking_commands() -> list[list[str]]:
+    """`grove validate` and `grove stages` lines of the README outside the own-data section (which
+    has a test of its own) that name a config the repository has: cheap, so run as written."""
+    readme = (ROOT / "README.md").read_text()
+    own_data = readme.split("## Your own data: a worked example\n", 1)[1].split("\n## ", 1)[0]
+    blocks = [tok.content for tok in MarkdownIt("commonmark").parse(readme.replace(own_data, ""))
+              if tok.type == "fence" and tok.info == "bash"]
+    commands = [shlex.split(line, comments=True) for block in blocks for line in block.splitlines()
+                if re.match(r"grove (validate|stages) ", line)]
+    return [c for c in commands if "|" not in c and ">" not in c
+            and (ROOT / c[c.index("--config" if "--config" in c else "-c") + 1]).is_file()]
+
+
+def test_the_readmes_checking_commands_run_as_written(tmp_path):
+    commands = checking_commands()
+    assert any("--resolved" in c for c in commands), commands  # the override example, at least
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+
+    def grove(command: list[str]) -> str:
+        done = subprocess.run([sys.executable, "-m", "flows.cli", *command[1:]], cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"{shlex.join(command)}:\n{done.stdout}\n{done.stderr}"
+        return done.stdout
+
+    for command in commands:
+        said = grove(command)
+        overrides = [word for word in command[2:] if re.match(r"^[\w.]+=", word)]
+        if "--resolved" in command and overrides:
+            plain = [word for word in command if word not in overrides]
+            assert json.loads(said) != json.loads(grove(plain)), f"{overrides} changed nothing in --resolved"
