@@ -3,7 +3,7 @@
 transformers 5.17 wrote SmolLM2's byte-level BPE with SentencePiece parts (byte_fallback, fuse_unk, an
 empty normalizer Sequence, a ByteFallback/Fuse/Replace/ByteLevel decoder). Hugging Face's tokenizers
 ignores them on byte-level input; onnxruntime-genai 0.18 then encoded every prompt with -1 ids, and every
-ONNX model of the fine-tune scored 0.02-0.08 on the H200 machine (README: Shipping adapters).
+ONNX model of the fine-tune scored 0.02-0.08 on the H200 machine (bench/README.md: Shipping adapters).
 """
 
 from __future__ import annotations

@@ -37,7 +37,8 @@ def build_settings(pass_config: dict[str, Any], where: str, provider: str, model
         inherited["enable_cuda_graph"] = "true" if grove.cuda_graph else "false"
     if provider == "cuda" and _block_size_unset(spec) and _divides_model(grove.cuda_block_size, model):
         # measured on an H200 (Phi-3-mini shape): block 128 decodes ~8% faster than 32 in a 8% smaller
-        # model; on the bundled SmolLM2 it scored 0.758 against 32's 0.733 (README: Running on a GPU)
+        # model; on the bundled SmolLM2 it scored 0.758 against 32's 0.733
+        # (bench/README.md: Training throughput and decode speed)
         spec = spec.model_copy(update={"int4_block_size": grove.cuda_block_size})
     return _checked(spec, provider, model, where, inherited)
 

@@ -16,7 +16,7 @@ from grove.settings import BuildSettings
 def builtin_candidates(precision_default: BuildSettings, model_config: dict | None) -> list[tuple[str, BuildSettings]]:
     """int4 variants from small to large, int8 as the accurate fallback (and fp16 on CUDA). hqq and gptq are not
     in it: on the bundled SmolLM2 here, hqq scored 0.008 and gptq did not finish in 20 minutes
-    (README: calibration-based methods).
+    (README: Quantization: options and search; measured in bench/README.md).
 
     An int8 LM head on a tied-embedding model gets shared_embeddings=false only where the
     default algorithm needs it (see check_build)."""

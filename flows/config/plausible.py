@@ -1,6 +1,6 @@
 """Values that pass the schema but cannot mean what they say: a learning rate no fine-tuning
 uses, mixed precision on a training that runs on the CPU, LoRA on more top layers than the model
-has. Each is a one-line error or warning at its key path, before any work (README: Validation)."""
+has. Each is a one-line error or warning at its key path, before any work (README: Checks before any work)."""
 
 from __future__ import annotations
 
