@@ -73,6 +73,8 @@ def _the_summary_says_what_ships_how_it_scored_and_where_the_run_is(lines: list[
                          re.M), said
         assert re.search(rf"^\| {label} \| [\d.]+ \| {loss} \| {perplexity} \|$",
                          (tmp_path / "out" / "tiny" / "report.md").read_text(), re.M)
+    report = next(line.split()[1] for line in lines if line.startswith("report:"))
+    assert report == str(tmp_path / "out" / "tiny" / "report.md"), report  # the one to read; .json beside it
     url = next(line.split()[1] for line in lines if line.startswith("prefect:"))
     opened = urllib.request.Request(url, headers={"Accept": "text/html"})  # as a browser asks for it
     with urllib.request.urlopen(opened, timeout=30) as page:

@@ -146,7 +146,7 @@ def run(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES, devic
     table.print()
     console.print(f"final model: {result['model_path']}\nshipped:     {result.get('shipped')}"
                   + "".join(f"\n{line}" for line in evaluation_lines(result.get("metrics") or {}))
-                  + f"\nreport:      {result['report_path']} (and report.md)\n"
+                  + f"\nreport:      {Path(result['report_path']).with_suffix('.md')} (report.json beside it)\n"
                   f"run:         {result['run_id']} (grove show {result['run_id'][:8]} --config {config})\n"
                   f"prefect:     {flow_run_where(result['run_id'])}", highlight=False, markup=False)
     promotion = result.get("promotion")
