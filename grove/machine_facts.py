@@ -41,9 +41,9 @@ STAGE_LIBRARIES: dict[str, tuple[str, ...]] = {
     "load_data": ("datasets", "pyarrow"),
     "template_corpus": ("transformers", "tokenizers", "jinja2"),  # chat templates render with jinja2
     "train": MODEL_LIBRARIES,
-    "evaluate": (*MODEL_LIBRARIES, "sacrebleu"),  # chrF of free-text answers
+    "evaluate": (*MODEL_LIBRARIES, "sacrebleu", "lm-eval"),  # chrF of free-text answers, lm_eval_tasks
     "merge_adapters": MODEL_LIBRARIES,
-    "build_onnx": (*ONNX_LIBRARIES, "onnx", "onnx-ir", "transformers", "torch", "peft", "sacrebleu"),
+    "build_onnx": (*ONNX_LIBRARIES, "onnx", "onnx-ir", "transformers", "torch", "peft", "sacrebleu", "lm-eval"),
     "benchmark": (*ONNX_LIBRARIES, "torch", "transformers"),
 }
 # Stages that load models on the run's device (merge_adapters always merges on the CPU in float32;

@@ -94,6 +94,16 @@ class TrainSettings(Frozen):
     nodes: int = 1  # machines of one torchrun job (c10d rendezvous, tasks/train/nodes.py); processes on each
 
 
+class LmEvalSettings(Frozen):
+    """lm-evaluation-harness tasks run on each model (grove.evaluate.lm_eval_*)."""
+
+    tasks: list[str]
+    include_path: str | None = None  # lm-eval's include_path: the user's own task files
+    include_sha256: str | None = None  # the include folder's files: an edited task is a new key
+    builtin: bool = True  # whether a task is lm-eval's own (else its index, ~14k tasks, is not built)
+    limit: int | None = 100  # documents per task
+
+
 class EvalSettings(Frozen):
     text_template: str
     max_new_tokens: int = 8
@@ -102,6 +112,7 @@ class EvalSettings(Frozen):
     label_col: str | None = None  # the template's trailing column: the answer the model is asked for
     answer: Literal["label", "text"] = "label"  # label_col is a label (accuracy) or free text (exact match, chrF)
     generation_rows: int = 16  # answer text: rows answered greedily per model
+    lm_eval: LmEvalSettings | None = None
 
 
 class BuildSettings(Frozen):

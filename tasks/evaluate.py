@@ -19,6 +19,7 @@ from grove.lm_head import labelled_logits
 from grove.models import load_causal_lm, load_tokenizer, model_folder, resolve_device
 from grove.scoring import generate_answers, prompts_and_labels, summarize
 from grove.settings import EvalSettings, ModelSettings
+from grove.standard_tasks import pytorch_scores
 from grove.stage import ArtifactRef, current_run, grove_stage, open_artifact, output_dir
 from grove.textdata import first_line, read_jsonl
 
@@ -108,16 +109,20 @@ def evaluate(settings: EvalSettings, data: ArtifactRef, corpus: ArtifactRef, mod
     tokenizer = load_tokenizer(folder, model.trust_remote_code)
     base = load_causal_lm(folder, device, model.trust_remote_code).eval()
     metrics = {"base": measure(base, tokenizer, rows, examples, settings, "base")}
+    if settings.lm_eval:
+        metrics["base"]["lm_eval"] = pytorch_scores(settings.lm_eval, base, tokenizer, settings.batch_size)
     if adapter is not None:
         # merged into the base's weights: the model merge_adapters stores, and no LoRA branch per
         # projection on every forward (the base was scored above, so its weights may change)
         tuned = PeftModel.from_pretrained(base, open_artifact(adapter) / "adapter").merge_and_unload().eval()
         metrics["fine_tuned"] = measure(tuned, tokenizer, rows, examples, settings, "fine-tuned")
+        if settings.lm_eval:
+            metrics["fine_tuned"]["lm_eval"] = pytorch_scores(settings.lm_eval, tuned, tokenizer, settings.batch_size)
     generated = {name: m.pop("generation") for name, m in metrics.items() if "generation" in m}
     if generated:
         write_generations(output_dir(), generated)
         for name, scores in generated.items():
             metrics[name]["generation"] = aggregates(scores)
     (output_dir() / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    return {name: {k: m.get(k) for k in ("accuracy", "eval_loss", "perplexity", "per_label", "generation")
-                   if k in m or k != "generation"} for name, m in metrics.items()}
+    return {name: {k: m.get(k) for k in ("accuracy", "eval_loss", "perplexity", "per_label", "generation", "lm_eval")
+                   if k in m or k not in ("generation", "lm_eval")} for name, m in metrics.items()}

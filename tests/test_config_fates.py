@@ -181,7 +181,7 @@ NEWLY_HONOURED = {"phi3-tone.json": {("train", "compute_dtype"): "bfloat16"},
 # settings added since the snapshots, at their defaults in every shipped config
 ADDED_SINCE = {("train", "nodes"): 1, (None, "placement"): {}, (None, "ship"): "merged",
                ("promotion", "max_drop_from_fine_tuned"): 0.02, ("promotion", "min_gain_over_base"): 0.05,
-               ("evaluate", "answer"): "label", ("evaluate", "generation_rows"): 16}
+               ("evaluate", "answer"): "label", ("evaluate", "generation_rows"): 16, ("evaluate", "lm_eval"): None}
 # changed on purpose since the snapshots: the default run's benchmark times each prompt once (the
 # whole default run under 4 minutes on 2 cores; bench/README.md: The default run)
 RETUNED = {"smollm2-tone.json": {("benchmark", "repeats"): 1}}

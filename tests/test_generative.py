@@ -1,4 +1,5 @@
-"""The bundled generative example (configs/smollm2-commands.json): free-text answers, no label.
+"""The bundled generative example (configs/smollm2-commands.json): free-text answers, no label;
+and standard benchmarks through lm-evaluation-harness on a local task (no hub download).
 
 The config as shipped, with the tiny model in place of SmolLM2 and a short training: every
 stage runs, and base, fine-tuned and shipped ONNX are scored by exact match and chrF on
@@ -33,6 +34,21 @@ def commands_config(tmp_path, model=None) -> dict:
     return raw
 
 
+def choice_task(folder) -> str:
+    """A local lm-eval task (YAML + JSONL in one folder): four multiple-choice questions."""
+    folder.mkdir()
+    rows = [{"q": "Turn on the", "choices": ["lights", "seven", "blue"], "answer": 0},
+            {"q": "Open the", "choices": ["purple", "door", "twelve"], "answer": 1},
+            {"q": "Set the thermostat to", "choices": ["quickly", "green", "20 degrees"], "answer": 2},
+            {"q": "Close the", "choices": ["window", "eleven", "loud"], "answer": 0}]
+    (folder / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "home_choice.yaml").write_text(
+        f"task: home_choice\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'rows.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n")
+    return str(folder)
+
+
 def stored_lines(store, stage: str, name: str) -> list[dict]:
     from grove.store import ArtifactStore
 
@@ -45,7 +61,9 @@ def test_the_generative_example_scores_free_text_answers_as_served(tiny_model, t
     from flows.optimize import optimize
     from grove.shipped import ShippedModel
 
-    result = optimize(str(write_config(commands_config(tmp_path, tiny_model))))
+    raw = commands_config(tmp_path, tiny_model)
+    raw["grove"]["evaluate"].update(lm_eval_tasks=["home_choice"], lm_eval_include=choice_task(tmp_path / "tasks"))
+    result = optimize(str(write_config(raw)))
     assert [s["status"] for s in result["stages"]] == ["ran"] * 7, result["stages"]
     summary = {s["stage"]: s["summary"] for s in result["stages"]}
     # no label: nothing counted per label, no accuracy anywhere
@@ -55,6 +73,10 @@ def test_the_generative_example_scores_free_text_answers_as_served(tiny_model, t
         assert summary["evaluate"][name]["generation"]["rows"] == 4
     onnx = summary["build_onnx"]
     assert "accuracy" not in onnx and onnx["generation"]["rows"] == 4
+
+    # the standard benchmark (a local lm-eval task) on base, fine-tuned and the shipped ONNX folder
+    for scores in (summary["evaluate"]["base"], summary["evaluate"]["fine_tuned"], onnx):
+        assert set(scores["lm_eval"]) == {"home_choice"} and 0 <= scores["lm_eval"]["home_choice"]["acc"] <= 1
 
     # every scored row is stored: the evaluate entry holds base and fine-tuned, build_onnx the shipped model
     store = tmp_path / "store"
@@ -80,6 +102,7 @@ def test_the_generative_example_scores_free_text_answers_as_served(tiny_model, t
     for model, scores in (("base", summary["evaluate"]["base"]), ("onnx", onnx)):
         assert metrics[f"{model}.generation.chrf"] == scores["generation"]["chrf"]
         assert metrics[f"{model}.generation.exact_match"] == scores["generation"]["exact_match"]
+        assert metrics[f"{model}.lm_eval.home_choice.acc"] == scores["lm_eval"]["home_choice"]["acc"]
     markdown = (out / "report.md").read_text()
     header = next(line for line in markdown.splitlines() if line.startswith("| model |"))
     assert "generation.chrf" in header and "generation.exact_match" in header
@@ -92,6 +115,8 @@ def test_the_generative_example_scores_free_text_answers_as_served(tiny_model, t
     (lambda raw: raw["grove"].update(quantization_search={"candidates": "ladder"}), "grove.quantization_search",
      "needs task accuracy"),
     (lambda raw: raw["grove"]["evaluate"].update(answer="prose"), "grove.evaluate.answer", "label"),
+    (lambda raw: raw["grove"]["evaluate"].update(lm_eval_tasks=["x"], lm_eval_include="no/such/tasks"),
+     "grove.evaluate.lm_eval_include", "is not a folder"),
 ])
 def test_free_text_answers_refuse_what_they_cannot_do(tmp_path, write_config, change, where, words):
     from flows.config import ConfigError, load_config

@@ -18,6 +18,7 @@ from flows.config.checks import check_run_config
 from flows.config.build import adapter_base_build, build_settings, default_search, execution_provider, search_settings
 from flows.config.data import corpus_settings, data_configs, data_settings
 from flows.config.errors import ConfigError, Warnings, check_keys, did_you_mean, validate
+from flows.config.lm_eval import lm_eval_settings
 from flows.config.fates import known_keys, sift
 from flows.config.grove_section import GrovePlacement, GroveSection
 from flows.config.input_model import check_systems, model_settings
@@ -98,6 +99,9 @@ def config_as_run(path: str | Path, overrides: list[str] | None = None) -> Any:
     return apply_overrides(raw, [parse_override(text) for text in overrides]).raw if overrides else raw
 
 
+LM_EVAL_KEYS = ("lm_eval_tasks", "lm_eval_include", "lm_eval_limit")  # -> EvalSettings.lm_eval
+
+
 def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None, list_remote_data: bool = True,
                  warnings: list[str] | None = None) -> RunConfig:
     from flows.config.sources import Sources
@@ -174,8 +178,10 @@ def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None, list_
         data=data_s,
         corpus=corpus,
         train=train,
-        evaluate=EvalSettings(**grove.evaluate.model_dump(), text_template=corpus.eval_text_template or
-                              data_s.text_template, label_col=corpus.eval_label_col or corpus.label_col),
+        evaluate=EvalSettings(**grove.evaluate.model_dump(exclude=set(LM_EVAL_KEYS)),
+                              lm_eval=lm_eval_settings(grove.evaluate, sources),
+                              text_template=corpus.eval_text_template or data_s.text_template,
+                              label_col=corpus.eval_label_col or corpus.label_col),
         merge=bool(merges) and grove.ship == "merged",  # an adapter ships unmerged
         ship=grove.ship,
         build=build,

@@ -45,6 +45,11 @@ class GroveEval(Strict):
                              "of greedy answers on generation_rows rows)")
     generation_rows: int = Field(16, gt=0, description="answer: text: eval rows answered greedily and scored, "
                                                        "per model (base, fine-tuned, ONNX)")
+    lm_eval_tasks: list[str] = Field([], description="lm-evaluation-harness tasks run on the base, fine-tuned "
+                                                     "and shipped ONNX models (needs lm-eval installed)")
+    lm_eval_include: str | None = Field(None, description="a folder of lm-eval task YAML files and their data "
+                                                          "(lm-eval's include_path); part of the keys")
+    lm_eval_limit: int | None = Field(100, gt=0, description="at most this many documents per lm-eval task")
 
 
 class GroveBenchmark(Strict):

@@ -25,6 +25,7 @@ from grove.served import ADAPTER_FILE
 from grove.shipped import ShippedModel, prompt_spec, write_shipped_files
 from tasks.build_onnx.search import candidate_row, select_candidate, within_tolerance
 from tasks.build_onnx.ship import ship_adapter
+from grove.standard_tasks import NO_ADAPTER, onnx_scores
 from grove.settings import BenchmarkSettings, BuildSettings, EvalSettings, ModelSettings, SearchSettings
 from grove.stage import (ArtifactRef, StageFailed, current_run, grove_stage, open_artifact, output_dir,
                          pending_ref, task_run_name)
@@ -157,6 +158,8 @@ def build_onnx(build: BuildSettings, evaluation: EvalSettings, model: ModelSetti
             summary.update(accuracy=scores["accuracy"], per_label=scores["per_label"])
         (output_dir() / "onnx_eval.json").write_text(json.dumps(scores, indent=1))
         summary["prompts_unlike_training"] = scores["prompts_unlike_training"]
+    if evaluation.lm_eval:  # general ability as shipped (each candidate of a search too)
+        summary["lm_eval"] = NO_ADAPTER if adapter_file else onnx_scores(evaluation.lm_eval, target)
     if speed is not None and rows:
         prompts = [encode(tokenizer, prompt_and_answer(evaluation.text_template, evaluation.label_col, r)[0],
                           eos=False)[0] for r in rows[: speed.prompts]]
