@@ -41,25 +41,31 @@ def _pts(fraction: float) -> str:
     return f"{fraction * 100:g} points"
 
 
-def promotion_rules(gate: PromotionSettings | None, fine_tuned: bool) -> list[str]:
-    """The gate's rules with their values, in the order tasks/promote.py checks them."""
+def promotion_rules(gate: PromotionSettings | None, fine_tuned: bool, accuracy: bool = True) -> list[str]:
+    """The gate's rules with their values, in the order tasks/promote.py checks them; the accuracy
+    rules only where accuracy is measured (a label column, not free-text answers)."""
     if gate is None:
         return []
-    rules = [f"{gate.metric} >= {gate.min:g} (min)",
-             f"shipped accuracy at most {_pts(gate.max_drop_from_fine_tuned)} below the model it was built from "
-             f"(max_drop_from_fine_tuned)"]
-    if fine_tuned:
+    rules = [f"{gate.metric} >= {gate.min:g} (min)"]
+    if accuracy:
+        rules.append(f"shipped accuracy at most {_pts(gate.max_drop_from_fine_tuned)} below the model it was built "
+                     f"from (max_drop_from_fine_tuned)")
+    if accuracy and fine_tuned:
         rules.append(f"shipped accuracy at least {_pts(gate.min_gain_over_base)} above the base model "
                      f"(min_gain_over_base)")
     rules.append(f"{gate.metric} at most {gate.max_drop:g} below the current {gate.model_name} (max_drop)")
     return rules
 
 
+def _accuracy_measured(cfg: RunConfig) -> bool:
+    return bool(cfg.evaluate.label_col) and cfg.evaluate.answer == "label"
+
+
 def plan_of(cfg: RunConfig) -> dict[str, Any]:
     """The plan as `--resolved` prints it beside the settings."""
     return {"build": build_plan(cfg),
             "promotion": {"model_name": cfg.promotion.model_name if cfg.promotion else None,
-                          "rules": promotion_rules(cfg.promotion, cfg.train is not None)}}
+                          "rules": promotion_rules(cfg.promotion, cfg.train is not None, _accuracy_measured(cfg))}}
 
 
 def plan_lines(cfg: RunConfig) -> list[str]:
@@ -74,5 +80,6 @@ def plan_lines(cfg: RunConfig) -> list[str]:
         lines.append("promote: no promotion (grove.promotion)")
     else:
         lines.append(f"promote: {cfg.promotion.model_name} becomes current if "
-                     + "; ".join(promotion_rules(cfg.promotion, cfg.train is not None)) + " (grove.promotion)")
+                     + "; ".join(promotion_rules(cfg.promotion, cfg.train is not None, _accuracy_measured(cfg)))
+                     + " (grove.promotion)")
     return lines
