@@ -16,8 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from grove.engines import eos_ids_of
 from grove.machine import worker_environment
-from grove.models import model_folder
+from grove.models import load_tokenizer, model_folder
 from grove.settings import BenchmarkSettings, EvalSettings, ModelSettings
 from grove.served import served_model
 from grove.stage import ArtifactRef, current_run, grove_stage, open_artifact, output_dir
@@ -123,10 +124,14 @@ def weight_bytes(engine: str, folder: Path) -> int | None:
 
 
 def measure_engine(engine: str, folder: Path, tokenizer_folder: Path, prompts: list[list[int]],
-                   settings: BenchmarkSettings, device: str, adapter: Path | None = None) -> dict:
+                   settings: BenchmarkSettings, device: str, adapter: Path | None = None,
+                   eos_ids: set[int] | None = None) -> dict:
     """Runs one engine in a fresh Python process and returns its JSON report (`adapter`: an
-    .onnx_adapter active on the ONNX model, as served)."""
+    .onnx_adapter active on the ONNX model, as served; `eos_ids`: where the ONNX engine stops)."""
+    if engine == "onnx" and eos_ids is None:
+        eos_ids = eos_ids_of(load_tokenizer(tokenizer_folder))
     request = {"engine": engine, "folder": str(folder), "tokenizer": str(tokenizer_folder),
+               "eos_ids": sorted(eos_ids or ()),
                "adapter": str(adapter) if adapter else None,
                "prompts": prompts, "max_new_tokens": settings.max_new_tokens,
                "warmup": settings.warmup, "repeats": settings.repeats, "device": device}
@@ -150,7 +155,7 @@ def measure_engine(engine: str, folder: Path, tokenizer_folder: Path, prompts: l
 def benchmark(settings: BenchmarkSettings, evaluation: EvalSettings, model: ModelSettings,
               merged: ArtifactRef | None, onnx: ArtifactRef | None, data: ArtifactRef) -> dict:
     """Stores benchmark.json: per engine latency, time to first token, decode tokens/s, memory, size."""
-    from grove.models import load_tokenizer, resolve_device
+    from grove.models import resolve_device
 
     pytorch_folder = open_artifact(merged) if merged is not None else model_folder(model)
     tokenizer = load_tokenizer(pytorch_folder, model.trust_remote_code)
@@ -162,7 +167,8 @@ def benchmark(settings: BenchmarkSettings, evaluation: EvalSettings, model: Mode
                "pytorch": measure_engine("pytorch", pytorch_folder, pytorch_folder, prompts, settings, device)}
     if onnx is not None:
         folder, adapter = served_model(current_run().store, open_artifact(onnx))
-        results["onnx"] = measure_engine("onnx", folder, pytorch_folder, prompts, settings, device, adapter)
+        results["onnx"] = measure_engine("onnx", folder, pytorch_folder, prompts, settings, device, adapter,
+                                         eos_ids_of(tokenizer))
         base = results["pytorch"]["decode_tokens_per_s"]
         results["onnx_speedup"] = round(results["onnx"]["decode_tokens_per_s"] / base, 2) if base else None
     (output_dir() / "benchmark.json").write_text(json.dumps(results, indent=1))

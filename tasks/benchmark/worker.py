@@ -28,18 +28,22 @@ def peak_rss_mb() -> float:
 
 
 def measure(request: dict) -> dict:
-    from grove.engines import HfEngine, OnnxEngine, eos_ids_of
-    from grove.models import load_causal_lm, load_tokenizer
+    from grove.engines import OnnxEngine
 
-    tokenizer = load_tokenizer(Path(request["tokenizer"]))
     if request["engine"] == "pytorch":
+        # torch and transformers are imported only here: the ONNX engine's process needs neither
+        # (its eos ids come with the request), so its start costs no torch import
+        from grove.engines import HfEngine, eos_ids_of
+        from grove.models import load_causal_lm, load_tokenizer
+
+        tokenizer = load_tokenizer(Path(request["tokenizer"]))
         model = load_causal_lm(Path(request["folder"]), request["device"]).eval()
         engine = HfEngine(model, tokenizer.pad_token_id, eos_ids_of(tokenizer, model.config))
         parameter = next(model.parameters())
         device, dtype = parameter.device.type, str(parameter.dtype).removeprefix("torch.")
     else:
         adapter = request.get("adapter")
-        engine = OnnxEngine(Path(request["folder"]), eos_ids_of(tokenizer), adapter=Path(adapter) if adapter else None)
+        engine = OnnxEngine(Path(request["folder"]), set(request["eos_ids"]), adapter=Path(adapter) if adapter else None)
         device, dtype = engine.device_type, None
     prompts, new = request["prompts"], request["max_new_tokens"]
     for _ in range(request["warmup"]):  # first-call set-up (allocations, kernels): a few tokens show it
