@@ -144,7 +144,7 @@ def run(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES, devic
         table.add_row(escape(stage.get("task_run") or stage["stage"]), stage["status"], f"{stage['seconds']:.1f}",
                       escape(key_result(stage["stage"], stage["summary"])))
     table.print()
-    console.print(f"final model: {result['model_path']}\nshipped:     {result.get('shipped')}"
+    console.print(f"final model: {result['model_path']}\nshipped:     {result.get('shipped') or 'nothing (no merge or build pass)'}"
                   + "".join(f"\n{line}" for line in evaluation_lines(result.get("metrics") or {}))
                   + f"\nreport:      {Path(result['report_path']).with_suffix('.md')} (report.json beside it)\n"
                   f"run:         {result['run_id']} (grove show {result['run_id'][:8]} --config {config})\n"
