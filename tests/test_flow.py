@@ -45,7 +45,9 @@ def setup(tiny_model, tone_copy, tmp_path, write_config):
 
 
 def test_full_flow_then_cache_hits_and_targeted_reruns(store_root, tiny_model, tone_copy, tmp_path, write_config):
-    """Once on a local folder, once on the S3 server."""
+    """Once on a local folder, once on the S3 server. What decides hits and misses (a changed
+    setting, a changed byte of data) does not depend on the store, so the S3 run stops after the
+    store's own part: entries written, found again and replaced by a --from-stage rerun."""
     raw = tiny_config(tiny_model, tone_copy, store_root, tmp_path / "out")
     config, out = write_config(raw), tmp_path / "out"
 
@@ -72,13 +74,15 @@ def test_full_flow_then_cache_hits_and_targeted_reruns(store_root, tiny_model, t
     plan = grove("stages", "--config", str(config))
     assert len(re.findall(r"^\w+ +hit\b", plan, re.M)) == 7
 
+    grove("run", "--config", str(config), "--from-stage", "merge_adapters")
+    assert statuses(out) == {**dict.fromkeys(ALL[:4], "cached"), **dict.fromkeys(ALL[4:], "ran")}
+    if store_root.startswith("s3://"):
+        return
+
     raw["passes"]["builder"]["config"]["precision"] = "int8"
     write_config(raw)
     grove("run", "--config", str(config))
     assert statuses(out) == {**dict.fromkeys(ALL, "cached"), "build_onnx": "ran", "benchmark": "ran"}
-
-    grove("run", "--config", str(config), "--from-stage", "merge_adapters")
-    assert statuses(out) == {**dict.fromkeys(ALL[:4], "cached"), **dict.fromkeys(ALL[4:], "ran")}
 
     lines = tone_copy.read_text().splitlines()
     first = json.loads(lines[0])
