@@ -52,9 +52,10 @@ def pipeline(cfg: RunConfig) -> dict[str, ArtifactRef | None]:
     shipped = adapter if cfg.ship == "adapter" else None  # base + adapter instead of a merged model
     if cfg.search:  # several candidate builds, one kept (grove.quantization_search)
         onnx = search_quantization(cfg.search, cfg.evaluate, cfg.benchmark, cfg.model, merged, data, scores,
-                                   adapter=shipped)
+                                   adapter=shipped, corpus=corpus)
     else:
-        onnx = build_onnx(cfg.build, cfg.evaluate, cfg.model, merged, data, adapter=shipped) if cfg.build else None
+        onnx = build_onnx(cfg.build, cfg.evaluate, cfg.model, merged, data, adapter=shipped, corpus=corpus,
+                          scores=scores) if cfg.build else None
     bench = benchmark(cfg.benchmark, cfg.evaluate, cfg.model, merged, onnx, data)
     return {"load_data": data, "template_corpus": corpus, "train": adapter, "evaluate": scores,
             "merge_adapters": merged, "build_onnx": onnx, "benchmark": bench}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from datetime import datetime, timezone
@@ -10,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from flows.compare import EVAL_WORDS, evaluation_markdown, run_metrics, shipped_name
+from flows.quality import quality_markdown, quality_rows
+from flows.search_report import plot_once, prefect_table, search_markdown
 from grove.served import BASE_FILE, publish_served
 from grove.settings import RunConfig
 from grove.stage import ArtifactRef, StageRecord
@@ -99,6 +100,7 @@ def publish(cfg: RunConfig, refs: dict[str, ArtifactRef | None], records: list[S
     search = (onnx.summary or {}).get("search") if onnx is not None else None
     if onnx is not None:
         report["onnx"] = {k: v for k, v in onnx.summary.items() if k != "search"}
+    report["quality"] = quality_rows(report["stages"], report.get("onnx"))
     if search:
         report["quantization_search"] = {**search, "plot": plot_once(search, out / "accuracy_vs_size.png")}
     report_json = out / "report.json"
@@ -107,7 +109,7 @@ def publish(cfg: RunConfig, refs: dict[str, ArtifactRef | None], records: list[S
     (out / "report.md").write_text(markdown)
     _prefect_artifact(markdown, cfg.name)
     if search:
-        _prefect_table(search, cfg.name)
+        prefect_table(search, cfg.name)
     if promotion:
         log_promotion(promotion)
     return {"model_path": report["model_path"], "report_path": str(report_json), "stages": report["stages"],
@@ -137,22 +139,6 @@ def copy_model(source: Path, target: Path, digest: str) -> None:
     (staging / SOURCE_FILE).write_text(json.dumps({"digest": digest, "files": files}))
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
-
-
-def plot_once(search: dict[str, Any], path: Path) -> str | None:
-    """write_plot, skipped when the plot of these very numbers is already there (matplotlib costs
-    ~1 s to import and draw: most of a cached rerun's publish)."""
-    digest = hashlib.sha256(json.dumps(search, sort_keys=True, default=str).encode()).hexdigest()
-    stamp = path.with_name(f".{path.name}.sha256")
-    try:
-        if path.is_file() and stamp.read_text() == digest:
-            return path.name
-    except OSError:
-        pass
-    written = write_plot(search, path)
-    if written:
-        stamp.write_text(digest)
-    return written
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -188,6 +174,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         for label in labels:
             cells = [f"{(table or {}).get(label, {}).get('accuracy', '-')}" for table in per_model.values()]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += quality_markdown(report.get("quality") or [])
     if report.get("quantization_search"):
         lines += search_markdown(report["quantization_search"])
     bench = next((s["summary"] for s in report["stages"] if s["stage"] == "benchmark"), {})
@@ -228,85 +215,3 @@ def _prefect_artifact(markdown: str, name: str) -> None:
     if FlowRunContext.get() is not None:
         create_markdown_artifact(markdown=markdown, key=artifact_key(name, "report"),
                                  description=f"Grove report for {name}")
-
-
-# ---- quantization search ------------------------------------------------------------------------
-SEARCH_COLUMNS = ("candidate", "size_mb", "accuracy", "decode_tokens_per_s", "build_seconds", "chosen", "why")
-
-
-def search_table(search: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per candidate, as shown in report.md and the Prefect table artifact."""
-    return [{"candidate": r["name"],
-             "size_mb": round(r["size_bytes"] / 2**20, 1) if r.get("size_bytes") is not None else None,
-             "accuracy": r.get("accuracy"), "decode_tokens_per_s": r.get("decode_tokens_per_s"),
-             "build_seconds": r.get("build_seconds"), "chosen": "yes" if r.get("chosen") else "no",
-             "why": r.get("reason", "")} for r in search["candidates"]]
-
-
-def search_markdown(search: dict[str, Any]) -> list[str]:
-    flag = "" if search["within_tolerance"] else " **(fails the tolerance)**"
-    lines = ["", "## Quantization search", "",
-             f"Baseline: {search['baseline']}, accuracy {search['baseline_accuracy']}; tolerance "
-             f"{search['tolerance_points']} points. Kept: **{search['chosen']}**{flag}.", "",
-             search["verdict"] + ".", "",
-             "| " + " | ".join(SEARCH_COLUMNS) + " |", "|---" * len(SEARCH_COLUMNS) + "|"]
-    for row in search_table(search):
-        cells = ["-" if row[c] is None else str(row[c]).replace("|", "/") for c in SEARCH_COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    if search.get("not_built"):
-        lines += ["", f"Not built (early stop at the first candidate within tolerance): "
-                      f"{', '.join(search['not_built'])}."]
-    if search.get("plot"):
-        lines += ["", f"![accuracy against size]({search['plot']})"]
-    else:
-        lines += ["", "(no plot: matplotlib is not installed; pip install matplotlib==3.11.2)"]
-    return lines
-
-
-def write_plot(search: dict[str, Any], path: Path) -> str | None:
-    """accuracy against size on disk, one point per candidate that loaded; returns the file name."""
-    try:
-        import matplotlib
-    except ImportError:
-        import logging
-
-        logging.getLogger("grove.report").warning("matplotlib is not installed: no accuracy/size plot")
-        return None
-    matplotlib.use("Agg")  # files only, never a display
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in search["candidates"] if r.get("loaded") and r.get("accuracy") is not None]
-    figure, axes = plt.subplots(figsize=(8, 5), dpi=100)
-    baseline = search.get("baseline_accuracy")
-    if baseline is not None:
-        axes.axhline(baseline * 100, color="tab:green", linestyle="--", label="merged PyTorch")
-        axes.axhspan((baseline * 100) - search["tolerance_points"], baseline * 100, color="tab:green", alpha=0.1,
-                     label=f"tolerance ({search['tolerance_points']:g} points)")
-    for row in rows:
-        size_mb, accuracy = row["size_bytes"] / 2**20, row["accuracy"] * 100
-        axes.scatter([size_mb], [accuracy], s=80 if row.get("chosen") else 30,
-                     color="tab:red" if row.get("chosen") else "tab:blue", zorder=3)
-        axes.annotate(row["name"], (size_mb, accuracy), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    failed = [r["name"] for r in search["candidates"] if not r.get("loaded")]
-    title = f"kept {search['chosen']}" + ("" if search["within_tolerance"] else " (fails the tolerance)")
-    axes.set_title(title + (f"; failed: {', '.join(failed)}" if failed else ""), fontsize=9)
-    axes.set_xlabel("size on disk (MB)")
-    axes.set_ylabel("task accuracy on the eval split (%)")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8, loc="lower right")
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-    return path.name
-
-
-def _prefect_table(search: dict[str, Any], name: str) -> None:
-    """Every candidate as a Prefect table artifact, when running inside a flow run."""
-    from prefect.artifacts import create_table_artifact
-    from prefect.context import FlowRunContext
-
-    from flows.ui import artifact_key
-
-    if FlowRunContext.get() is not None:  # per model name, like every Grove artifact: one history per model
-        create_table_artifact(table=search_table(search), key=artifact_key(name, "quantization-search"),
-                              description=f"Grove quantization search for {name}: {search['verdict']}")

@@ -154,6 +154,23 @@ class OnnxEngine:
     def generate_batch(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         return [self.generate(p, max_new_tokens) for p in prompts]
 
+    def logits(self, rows: list[list[int]], pad_id: int = 0):
+        """Teacher forcing: float32 logits [rows, width, vocab] at every position of each row, as
+        served (the adapter active). Rows are right-padded: a causal model's logits at a row's own
+        positions never see the padding after them (onnxruntime-genai 0.18 passes an all-ones
+        attention mask, so left padding would change them; checked against PyTorch, to 1e-6 on an
+        fp32 build, in tests/test_teacher_forcing.py)."""
+        import numpy as np
+
+        width = max(len(r) for r in rows)
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=width, batch_size=len(rows))
+        generator = self.og.Generator(self.model, params)
+        if self.adapters is not None:
+            generator.set_active_adapter(self.adapters, "active")
+        generator.append_tokens(np.array([r + [pad_id] * (width - len(r)) for r in rows], dtype=np.int32))
+        return np.asarray(generator.get_output("logits"), dtype=np.float32)
+
     def generate_timed(self, prompt: list[int], max_new_tokens: int) -> Generation:
         started = time.perf_counter()
         generator = self._generator(prompt, max_new_tokens, force=True)

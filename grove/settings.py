@@ -144,14 +144,32 @@ class Candidate(Frozen):
     build: BuildSettings
 
 
+# Label-free tolerances (grove/teacher_forcing.py), measured on the bundled tone data against the
+# 2-point accuracy rule: bench/quality_calibration.py, bench/results/quality_calibration.json.
+MAX_LOSS_INCREASE = 0.05  # teacher-forced eval loss (nats per labelled token) above the merged model's
+MAX_KL = 0.05  # mean KL(merged || shipped) over the labelled tokens
+TOLERANCE_METRICS = ("accuracy", "eval_loss", "kl")
+
+
 class SearchSettings(Frozen):
     """Build every candidate, keep the smallest within tolerance of the merged PyTorch model."""
 
     candidates: list[Candidate]
+    # What "within tolerance" measures: task accuracy (needs a label column), or teacher-forced
+    # eval loss or KL from the merged model (any data); resolved from auto by flows/config/build.py.
+    tolerance_metric: Literal["accuracy", "eval_loss", "kl"] = "accuracy"
     tolerance_points: float = 2.0  # accuracy points (percent) below the merged PyTorch model
+    max_loss_increase: float = MAX_LOSS_INCREASE
+    max_kl: float = MAX_KL
     # Build the candidates in order and stop at the first within tolerance (the default search's
     # ladder: most likely to pass first, then ever more precise) instead of building them all.
     early_stop: bool = False
+
+    @property
+    def tolerance(self) -> float:
+        """The bound in the tolerance metric's unit."""
+        return {"accuracy": self.tolerance_points, "eval_loss": self.max_loss_increase,
+                "kl": self.max_kl}[self.tolerance_metric]
 
 
 class BenchmarkSettings(Frozen):
@@ -173,6 +191,8 @@ PROMOTION_METRICS = {
     "onnx_exact_match": ("build_onnx", "generation.exact_match"),
     "fine_tuned_chrf": ("evaluate", "fine_tuned.generation.chrf"),
     "fine_tuned_exact_match": ("evaluate", "fine_tuned.generation.exact_match"),
+    # teacher-forced top-1 agreement with the merged PyTorch model: needs no label column
+    "onnx_token_agreement": ("build_onnx", "token_agreement"),
 }
 
 
@@ -188,6 +208,11 @@ class PromotionSettings(Frozen):
     max_drop_from_fine_tuned: float = 0.02
     # ... and, when there is a fine-tune, at least this above the base model.
     min_gain_over_base: float = 0.05
+    # Which drop-from-fine-tuned rule applies: accuracy (the two above), or, with no label column,
+    # the teacher-forced eval loss or KL of the shipped model against the model it was built from.
+    tolerance_metric: Literal["accuracy", "eval_loss", "kl"] = "accuracy"
+    max_loss_increase_from_fine_tuned: float = MAX_LOSS_INCREASE
+    max_kl_from_fine_tuned: float = MAX_KL
 
 
 class RetrySettings(Frozen):

@@ -20,15 +20,19 @@ from grove.models import load_causal_lm, load_tokenizer, model_folder, resolve_d
 from grove.scoring import generate_answers, prompts_and_labels, summarize
 from grove.settings import EvalSettings, ModelSettings
 from grove.standard_tasks import pytorch_scores
+from grove.teacher_forcing import REFERENCE_FILE, save_reference, top_log_probs
 from grove.stage import ArtifactRef, current_run, grove_stage, open_artifact, output_dir
 from grove.textdata import first_line, read_jsonl
 
 
-def forward_pass(model, examples: list[dict], batch_size: int) -> tuple[float | None, list[list[int]]]:
+def forward_pass(model, examples: list[dict], batch_size: int,
+                 reference: list | None = None) -> tuple[float | None, list[list[int]]]:
     """Token-weighted mean loss over the eval examples (labels as in the training corpus), and
     the greedy (argmax) next-token prediction at every labelled position of every example (-1
     at the others: the LM head runs only where a label is, grove/lm_head.py; the answer check
-    needs the answer's positions, which a completion-only corpus labels)."""
+    needs the answer's positions, which a completion-only corpus labels). With a `reference`
+    list, appends each batch's top log-probabilities at those positions (grove/teacher_forcing.py:
+    what the shipped ONNX model is compared with)."""
     import torch
 
     device = next(model.parameters()).device
@@ -48,6 +52,8 @@ def forward_pass(model, examples: list[dict], batch_size: int) -> tuple[float | 
                 logits = model(input_ids=ids, attention_mask=mask).logits.float()[:, :-1][keep]
         total_loss += torch.nn.functional.cross_entropy(logits, shifted[keep], reduction="sum").item()
         total_tokens += int(keep.sum())
+        if reference is not None:
+            reference.append(top_log_probs(logits))
         predicted = torch.full(ids.shape, -1, dtype=torch.long, device=device)
         predicted[:, :-1][keep] = logits.argmax(-1)
         argmax += [row[: len(e["input_ids"])].tolist() for row, e in zip(predicted, batch)]
@@ -74,8 +80,9 @@ def proven_by_forward_pass(examples, argmax, prompts, labels, tokenizer, eos_ids
     return proven
 
 
-def measure(model, tokenizer, rows, examples, settings: EvalSettings, label: str) -> dict:
-    loss, argmax = forward_pass(model, examples, settings.batch_size)
+def measure(model, tokenizer, rows, examples, settings: EvalSettings, label: str,
+            reference: list | None = None) -> dict:
+    loss, argmax = forward_pass(model, examples, settings.batch_size, reference)
     result = {"eval_loss": round(loss, 4) if loss is not None else None,
               "perplexity": round(math.exp(loss), 3) if loss is not None and loss < 50 else None}
     if settings.label_col:
@@ -108,14 +115,17 @@ def evaluate(settings: EvalSettings, data: ArtifactRef, corpus: ArtifactRef, mod
     folder = model_folder(model)
     tokenizer = load_tokenizer(folder, model.trust_remote_code)
     base = load_causal_lm(folder, device, model.trust_remote_code).eval()
-    metrics = {"base": measure(base, tokenizer, rows, examples, settings, "base")}
+    # the model the shipped ONNX model is built from is the teacher-forcing reference
+    reference: list = []
+    metrics = {"base": measure(base, tokenizer, rows, examples, settings, "base",
+                               reference if adapter is None else None)}
     if settings.lm_eval:
         metrics["base"]["lm_eval"] = pytorch_scores(settings.lm_eval, base, tokenizer, settings.batch_size)
     if adapter is not None:
         # merged into the base's weights: the model merge_adapters stores, and no LoRA branch per
         # projection on every forward (the base was scored above, so its weights may change)
         tuned = PeftModel.from_pretrained(base, open_artifact(adapter) / "adapter").merge_and_unload().eval()
-        metrics["fine_tuned"] = measure(tuned, tokenizer, rows, examples, settings, "fine-tuned")
+        metrics["fine_tuned"] = measure(tuned, tokenizer, rows, examples, settings, "fine-tuned", reference)
         if settings.lm_eval:
             metrics["fine_tuned"]["lm_eval"] = pytorch_scores(settings.lm_eval, tuned, tokenizer, settings.batch_size)
     generated = {name: m.pop("generation") for name, m in metrics.items() if "generation" in m}
@@ -124,5 +134,6 @@ def evaluate(settings: EvalSettings, data: ArtifactRef, corpus: ArtifactRef, mod
         for name, scores in generated.items():
             metrics[name]["generation"] = aggregates(scores)
     (output_dir() / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    save_reference(output_dir() / REFERENCE_FILE, reference)
     return {name: {k: m.get(k) for k in ("accuracy", "eval_loss", "perplexity", "per_label", "generation", "lm_eval")
                    if k in m or k not in ("generation", "lm_eval")} for name, m in metrics.items()}

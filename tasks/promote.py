@@ -6,7 +6,9 @@ The current model of a name is a pointer object in the artifact store,
 its gate metric is at least `min`; its accuracy (the shipped ONNX model's, or the merged
 model's without a build) is at most `max_drop_from_fine_tuned` below the model it was
 built from and, when it was fine-tuned, at least `min_gain_over_base` above the base
-model; and its gate metric is not more than `max_drop` below the current model's.
+model (with `tolerance_metric` eval_loss or kl, for data without a label column, instead: its
+teacher-forced eval loss at most `max_loss_increase_from_fine_tuned` above, or its KL from, the
+model it was built from at most `max_kl_from_fine_tuned`); and its gate metric is not more than `max_drop` below the current model's.
 Otherwise the run still completes, says which rule failed and why, and the current
 model stays.
 
@@ -34,6 +36,10 @@ RULES = {
     "min": "gate metric >= min",
     "max_drop_from_fine_tuned": "shipped accuracy within max_drop_from_fine_tuned of the model it was built from",
     "min_gain_over_base": "shipped accuracy at least min_gain_over_base above the base model",
+    "max_loss_increase_from_fine_tuned": "shipped eval loss within max_loss_increase_from_fine_tuned of the "
+                                         "model it was built from (tolerance_metric eval_loss)",
+    "max_kl_from_fine_tuned": "shipped KL from the model it was built from within max_kl_from_fine_tuned "
+                              "(tolerance_metric kl)",
     "max_drop": "gate metric within max_drop of the current model",
 }
 
@@ -73,15 +79,55 @@ def accuracies_of(refs: dict[str, ArtifactRef | None]) -> dict[str, float | None
             "base": base if refs.get("train") is not None else None}
 
 
+def qualities_of(refs: dict[str, ArtifactRef | None]) -> dict[str, float | None]:
+    """The label-free measures the loss and KL rules compare (grove/teacher_forcing.py): the shipped
+    model's teacher-forced eval loss (the ONNX build's, else the merged model's), the eval loss of
+    the model it was built from, the base's, and the shipped model's KL and top-1 agreement with the
+    model it was built from (0 and 1 without a build: it is that model)."""
+    base = _read(refs, "evaluate", "base.eval_loss")
+    tuned = _read(refs, "evaluate", "fine_tuned.eval_loss")
+    built_from = tuned if refs.get("train") is not None else base
+    if refs.get("build_onnx") is not None:
+        shipped, kl, agreement = (_read(refs, "build_onnx", key) for key in
+                                  ("eval_loss", "kl_from_merged", "token_agreement"))
+    else:
+        shipped, kl, agreement = built_from, (0.0 if built_from is not None else None), \
+            (1.0 if built_from is not None else None)
+    return {"shipped_eval_loss": shipped, "built_from_eval_loss": built_from,
+            "base_eval_loss": base if refs.get("train") is not None else None,
+            "kl_from_built_from": kl, "token_agreement": agreement}
+
+
+def quality_failure(gate: PromotionSettings, quality: dict[str, float | None]) -> tuple[str, str] | None:
+    """(rule, why) when the gate's tolerance metric is eval_loss or kl and the shipped model breaks its
+    rule; None otherwise. Not applied when not measured (no evaluate reference, no build scoring)."""
+    if gate.tolerance_metric == "eval_loss":
+        shipped, source = quality.get("shipped_eval_loss"), quality.get("built_from_eval_loss")
+        if shipped is not None and source is not None and \
+                shipped > source + gate.max_loss_increase_from_fine_tuned + EPS:
+            return "max_loss_increase_from_fine_tuned", (
+                f"the shipped model's eval loss {shipped:.4f} is {shipped - source:.4f} above the model it was "
+                f"built from ({source:.4f}); the gate allows {gate.max_loss_increase_from_fine_tuned:g} "
+                f"(grove.promotion.max_loss_increase_from_fine_tuned)")
+    if gate.tolerance_metric == "kl":
+        kl = quality.get("kl_from_built_from")
+        if kl is not None and kl > gate.max_kl_from_fine_tuned + EPS:
+            return "max_kl_from_fine_tuned", (
+                f"the shipped model's mean KL from the model it was built from is {kl:.4g}; the gate allows "
+                f"{gate.max_kl_from_fine_tuned:g} (grove.promotion.max_kl_from_fine_tuned)")
+    return None
+
+
 def _pts(value: float) -> str:
     return f"{value * 100:.1f}"
 
 
 def accuracy_failure(gate: PromotionSettings, accuracy: dict[str, float | None]) -> tuple[str, str] | None:
     """(rule, why) for the first accuracy rule the shipped model breaks; None if it breaks none.
-    A rule whose accuracies were not measured (no label column) is not applied."""
+    A rule whose accuracies were not measured (no label column) is not applied; neither are these
+    when the gate's tolerance metric is eval_loss or kl."""
     shipped, source, base = accuracy.get("shipped"), accuracy.get("built_from"), accuracy.get("base")
-    if shipped is None:
+    if shipped is None or gate.tolerance_metric != "accuracy":
         return None
     if source is not None and shipped < source - gate.max_drop_from_fine_tuned - EPS:
         return "max_drop_from_fine_tuned", (
@@ -96,20 +142,36 @@ def accuracy_failure(gate: PromotionSettings, accuracy: dict[str, float | None])
 
 
 def passed_rules(gate: PromotionSettings, value: float, accuracy: dict[str, float | None],
-                 current: dict[str, Any] | None) -> str:
+                 current: dict[str, Any] | None, quality: dict[str, float | None] | None = None) -> str:
     """Every rule a promoted model passed, with its numbers, in the order RULES checks them."""
     shipped, source, base = accuracy.get("shipped"), accuracy.get("built_from"), accuracy.get("base")
     rules, unmeasured = [f"{gate.metric} {value:.4g} >= min {gate.min:.4g}"], []
-    if shipped is not None and source is not None:
+    quality = quality or {}
+    if gate.tolerance_metric == "eval_loss":
+        loss, from_loss = quality.get("shipped_eval_loss"), quality.get("built_from_eval_loss")
+        if loss is not None and from_loss is not None:
+            rules.append(f"shipped eval loss {loss:.4f} is {loss - from_loss:.4f} above the model it was built from "
+                         f"({from_loss:.4f}; max_loss_increase_from_fine_tuned "
+                         f"{gate.max_loss_increase_from_fine_tuned:g})")
+        else:
+            unmeasured.append("max_loss_increase_from_fine_tuned")
+    elif gate.tolerance_metric == "kl":
+        if quality.get("kl_from_built_from") is not None:
+            rules.append(f"shipped KL {quality['kl_from_built_from']:.4g} from the model it was built from "
+                         f"(max_kl_from_fine_tuned {gate.max_kl_from_fine_tuned:g})")
+        else:
+            unmeasured.append("max_kl_from_fine_tuned")
+    elif shipped is not None and source is not None:
         rules.append(f"shipped accuracy {_pts(shipped)} is {_pts(source - shipped)} points below the model it was "
                      f"built from ({_pts(source)}; max_drop_from_fine_tuned {_pts(gate.max_drop_from_fine_tuned)})")
     else:
         unmeasured.append("max_drop_from_fine_tuned")
-    if shipped is not None and base is not None:
-        rules.append(f"{_pts(shipped - base)} points above the base model ({_pts(base)}; "
-                     f"min_gain_over_base {_pts(gate.min_gain_over_base)})")
-    else:
-        unmeasured.append("min_gain_over_base")
+    if gate.tolerance_metric == "accuracy":
+        if shipped is not None and base is not None:
+            rules.append(f"{_pts(shipped - base)} points above the base model ({_pts(base)}; "
+                         f"min_gain_over_base {_pts(gate.min_gain_over_base)})")
+        else:
+            unmeasured.append("min_gain_over_base")
     before = current.get("metrics", {}).get(gate.metric) if current is not None else None
     if current is None:
         rules.append("max_drop: first model of this name")
@@ -122,7 +184,8 @@ def passed_rules(gate: PromotionSettings, value: float, accuracy: dict[str, floa
 
 
 def decide(gate: PromotionSettings, metrics: dict[str, float | None], model_digest: str,
-           current: dict[str, Any] | None, accuracy: dict[str, float | None] | None = None) -> tuple[str, str, str | None]:
+           current: dict[str, Any] | None, accuracy: dict[str, float | None] | None = None,
+           quality: dict[str, float | None] | None = None) -> tuple[str, str, str | None]:
     """(decision, why, rule): decision is promoted, not_promoted or unchanged; rule names the gate
     rule that failed (a key of RULES), None unless not promoted. A promoted model's why names every
     rule it passed, with the numbers."""
@@ -133,7 +196,7 @@ def decide(gate: PromotionSettings, metrics: dict[str, float | None], model_dige
         return "not_promoted", f"{gate.metric} was not measured by this run", "measured"
     if value < gate.min:
         return "not_promoted", f"{gate.metric} {value:.4g} is below the gate's min {gate.min:.4g}", "min"
-    failed = accuracy_failure(gate, accuracy or {})
+    failed = accuracy_failure(gate, accuracy or {}) or quality_failure(gate, quality or {})
     if failed is not None:
         return "not_promoted", failed[1], failed[0]
     before = current.get("metrics", {}).get(gate.metric) if current is not None else None
@@ -141,7 +204,7 @@ def decide(gate: PromotionSettings, metrics: dict[str, float | None], model_dige
         return "not_promoted", (f"{gate.metric} {value:.4g} is {before - value:.4g} below the current model's "
                                 f"{before:.4g} (run {current['run_id'][:8]}); the gate allows "
                                 f"{gate.max_drop:.4g}"), "max_drop"
-    return "promoted", passed_rules(gate, value, accuracy or {}, current), None
+    return "promoted", passed_rules(gate, value, accuracy or {}, current, quality), None
 
 
 def current_model(store: ArtifactStore, name: str) -> dict[str, Any] | None:
@@ -192,10 +255,10 @@ def promote(gate: PromotionSettings, refs: dict[str, ArtifactRef | None], run_id
                 "reason": "this run produced no model (no merge or ModelBuilder pass)"}
     metrics = metrics_of(refs)
     current = current_model(store, gate.model_name)
-    accuracy = accuracies_of(refs)
-    decision, reason, rule = decide(gate, metrics, final.digest, current, accuracy)
+    accuracy, quality = accuracies_of(refs), qualities_of(refs)
+    decision, reason, rule = decide(gate, metrics, final.digest, current, accuracy, quality)
     result = {"decision": decision, "reason": reason, "rule": rule, "model_name": gate.model_name, "metric": gate.metric,
-              "accuracy": accuracy,
+              "accuracy": accuracy, "quality": quality, "tolerance_metric": gate.tolerance_metric,
               "value": metrics.get(gate.metric), "model_uri": final.uri,
               "current_run_id": current["run_id"] if current else None}
     if decision != "promoted":

@@ -265,7 +265,8 @@ def test_a_plain_int4_pass_ships_adapters_through_the_ladder(tiny_model, tone_co
     """The builder's plain int4 lost 16 points on the bundled model, and an adapter trained on full
     weights lost 3.3 more on the ladder's first rung: a plain CPU int4 pass serving adapters
     searches the default ladder (each rung a base + the adapter, scored as served); a pass that
-    says more is built as written; with no label to score, the first rung is the base."""
+    says more is built as written; with no label to score, the rungs are judged by teacher-forced
+    eval loss (grove/teacher_forcing.py) instead of accuracy."""
     from flows.config import load_config
     from flows.config.candidates import LADDER, ladder_candidates
 
@@ -283,7 +284,8 @@ def test_a_plain_int4_pass_ships_adapters_through_the_ladder(tiny_model, tone_co
     del raw["passes"]["builder"]["config"]["int4_block_size"]
     raw["data_configs"][0]["pre_process_data_config"]["params"]["text_template"] = "### Text: {phrase} {tone}."
     unlabelled = load_config(write_config(raw, "unlabelled.json"))
-    assert unlabelled.search is None and unlabelled.build == first
+    assert [c.name for c in unlabelled.search.candidates] == list(LADDER)
+    assert unlabelled.search.tolerance_metric == "eval_loss" and unlabelled.promotion.tolerance_metric == "eval_loss"
 
 
 def test_every_rung_of_an_adapter_search_is_a_base_scored_with_the_adapter_on_it(
@@ -304,6 +306,9 @@ def test_every_rung_of_an_adapter_search_is_a_base_scored_with_the_adapter_on_it
     assert search["scored"] == "base + adapter, as served" and not search["not_built"]
     assert [r["name"] for r in search["candidates"]] == list(LADDER)
     assert all(r["loaded"] and r["accuracy"] is not None for r in search["candidates"])
+    # teacher-forced as served too: base + adapter against the merged PyTorch fine-tune
+    assert all(r["eval_loss"] > 0 and 0 <= r["token_agreement"] <= 1 and r["kl_from_merged"] >= 0
+               for r in search["candidates"])
     onnx = report["onnx"]
     assert onnx["candidate"] == search["chosen"] and onnx["base"] and onnx["adapter"]
     out = tmp_path / "out" / "tiny"

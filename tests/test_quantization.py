@@ -205,7 +205,7 @@ def row(name, accuracy, size_mb, tps=100.0, loaded=True, error=None):
 
 def test_selection_keeps_the_smallest_within_tolerance():
     picked = select_candidate([row("int8", 0.95, 200), row("int4", 0.94, 100), row("int4-bad", 0.80, 80)],
-                              baseline=0.95, tolerance_points=2)
+                              baseline=0.95, tolerance=2)
     assert picked.chosen == "int4" and picked.within_tolerance
     reasons = {r["name"]: r["reason"] for r in picked.rows}
     assert reasons["int8"].startswith("within tolerance but larger")

@@ -152,7 +152,7 @@ def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None, list_
         data_s = data_s.model_copy(update={"label_col": None})  # free text: no label to count, search or gate on
     provider = execution_provider(engine.execution_providers, systems)
     build = build_settings(builders[1][1], builders[1][2], provider, model, grove.build, warn) if builders else None
-    search_section = default_search(grove.quantization_search, builders[1][1] if builders else None, build, data_s)
+    search_section = default_search(grove.quantization_search, builders[1][1] if builders else None, build)
     if grove.ship == "adapter" and build is not None and search_section is None:
         build = adapter_base_build(builders[1][1], build, model)
     search = search_settings(search_section, build, model, data_s) if search_section else None
@@ -187,7 +187,8 @@ def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None, list_
         build=build,
         search=search,
         benchmark=BenchmarkSettings(**grove.benchmark.model_dump()),  # its machine: a fact of its key
-        promotion=promotion_settings(grove.promotion, name, bool(builders), bool(merges)),
+        promotion=promotion_settings(grove.promotion, name, bool(builders), bool(merges),
+                                     bool(corpus.eval_label_col or data_s.label_col)),
     )
     return config
 

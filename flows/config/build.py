@@ -76,10 +76,13 @@ def search_settings(search: GroveSearch, build: BuildSettings | None, model: Mod
     where = "grove.quantization_search"
     if build is None:
         raise ConfigError(where, "needs a ModelBuilder pass (the candidates are its variants)")
-    if not data.label_col:
-        raise ConfigError(where, "needs task accuracy: the data's text_template must end with the label column "
-                                 "(e.g. '...{tone}'), and grove.evaluate.answer be label (not text), so each "
-                                 "candidate can be scored on the eval split")
+    metric = search.tolerance_metric if search.tolerance_metric != "auto" else \
+        "accuracy" if data.label_col else "eval_loss"
+    if metric == "accuracy" and not data.label_col:
+        raise ConfigError(f"{where}.tolerance_metric", "accuracy needs a label column: the data's text_template "
+                                                       "must end with it (e.g. '...{tone}') and grove.evaluate.answer be "
+                                                       "label; or use eval_loss or kl "
+                                                       "(teacher-forced, any data)")
     if search.candidates in ("builtin", "ladder"):
         from flows.config.candidates import builtin_candidates, ladder_candidates
         from grove.models import model_config
@@ -98,8 +101,9 @@ def search_settings(search: GroveSearch, build: BuildSettings | None, model: Mod
         if not pairs:
             raise ConfigError(f"{where}.candidates", "lists no candidates; give some or write \"builtin\"")
     early_stop = search.candidates == "ladder" if search.early_stop is None else search.early_stop
-    return SearchSettings(candidates=[Candidate(name=n, build=b) for n, b in pairs],
-                          tolerance_points=search.tolerance_points, early_stop=early_stop)
+    return SearchSettings(candidates=[Candidate(name=n, build=b) for n, b in pairs], tolerance_metric=metric,
+                          tolerance_points=search.tolerance_points, max_loss_increase=search.max_loss_increase,
+                          max_kl=search.max_kl, early_stop=early_stop)
 
 
 def plain_int4(builder_body: dict | None, build: BuildSettings | None) -> bool:
@@ -113,21 +117,21 @@ def plain_cpu_int4(builder_body: dict | None, build: BuildSettings | None) -> bo
     return plain_int4(builder_body, build) and build.execution_provider == "cpu"
 
 
-def default_search(section: GroveSearch | None, builder_body: dict | None, build: BuildSettings | None,
-                   data: DataSettings) -> GroveSearch | None:
-    """The search a config asks for; without one, the ladder (early stop) for a plain int4 build with
-    a label to score, on either provider (its own rungs, scored as served there): the builder's
-    default int4 lost 16 points on the bundled model on the CPU and 10 on CUDA."""
+def default_search(section: GroveSearch | None, builder_body: dict | None,
+                   build: BuildSettings | None) -> GroveSearch | None:
+    """The search a config asks for; without one, the ladder (early stop) for a plain int4 build, on
+    either provider (its own rungs, scored as served there): the builder's default int4 lost 16
+    points on the bundled model on the CPU and 10 on CUDA. With a label the rungs are judged by
+    accuracy, without one by teacher-forced eval loss (grove/teacher_forcing.py)."""
     if section is not None:
         return section if section.enabled else None
-    if not data.label_col or not plain_int4(builder_body, build):
+    if not plain_int4(builder_body, build):
         return None
     return GroveSearch(candidates="ladder")
 
 
 def adapter_base_build(builder_body: dict | None, build: BuildSettings, model: ModelSettings) -> BuildSettings:
-    """grove.ship: adapter with no search (nothing labelled to score the ladder's rungs on): on a
-    plain CPU int4 pass the base is the ladder's first rung (the builder's default int4 lost 16
+    """grove.ship: adapter with the search turned off: on a plain CPU int4 pass the base is the ladder's first rung (the builder's default int4 lost 16
     points on the bundled model)."""
     if not plain_cpu_int4(builder_body, build):
         return build

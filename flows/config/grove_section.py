@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from flows.config.errors import Strict
-from grove.settings import PromotionSettings
+from grove.settings import MAX_KL, MAX_LOSS_INCREASE, PromotionSettings
 
 PRECISIONS = Literal["int4", "int8", "fp16", "fp32", "bf16"]
 BLOCK_SIZES = Literal[16, 32, 64, 128, 256]
@@ -32,7 +32,13 @@ class GroveSearch(Strict):
                                "default search's short list")
     early_stop: bool | None = Field(None, description="stop at the first candidate within tolerance "
                                                       "(default: true for 'ladder', else false)")
+    tolerance_metric: Literal["auto", "accuracy", "eval_loss", "kl"] = Field(
+        "auto", description="what 'within tolerance' measures: accuracy (needs a label column), eval_loss or kl "
+                            "(teacher-forced, any data); auto: accuracy with a label, else eval_loss")
     tolerance_points: float = Field(2.0, ge=0, le=100, description="accuracy points below the merged PyTorch model")
+    max_loss_increase: float = Field(MAX_LOSS_INCREASE, ge=0, description="eval_loss: nats per labelled token "
+                                                                          "above the merged PyTorch model's")
+    max_kl: float = Field(MAX_KL, ge=0, description="kl: mean KL(merged || candidate) over the labelled tokens")
 
 
 class GroveEval(Strict):
@@ -101,6 +107,14 @@ class GrovePromotion(Strict):
     min_gain_over_base: float = Field(
         PromotionSettings.model_fields["min_gain_over_base"].default,
         description="the shipped model's accuracy at least this above the base model's (with a fine-tune)")
+    tolerance_metric: Literal["auto", "accuracy", "eval_loss", "kl"] = Field(
+        "auto", description="which drop-from-fine-tuned rule applies: accuracy (max_drop_from_fine_tuned, "
+                            "min_gain_over_base), eval_loss or kl; auto: accuracy with a label, else eval_loss")
+    max_loss_increase_from_fine_tuned: float = Field(
+        MAX_LOSS_INCREASE, ge=0, description="eval_loss: the shipped model's teacher-forced eval loss at most "
+                                             "this above the model it was built from")
+    max_kl_from_fine_tuned: float = Field(
+        MAX_KL, ge=0, description="kl: mean KL(model it was built from || shipped model) at most this")
 
 
 class GrovePlacement(Strict):

@@ -10,7 +10,9 @@ from grove.settings import PROMOTION_METRICS, PromotionSettings
 
 
 def promotion_settings(section: GrovePromotion, name: str, has_builder: bool,
-                        has_merge: bool) -> PromotionSettings | None:
+                        has_merge: bool, has_label: bool = True) -> PromotionSettings | None:
+    """`has_label`: the eval data has a label column, so accuracies are measured; without one the
+    gate judges the shipped model by teacher-forced eval loss (or KL) and token agreement."""
     where = "grove.promotion"
     if not section.enabled:
         return None
@@ -19,6 +21,18 @@ def promotion_settings(section: GrovePromotion, name: str, has_builder: bool,
             return None
         if not has_builder:
             section = section.model_copy(update={"metric": "fine_tuned_accuracy"})
+    if not has_label and section.metric.endswith("_accuracy"):
+        if "metric" in section.model_fields_set:
+            raise ConfigError(f"{where}.metric", f"{section.metric} needs a label column (the data's text_template "
+                                                 f"ending with it); without one use onnx_token_agreement "
+                                                 f"(with a ModelBuilder pass)")
+        if has_builder:
+            section = section.model_copy(update={"metric": "onnx_token_agreement"})
+    metric = section.tolerance_metric if section.tolerance_metric != "auto" else \
+        "accuracy" if has_label else "eval_loss"
+    if metric == "accuracy" and not has_label:
+        raise ConfigError(f"{where}.tolerance_metric", "accuracy needs a label column (the data's text_template "
+                                                       "ending with it); use eval_loss or kl")
     if section.metric not in PROMOTION_METRICS:
         raise ConfigError(f"{where}.metric", f"unknown gate metric {section.metric!r}"
                                              f"{did_you_mean(section.metric, PROMOTION_METRICS)}; "
@@ -37,4 +51,6 @@ def promotion_settings(section: GrovePromotion, name: str, has_builder: bool,
                               f"and '-' (set grove.promotion.model_name)")
     return PromotionSettings(model_name=model_name, metric=section.metric, min=section.min,
                              max_drop=section.max_drop, max_drop_from_fine_tuned=section.max_drop_from_fine_tuned,
-                             min_gain_over_base=section.min_gain_over_base)
+                             min_gain_over_base=section.min_gain_over_base, tolerance_metric=metric,
+                             max_loss_increase_from_fine_tuned=section.max_loss_increase_from_fine_tuned,
+                             max_kl_from_fine_tuned=section.max_kl_from_fine_tuned)

@@ -22,6 +22,7 @@ from tasks.build_onnx.quantization import builder_options
 from grove.generation import aggregates, text_scores, write_generations
 from grove.scoring import generate_answers, summarize
 from grove.served import ADAPTER_FILE
+from grove.teacher_forcing import REFERENCE_FILE, load_reference, score_engine
 from grove.shipped import ShippedModel, prompt_spec, write_shipped_files
 from tasks.build_onnx.search import candidate_row, select_candidate, within_tolerance
 from tasks.build_onnx.ship import ship_adapter
@@ -71,8 +72,13 @@ def build_settings_summary(build: BuildSettings) -> dict:
 @grove_stage("build_onnx")
 def build_onnx(build: BuildSettings, evaluation: EvalSettings, model: ModelSettings,
                merged: ArtifactRef | None, data: ArtifactRef, speed: BenchmarkSettings | None = None,
-               candidate: bool = False, adapter: ArtifactRef | None = None) -> dict:
+               candidate: bool = False, adapter: ArtifactRef | None = None, corpus: ArtifactRef | None = None,
+               scores: ArtifactRef | None = None) -> dict:
     """Builds model/ (ONNX + genai_config.json + tokenizer), loads it, scores it; stores onnx_eval.json.
+
+    With the eval `corpus` (template_corpus) it scores the model teacher-forced on any data (eval
+    loss, perplexity) and, with evaluate's `scores`, against the PyTorch model it was built from
+    (token agreement, KL): grove/teacher_forcing.py; stores onnx_teacher_forced.json.
 
     With `adapter` (grove.ship: adapter) it stores no model: the base with LoRA slots is the
     stored entry for the base model and build options (built on its first use), and the run's
@@ -124,6 +130,15 @@ def build_onnx(build: BuildSettings, evaluation: EvalSettings, model: ModelSetti
         raise RuntimeError(f"the model was built for the {build.execution_provider} execution provider but "
                            f"onnxruntime-genai runs it on {engine.device_type}")
     summary.update(loaded=True, device_type=engine.device_type, sample=sample)
+    if corpus is not None:
+        scoring_started = time.monotonic()
+        examples = read_jsonl(open_artifact(corpus), "eval")[: evaluation.max_rows]
+        reference = load_reference(open_artifact(scores) / REFERENCE_FILE) if scores is not None else None
+        forced = score_engine(engine, examples, evaluation.batch_size, reference,
+                              tokenizer.pad_token_id or 0)
+        forced["teacher_forced_seconds"] = round(time.monotonic() - scoring_started, 2)
+        (output_dir() / "onnx_teacher_forced.json").write_text(json.dumps(forced, indent=1))
+        summary.update(forced)
     rows = read_jsonl(open_artifact(data), "eval")
     if evaluation.label_col:
         run = current_run()
@@ -169,7 +184,8 @@ def build_onnx(build: BuildSettings, evaluation: EvalSettings, model: ModelSetti
 
 def search_quantization(search: SearchSettings, evaluation: EvalSettings, speed: BenchmarkSettings,
                         model: ModelSettings, merged: ArtifactRef | None, data: ArtifactRef,
-                        scores: ArtifactRef, adapter: ArtifactRef | None = None) -> ArtifactRef:
+                        scores: ArtifactRef, adapter: ArtifactRef | None = None,
+                        corpus: ArtifactRef | None = None) -> ArtifactRef:
     """Builds and scores every candidate (each its own cached build_onnx task), keeps one; with
     early_stop, builds them in order only until one is within tolerance. With `adapter`
     (grove.ship: adapter) each candidate is a base with LoRA slots, scored with the adapter on it.
@@ -179,25 +195,29 @@ def search_quantization(search: SearchSettings, evaluation: EvalSettings, speed:
     Returns the kept candidate's reference, its summary extended with the whole table.
     """
     tuned = {} if scores.pending else scores.summary.get("fine_tuned") or scores.summary.get("base") or {}
-    baseline = tuned.get("accuracy")
+    metric = search.tolerance_metric
+    baseline = tuned.get("accuracy" if metric == "accuracy" else "eval_loss")
     refs = []
     for candidate in search.candidates:
         with task_run_name(f"build_onnx[{candidate.name}]"):
-            refs.append(build_onnx(candidate.build, evaluation, model, merged, data, speed, True, adapter=adapter))
+            refs.append(build_onnx(candidate.build, evaluation, model, merged, data, speed, True, adapter=adapter,
+                                   corpus=corpus, scores=scores))
         if search.early_stop and (refs[-1].pending or scores.pending or
                                   within_tolerance(candidate_row(candidate.name, refs[-1].summary),
-                                                   baseline, search.tolerance_points)):
+                                                   baseline, search.tolerance, metric)):
             break  # planning stops at the first candidate: whether it passes is not known yet
     if scores.pending or any(ref.pending for ref in refs):  # planning: nothing to choose from yet
         return pending_ref("build_onnx")
     rows = [candidate_row(c.name, ref.summary, ref.key) for c, ref in zip(search.candidates, refs)]
-    selection = select_candidate(rows, baseline, search.tolerance_points)
+    selection = select_candidate(rows, baseline, search.tolerance, metric)
     if selection.chosen is None:
         raise StageFailed("no quantization candidate built a model that loads:\n" +
                           "\n".join(f"  {r['name']}: {r['reason']}" for r in selection.rows))
     chosen = refs[[r["name"] for r in rows].index(selection.chosen)]
-    table = {"baseline_accuracy": baseline, "baseline": "merged PyTorch model (evaluate: fine_tuned)",
+    table = {"baseline_accuracy": tuned.get("accuracy"), "baseline_eval_loss": tuned.get("eval_loss"),
+             "baseline": "merged PyTorch model (evaluate: fine_tuned)",
              "scored": "base + adapter, as served" if adapter is not None else "merged model",
+             "tolerance_metric": metric, "tolerance": search.tolerance,
              "tolerance_points": search.tolerance_points, "chosen": selection.chosen,
              "within_tolerance": selection.within_tolerance, "verdict": selection.verdict,
              "candidates": selection.rows, "early_stop": search.early_stop,

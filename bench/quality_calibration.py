@@ -1,0 +1,112 @@
+"""The label-free tolerances' defaults, measured: which teacher-forced eval-loss increase (and KL)
+corresponds to the 2-point accuracy rule on the bundled data.
+
+    python bench/quality_calibration.py [--store /tmp/grove-quality-calibration] \
+        [--candidates bench/quality_candidates.json] [--out bench/results/quality_calibration.json]
+
+Runs configs/smollm2-tone.json (the bundled SmolLM2-135M fine-tuned on the bundled tone data)
+with the candidates of bench/quality_candidates.json (the CPU ladder's rungs and the builtin
+list's fast-building variants, plus rtn variants that land on both sides of the 2-point rule;
+"builtin" for Grove's list) and no early stop, so each candidate is built and scored both ways: task accuracy on the eval split, and teacher-
+forced eval loss, token agreement and KL against the merged PyTorch model (grove/teacher_forcing.py).
+Then, per label-free metric, the bound that agrees best with the accuracy rule (within 2 points of
+the merged model) over the candidates: the midpoint of the widest gap between candidates that
+leaves the fewest disagreements. grove/settings.py's MAX_LOSS_INCREASE and MAX_KL come from it.
+The artifact store is reused: a rerun takes training and every candidate from the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def best_bound(points: list[tuple[float, bool]]) -> dict:
+    """The bound b ("within" when value <= b) that disagrees with the accuracy rule on the fewest
+    candidates; among equals, the midpoint of the widest gap between neighbouring values."""
+    values = sorted({v for v, _ in points})
+    cuts = [values[0] / 2] + [(a + b) / 2 for a, b in zip(values, values[1:])] + [values[-1] * 1.5]
+    gaps = [values[0]] + [b - a for a, b in zip(values, values[1:])] + [values[-1]]
+
+    def errors(bound: float) -> int:
+        return sum((v <= bound) != within for v, within in points)
+
+    bound, gap = min(zip(cuts, gaps), key=lambda c: (errors(c[0]), -c[1]))
+    return {"bound": round(bound, 4), "disagreements": errors(bound), "candidates": len(points),
+            "gap": round(gap, 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default=str(ROOT / "configs" / "smollm2-tone.json"))
+    parser.add_argument("--store", default="/tmp/grove-quality-calibration", help="artifact root, reused")
+    parser.add_argument("--candidates", default=str(ROOT / "bench" / "quality_candidates.json"),
+                        help="JSON list of candidates, or 'builtin'")
+    parser.add_argument("--tolerance", type=float, default=2.0, help="the accuracy rule, in points")
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args()
+
+    raw = json.loads(Path(args.config).read_text())
+    raw.setdefault("grove", {})["artifact_root"] = args.store
+    raw.setdefault("engine", {})["output_dir"] = str(Path(args.store) / "output")
+    for data in raw.get("data_configs", []):
+        params = data["load_dataset_config"]["params"]
+        params["data_files"] = str((ROOT / params["data_files"]).resolve())
+    candidates = args.candidates if args.candidates == "builtin" else json.loads(Path(args.candidates).read_text())
+    raw["grove"]["quantization_search"] = {"candidates": candidates, "tolerance_metric": "accuracy",
+                                           "tolerance_points": args.tolerance, "early_stop": False}
+    Path(args.store).mkdir(parents=True, exist_ok=True)
+    config = Path(args.store) / "calibration-config.json"
+    config.write_text(json.dumps(raw, indent=1))
+
+    from flows.optimize import optimize
+
+    started = time.monotonic()
+    result = optimize(str(config))
+    report = json.loads(Path(result["report_path"]).read_text())
+    stages = {s["stage"]: s for s in report["stages"]}
+    scores = stages["evaluate"]["summary"]
+    tuned = scores["fine_tuned"]
+    rows = []
+    for row in report["quantization_search"]["candidates"]:
+        if not row.get("loaded") or row.get("accuracy") is None or row.get("eval_loss") is None:
+            continue
+        drop = round((tuned["accuracy"] - row["accuracy"]) * 100, 2)
+        rows.append({"name": row["name"], "accuracy": row["accuracy"], "accuracy_drop_points": drop,
+                     "within_accuracy_rule": drop <= args.tolerance + 1e-6, "eval_loss": row["eval_loss"],
+                     "eval_loss_increase": round(row["eval_loss"] - tuned["eval_loss"], 4),
+                     "perplexity": row.get("perplexity"), "token_agreement": row.get("token_agreement"),
+                     "kl_from_merged": row.get("kl_from_merged"), "size_bytes": row.get("size_bytes")})
+    builds = {k: v for k, v in stages.items() if k.startswith("build_onnx")}
+    out = {
+        "command": "python bench/quality_calibration.py --out bench/results/quality_calibration.json",
+        "candidates_file": args.candidates,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "run_s": round(time.monotonic() - started, 1),
+        "eval_rows": tuned.get("rows"),
+        "base": {k: scores["base"].get(k) for k in ("accuracy", "eval_loss", "perplexity")},
+        "merged": {k: tuned.get(k) for k in ("accuracy", "eval_loss", "perplexity")},
+        "accuracy_rule_points": args.tolerance,
+        "candidates": sorted(rows, key=lambda r: r["eval_loss_increase"]),
+        "eval_loss_increase_bound": best_bound([(r["eval_loss_increase"], r["within_accuracy_rule"]) for r in rows]),
+        "kl_bound": best_bound([(r["kl_from_merged"], r["within_accuracy_rule"]) for r in rows]),
+        "teacher_forced_seconds": {name: s["summary"].get("teacher_forced_seconds")
+                                   for name, s in builds.items() if s.get("summary")},
+    }
+    text = json.dumps(out, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
