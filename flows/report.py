@@ -40,8 +40,9 @@ def key_result(stage: str, summary: dict[str, Any]) -> str:
         if (s.get("generation") or {}).get("chrf") is not None:
             acc = f", chrF {s['generation']['chrf']}, exact {s['generation']['exact_match']}"
         shipped = f"{s['candidate']}: " if s.get("candidate") else ""
+        loss = f", loss {s['eval_loss']} (agreement {s.get('token_agreement')})" if s.get("eval_loss") is not None else ""
         return (f"{shipped}{s.get('precision')} {s.get('execution_provider', 'cpu')} "
-                f"{s.get('size_bytes', 0) / 2**20:.1f} MB{acc}")
+                f"{s.get('size_bytes', 0) / 2**20:.1f} MB{acc}{loss}")
     if stage == "benchmark":
         torch_run, onnx_run = s.get("pytorch") or {}, s.get("onnx") or {}
         torch_tps, onnx_tps = torch_run.get("decode_tokens_per_s"), onnx_run.get("decode_tokens_per_s")

@@ -20,6 +20,7 @@ from flows.config import ConfigError, parse_config
 from flows.config.fates import FATES, HONOURED, REFUSED, SIBLINGS, WARNED, readme_table
 from flows.config.olive import SCHEMAS
 from flows.config.olive_passes import PASSES
+from grove.settings import MAX_KL, MAX_LOSS_INCREASE
 
 DATA = Path(__file__).parent / "data"
 # tests/data/olive*_keys.json section -> the fates section that covers it
@@ -187,12 +188,23 @@ ADDED_SINCE = {("train", "nodes"): 1, (None, "placement"): {}, (None, "ship"): "
 RETUNED = {"smollm2-tone.json": {("benchmark", "repeats"): 1}}
 # A plain int4 build with a label to score now gets the ladder search by default (the model
 # shipped keeps its accuracy), the CUDA ladder on CUDA; every other setting keeps its meaning.
-LADDER_BY_DEFAULT = {"smollm2-tone.json", "smollm2-tone-nightly.json", "smollm2-tone-cuda.json", "phi3-tone.json"}
+LADDER_BY_DEFAULT = {"smollm2-tone.json", "smollm2-tone-nightly.json", "smollm2-tone-cuda.json", "phi3-tone.json",
+                     # free-text answers (no label): the ladder judged by teacher-forced eval loss (issue 21)
+                     "smollm2-commands.json"}
 # Machine facts (grove/machine_facts.py) are resolved on the machine that runs the stage, not when
 # the config is parsed: the benchmark's machine left the settings, train.processes stays `auto`.
 MACHINE_FACTS = {("benchmark", "machine"): None, ("train", "processes"): "auto"}
 # snapshotted when added, after ADDED_SINCE: they hold those settings already
 SNAPSHOTTED_LATER = {"phi3-lora-seed.json", "smollm2-commands.json", "smollm2-capitals.json"}
+# the label-free tolerances (issue 21), in every shipped config with a search or a gate: by
+# accuracy as before where there is a label; the free-text example (no label) judges by eval loss
+# and its gate's default metric is the shipped model's token agreement
+UNLABELLED = {"smollm2-commands.json"}
+LABEL_FREE_TOLERANCES = {("promotion", "tolerance_metric"): "accuracy",
+                         ("promotion", "max_loss_increase_from_fine_tuned"): MAX_LOSS_INCREASE,
+                         ("promotion", "max_kl_from_fine_tuned"): MAX_KL,
+                         ("search", "tolerance_metric"): "accuracy", ("search", "max_loss_increase"): MAX_LOSS_INCREASE,
+                         ("search", "max_kl"): MAX_KL}
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.json")))
@@ -209,6 +221,13 @@ def test_shipped_config_parses_as_before_the_split(name):
         if target is not None:
             assert field not in target
             target[field] = value
+    for (section, field), value in LABEL_FREE_TOLERANCES.items():
+        if before[section] is not None:
+            assert field not in before[section]
+            before[section][field] = "eval_loss" if name in UNLABELLED and field == "tolerance_metric" else value
+    if name in UNLABELLED:
+        assert before["promotion"]["metric"] == "onnx_accuracy"
+        before["promotion"]["metric"] = "onnx_token_agreement"
     for (section, field), value in MACHINE_FACTS.items():
         if before[section] is not None:
             assert before[section].pop(field) in ("<machine>", "<processes>")

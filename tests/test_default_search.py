@@ -29,6 +29,9 @@ def test_the_bundled_config_ships_through_the_ladder_by_default():
     (lambda raw: raw["passes"]["builder"]["config"].update(precision="fp32"), False),
     (lambda raw: raw["grove"].update(quantization_search={"enabled": False}), False),
     (lambda raw: raw["grove"].update(quantization_search={"candidates": "builtin"}), True),
+    # no label column: the ladder all the same, its rungs judged by teacher-forced eval loss
+    (lambda raw: raw["data_configs"][0]["pre_process_data_config"]["params"].update(
+        text_template="### Text: {phrase} {tone}."), True),
 ])
 def test_which_configs_search_by_default(tiny_model, tone_copy, tmp_path, write_config, change, searched):
     raw = tiny_config(tiny_model, tone_copy, tmp_path / "store", tmp_path / "out")
@@ -36,6 +39,8 @@ def test_which_configs_search_by_default(tiny_model, tone_copy, tmp_path, write_
     change(raw)
     cfg = load_config(write_config(raw))
     assert (cfg.search is not None) == searched
+    if searched:
+        assert cfg.search.tolerance_metric == ("accuracy" if cfg.evaluate.label_col else "eval_loss")
     if searched and raw["grove"].get("quantization_search"):
         assert not cfg.search.early_stop and len(cfg.search.candidates) > len(LADDER)
 

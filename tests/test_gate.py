@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from grove.settings import PromotionSettings
-from tasks.promote import RULES, accuracies_of, decide, metrics_of, verdict_words
+from tasks.promote import RULES, accuracies_of, decide, metrics_of, qualities_of, verdict_words
 
 runner = CliRunner()
 
@@ -45,7 +45,9 @@ def summary(result: dict, stage: str) -> dict:
 def test_the_default_gate_has_accuracy_rules():
     gate = PromotionSettings(model_name="x")
     assert gate.max_drop_from_fine_tuned == 0.02 and gate.min_gain_over_base > 0
-    assert list(RULES) == ["measured", "min", "max_drop_from_fine_tuned", "min_gain_over_base", "max_drop"]
+    assert gate.tolerance_metric == "accuracy"
+    assert list(RULES) == ["measured", "min", "max_drop_from_fine_tuned", "min_gain_over_base",
+                           "max_loss_increase_from_fine_tuned", "max_kl_from_fine_tuned", "max_drop"]
 
 
 def test_a_trained_model_that_keeps_its_accuracy_is_promoted_by_default(runs):
@@ -101,3 +103,26 @@ def test_an_onnx_model_that_lost_its_fine_tune_fails_max_drop_from_fine_tuned(ru
     assert "below the model it was built from" in reason and "max_drop_from_fine_tuned" in reason
     assert verdict_words({"decision": decision, "rule": rule, "reason": reason})[0] == \
         "not promoted (failed rule max_drop_from_fine_tuned)"
+
+
+def test_the_label_free_rules_judge_teacher_forced_loss_and_kl(runs):
+    """tolerance_metric eval_loss / kl: the shipped model's teacher-forced eval loss (or KL) against
+    the model it was built from decides, on a real run's stored numbers with the ONNX model's made
+    worse as a damaged build's would be; the accuracy rules are then not applied."""
+    from grove.stage import ArtifactRef
+
+    trained = runs["trained"]
+    refs = {s["stage"]: ArtifactRef(stage=s["stage"], key=s["key"], uri=s["uri"], digest="d", summary=s["summary"])
+            for s in trained["stages"]}
+    tuned_loss = summary(trained, "evaluate")["fine_tuned"]["eval_loss"]
+    onnx = refs["build_onnx"]
+    assert abs(onnx.summary["eval_loss"] - tuned_loss) < 0.01 and onnx.summary["token_agreement"] == 1.0
+    for metric, field, worse, rule in (("eval_loss", "eval_loss", tuned_loss + 0.3, "max_loss_increase_from_fine_tuned"),
+                                       ("kl", "kl_from_merged", 0.3, "max_kl_from_fine_tuned")):
+        gate = PromotionSettings(model_name="tiny", tolerance_metric=metric)
+        assert decide(gate, metrics_of(refs), "new", None, accuracies_of(refs), qualities_of(refs))[0] == "promoted"
+        damaged = {**refs, "build_onnx": onnx.model_copy(update={"summary": {**onnx.summary, field: worse,
+                                                                             "accuracy": 0.0}})}
+        decision, reason, failed = decide(gate, metrics_of(damaged), "new", None, accuracies_of(damaged),
+                                          qualities_of(damaged))
+        assert (decision, failed) == ("not_promoted", rule), reason

@@ -112,8 +112,10 @@ def test_the_generative_example_scores_free_text_answers_as_served(tiny_model, t
 @pytest.mark.parametrize("change, where, words", [
     (lambda raw: raw["data_configs"][0]["pre_process_data_config"]["params"].update(
         text_template="Command: {command}\nJSON: {json}\n---"), "grove.evaluate.answer", "does not end with"),
-    (lambda raw: raw["grove"].update(quantization_search={"candidates": "ladder"}), "grove.quantization_search",
-     "needs task accuracy"),
+    (lambda raw: raw["grove"].update(quantization_search={"candidates": "ladder", "tolerance_metric": "accuracy"}),
+     "grove.quantization_search.tolerance_metric", "accuracy needs a label column"),
+    (lambda raw: raw["grove"].update(promotion={"metric": "onnx_accuracy"}), "grove.promotion.metric",
+     "needs a label column"),
     (lambda raw: raw["grove"]["evaluate"].update(answer="prose"), "grove.evaluate.answer", "label"),
     (lambda raw: raw["grove"]["evaluate"].update(lm_eval_tasks=["x"], lm_eval_include="no/such/tasks"),
      "grove.evaluate.lm_eval_include", "is not a folder"),

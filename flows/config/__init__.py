@@ -188,7 +188,7 @@ def parse_config(raw: Any, base_dir: Path, config_dir: Path | None = None, list_
         search=search,
         benchmark=BenchmarkSettings(**grove.benchmark.model_dump()),  # its machine: a fact of its key
         promotion=promotion_settings(grove.promotion, name, bool(builders), bool(merges),
-                                     bool(corpus.eval_label_col or data_s.label_col)),
+                                     grove.evaluate.answer == "label" and bool(corpus.eval_label_col or data_s.label_col)),
     )
     return config
 
