@@ -45,6 +45,26 @@ def best_bound(points: list[tuple[float, bool]]) -> dict:
             "gap": round(gap, 4)}
 
 
+def from_store(store_root: str, config: Path) -> tuple[dict, list[tuple[str, dict]], dict]:
+    """evaluate's summary and (name, summary) of each candidate whose build_onnx entry is stored,
+    matched to the config's candidates by their build settings."""
+    from flows.config import load_config
+    from grove.store import ArtifactStore
+
+    cfg = load_config(str(config))
+    names = {json.dumps(c.build.model_dump(mode="json"), sort_keys=True): c.name for c in cfg.search.candidates}
+    store = ArtifactStore(store_root)
+    [evaluate] = store.entries("evaluate")
+    found = {}
+    for entry in store.entries("build_onnx"):
+        name = names.get(json.dumps(entry.manifest["meta"]["settings"]["build"], sort_keys=True))
+        if name:
+            found[name] = entry.manifest["meta"]["summary"]
+    order = [c.name for c in cfg.search.candidates]
+    return (evaluate.manifest["meta"]["summary"], sorted(found.items(), key=lambda kv: order.index(kv[0])),
+            {name: None for name in found})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default=str(ROOT / "configs" / "smollm2-tone.json"))
@@ -53,6 +73,8 @@ def main() -> None:
                         help="JSON list of candidates, or 'builtin'")
     parser.add_argument("--tolerance", type=float, default=2.0, help="the accuracy rule, in points")
     parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--from-store", action="store_true",
+                        help="no run: read evaluate and every candidate built so far from --store")
     args = parser.parse_args()
 
     raw = json.loads(Path(args.config).read_text())
@@ -68,39 +90,45 @@ def main() -> None:
     config = Path(args.store) / "calibration-config.json"
     config.write_text(json.dumps(raw, indent=1))
 
-    from flows.optimize import optimize
-
     started = time.monotonic()
-    result = optimize(str(config))
-    report = json.loads(Path(result["report_path"]).read_text())
-    stages = {s["stage"]: s for s in report["stages"]}
-    scores = stages["evaluate"]["summary"]
+    if args.from_store:  # what the store holds already (a run cut short): the candidates built so far
+        scores, candidates, seconds = from_store(args.store, config)
+    else:
+        from flows.optimize import optimize
+
+        result = optimize(str(config))
+        report = json.loads(Path(result["report_path"]).read_text())
+        stages = {s.get("task_run") or s["stage"]: s for s in report["stages"]}
+        scores = stages["evaluate"]["summary"]
+        candidates = [(row["name"], {**row, "teacher_forced_seconds": (stages.get(f"build_onnx[{row['name']}]") or {})
+                                     .get("summary", {}).get("teacher_forced_seconds")})
+                      for row in report["quantization_search"]["candidates"]]
+        seconds = {name: s["seconds"] for name, s in stages.items() if name.startswith("build_onnx")}
     tuned = scores["fine_tuned"]
     rows = []
-    for row in report["quantization_search"]["candidates"]:
+    for name, row in candidates:
         if not row.get("loaded") or row.get("accuracy") is None or row.get("eval_loss") is None:
             continue
         drop = round((tuned["accuracy"] - row["accuracy"]) * 100, 2)
-        rows.append({"name": row["name"], "accuracy": row["accuracy"], "accuracy_drop_points": drop,
+        rows.append({"name": name, "accuracy": row["accuracy"], "accuracy_drop_points": drop,
                      "within_accuracy_rule": drop <= args.tolerance + 1e-6, "eval_loss": row["eval_loss"],
                      "eval_loss_increase": round(row["eval_loss"] - tuned["eval_loss"], 4),
                      "perplexity": row.get("perplexity"), "token_agreement": row.get("token_agreement"),
-                     "kl_from_merged": row.get("kl_from_merged"), "size_bytes": row.get("size_bytes")})
-    builds = {k: v for k, v in stages.items() if k.startswith("build_onnx")}
+                     "kl_from_merged": row.get("kl_from_merged"), "size_bytes": row.get("size_bytes"),
+                     "teacher_forced_seconds": row.get("teacher_forced_seconds")})
     out = {
         "command": "python bench/quality_calibration.py --out bench/results/quality_calibration.json",
         "candidates_file": args.candidates,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "run_s": round(time.monotonic() - started, 1),
-        "eval_rows": tuned.get("rows"),
+        "eval_rows": sum(v["total"] for v in (tuned.get("per_label") or {}).values()),
         "base": {k: scores["base"].get(k) for k in ("accuracy", "eval_loss", "perplexity")},
         "merged": {k: tuned.get(k) for k in ("accuracy", "eval_loss", "perplexity")},
         "accuracy_rule_points": args.tolerance,
         "candidates": sorted(rows, key=lambda r: r["eval_loss_increase"]),
         "eval_loss_increase_bound": best_bound([(r["eval_loss_increase"], r["within_accuracy_rule"]) for r in rows]),
         "kl_bound": best_bound([(r["kl_from_merged"], r["within_accuracy_rule"]) for r in rows]),
-        "teacher_forced_seconds": {name: s["summary"].get("teacher_forced_seconds")
-                                   for name, s in builds.items() if s.get("summary")},
+        "build_stage_seconds": seconds,
     }
     text = json.dumps(out, indent=1)
     print(text)
