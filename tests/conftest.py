@@ -30,15 +30,20 @@ os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
+ON_REQUEST = ("gpu", "long")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked gpu run only when `-m` names gpu (`pytest -m gpu`): CI and this kind of
-    machine have no GPU. Any other run, `-m "not slow"` included, deselects them."""
-    if "gpu" in (config.getoption("markexpr") or ""):
-        return
-    gpu = [item for item in items if item.get_closest_marker("gpu")]
-    if gpu:
-        config.hook.pytest_deselected(items=gpu)
-        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+    """Tests marked gpu or long run only when `-m` names their marker (`pytest -m gpu`,
+    `pytest -m long`): CI and this kind of machine have no GPU, and a long test (a real-model
+    run of a quarter of an hour on 2 cores) does not fit the suite's 30 minutes. Any other run,
+    `-m "not slow"` included, deselects them."""
+    named = config.getoption("markexpr") or ""
+    held = [m for m in ON_REQUEST if m not in named]
+    dropped = [item for item in items if any(item.get_closest_marker(m) for m in held)]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if item not in dropped]
 
 
 def _free_port() -> int:

@@ -131,8 +131,10 @@ def test_free_text_answers_refuse_what_they_cannot_do(tmp_path, write_config, ch
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_the_bundled_generative_example_learns_its_answers(tmp_path, write_config):
-    """The real SmolLM2-135M on the config as shipped (minutes on 2 cores)."""
+    """The real SmolLM2-135M on the config as shipped: about a quarter of an hour on 2 cores
+    (generation of 16 answers per model is most of it), so it runs on request: `pytest -m long`."""
     from flows.optimize import optimize
 
     result = optimize(str(write_config(commands_config(tmp_path))))
