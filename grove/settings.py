@@ -146,8 +146,11 @@ class Candidate(Frozen):
 
 # Label-free tolerances (grove/teacher_forcing.py), measured on the bundled tone data against the
 # 2-point accuracy rule: bench/quality_calibration.py, bench/results/quality_calibration.json.
-MAX_LOSS_INCREASE = 0.05  # teacher-forced eval loss (nats per labelled token) above the merged model's
-MAX_KL = 0.05  # mean KL(merged || shipped) over the labelled tokens
+# Every candidate within 2 points rose at most 0.010 in eval loss, every one outside at least 0.033.
+MAX_LOSS_INCREASE = 0.02  # teacher-forced eval loss (nats per labelled token) above the merged model's
+# KL did not separate them (0.025 outside, 0.026 within): at 0.02 it passes no model the accuracy
+# rule fails, and fails the ladder's first rung, which that rule passes.
+MAX_KL = 0.02  # mean KL(merged || shipped) over the labelled tokens
 TOLERANCE_METRICS = ("accuracy", "eval_loss", "kl")
 
 
