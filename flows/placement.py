@@ -23,8 +23,9 @@ benchmark's machine) are part of each stage's key and are resolved where the sta
 where the config is parsed: the parent needs none of its pools' hardware. Each child run stores
 its machine's profile as `machines/<pool>.json`; the parent computes a pool's keys from the
 profile stored there (no profile yet: the group is dispatched) and takes what a child returns by
-stage name. Downstream keys depend on upstream contents, which agree everywhere, so a stale
-profile (the pool's machines changed) costs one dispatch, never a wrong key.
+stage name. A profile is trusted only while it is current: taken under the pool's present setup
+(its base job template and the stage deployment's job variables, e.g. the image) and less than a
+day old; otherwise the group is dispatched and the child keys its stages on its own machine.
 
 Caching: a group whose stages are all stored is never dispatched (the parent takes the entries
 from the store, as a one-pool run does), so a cached rerun starts no child run at all. Retries:
@@ -49,6 +50,9 @@ ENTRYPOINT = "flows/placement.py:run_stages"
 RECORDS = "placed"  # store folder of the records each child run leaves for its parent
 MACHINES = "machines"  # store folder of each pool's machine profile, left by its child runs
 POLL_SECONDS = 1.0  # how often the parent asks whether a child run has finished
+# A pool's profile older than this is not trusted: its group is dispatched once (a child run that
+# finds its entries costs seconds) and the child stores a fresh one. A day: a nightly run refreshes.
+PROFILE_MAX_AGE_S = 24 * 3600
 
 
 class GroupDone(Exception):
@@ -142,19 +146,53 @@ def _record(body: dict[str, Any]) -> StageRecord:
     return StageRecord(**{**body, "ref": ref})
 
 
+def pool_setup(pool: str) -> str | None:
+    """A digest of how Prefect starts this pool's child runs: the pool's type and base job template
+    and the stage deployment's job variables (the image of a docker or kubernetes pool, its env).
+    A new image rolled out by changing either gives a new digest. None: the API cannot say."""
+    import hashlib
+    import json
+
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            work_pool = client.read_work_pool(pool)
+            deployment = client.read_deployment_by_name(deployment_name(pool))
+    except Exception:  # no server, no such pool or deployment yet: nothing to compare with
+        return None
+    setup = {"type": work_pool.type, "template": work_pool.base_job_template,
+             "job_variables": deployment.job_variables}
+    return hashlib.sha256(json.dumps(setup, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def profile_is_current(profile: dict[str, Any], setup: str | None, now: float) -> bool:
+    """Whether a pool's stored profile still describes its machines: taken under the pool's present
+    setup (when known) and younger than PROFILE_MAX_AGE_S (a process pool's machines can be
+    upgraded in place, which no setup shows)."""
+    if setup is not None and profile.get("pool_setup") != setup:
+        return False
+    return now - float(profile.get("written_at", 0)) < PROFILE_MAX_AGE_S
+
+
 class PoolMachines:
     """RunContext.machine_of for a placed run's parent (and its plan): each stage's pool's profile
-    as its last child run stored it, read once per run; None for a pool that has not reported."""
+    as its last child run stored it, read once per run; None for a pool that has not reported,
+    or whose profile is no longer current (its setup changed, or it is too old): that pool's
+    groups are dispatched and the child keys them on its own machine."""
 
     def __init__(self, store, placement: dict[str, str]):
         self.store, self.placement = store, placement
         self.profiles: dict[str, dict[str, Any] | None] = {}
 
     def __call__(self, stage: str) -> dict[str, Any] | None:
+        import time
+
         pool = self.placement[stage]
         if pool not in self.profiles:
             profile = self.store.get_json(f"{MACHINES}/{pool}.json")
-            self.profiles[pool] = {**profile, "pool": pool} if profile else None
+            current = profile is not None and profile_is_current(profile, pool_setup(pool), time.time())
+            self.profiles[pool] = {**profile, "pool": pool} if current else None
         return self.profiles[pool]
 
 
@@ -194,6 +232,7 @@ class Dispatcher:
         # upstream artifacts by stage: the child's keys for them are its machine's, not ours
         given = {r.stage: r.ref.model_dump(mode="json") for r in self.context.records if r.ref is not None}
         parameters = {"config": self.config, "stages": list(stages), "given": given, "pool": pool,
+                      "setup_digest": pool_setup(pool),
                       "from_stage": self.context.from_stage, "code": {s: self.versions[s] for s in stages},
                       "overrides": self.overrides}
         attempts = 1 + max(self._retries(stage) for stage in stages)
@@ -226,11 +265,14 @@ class Dispatcher:
 @flow(name=GROUP_FLOW)
 def run_stages(config: str, stages: list[str], given: dict[str, dict[str, Any]], from_stage: str | None = None,
                code: dict[str, str] | None = None, overrides: list[str] | None = None,
-               pool: str | None = None) -> dict[str, Any]:
+               pool: str | None = None, setup_digest: str | None = None) -> dict[str, Any]:
     """Run one group of adjacent stages of a placed run on this work pool (started by the parent
     flow through run_deployment); upstream artifacts are the references in `given`, by stage, and
     the config is the parent's file with the parent's command-line `overrides` set again. This
-    machine's profile is stored for the parent (machines/<pool>.json) before any stage runs."""
+    machine's profile is stored for the parent (machines/<pool>.json) before any stage runs, with
+    the digest of the pool's setup the parent dispatched under (`setup_digest`) and the time."""
+    import time
+
     from prefect.runtime import flow_run
 
     from flows.config import load_config
@@ -250,7 +292,8 @@ def run_stages(config: str, stages: list[str], given: dict[str, dict[str, Any]],
     cfg = load_config(config, overrides=overrides, here=stages)
     store = ArtifactStore(cfg.artifact_root, cfg.aws_credentials_block)
     if pool is not None:
-        store.put_json(f"{MACHINES}/{pool}.json", this_machine())
+        store.put_json(f"{MACHINES}/{pool}.json", {**this_machine(), "pool_setup": setup_digest,
+                                                    "written_at": time.time()})
     refs = {stage: ArtifactRef.model_validate(ref) for stage, ref in given.items()}
 
     def route(stage: str, stored: ArtifactRef | None) -> StageRecord | None:

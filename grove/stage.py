@@ -377,7 +377,8 @@ def _plan(run: RunContext, name: str, key: str | None, entry: Entry | None, upst
     elif upstream:
         reason = f"upstream {', '.join(sorted({u.stage for u in upstream}))} will run"
     elif key is None:
-        reason = "its work pool has not reported its machine facts yet (no child run there so far)"
+        reason = ("its work pool's machine facts are not known here (no child run there so far, or the "
+                  "pool's setup changed or its profile is over a day old since the last one)")
     else:
         reason = _other_machine(run.store, name, settings_key, facts, (machine or {}).get("pool")) or \
             "no stored entry for this key (config, data, model or stage code changed, or first run)"

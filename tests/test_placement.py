@@ -41,6 +41,17 @@ def placed_config(tiny_model, tone_copy, tmp_path, root: str, cpu: str, gpu: str
 
 
 # ---- config -------------------------------------------------------------------------------------
+def test_a_pool_profile_is_trusted_only_under_the_same_setup_and_for_a_day():
+    from flows.placement import PROFILE_MAX_AGE_S, profile_is_current
+
+    profile = {"pool_setup": "abc", "written_at": 1000.0}
+    assert profile_is_current(profile, "abc", 1000.0 + 60)
+    assert not profile_is_current(profile, "def", 1000.0 + 60), "the pool's image or template changed"
+    assert not profile_is_current(profile, "abc", 1000.0 + PROFILE_MAX_AGE_S + 1), "too old"
+    assert profile_is_current(profile, None, 1000.0 + 60), "no API to ask: the age alone decides"
+    assert not profile_is_current({"gpus": []}, None, 1e9), "a profile from before (no time): never current"
+
+
 def test_groups_are_adjacent_stages_on_one_pool():
     from flows.placement import groups
 
@@ -221,6 +232,20 @@ def test_a_placed_run_puts_each_group_on_its_pool_then_reruns_cached_and_from_a_
         here = stage_plan(write_config(one_pool, "one-pool.json"), env)
         assert " hit " in here["load_data"] and " hit " in here["template_corpus"], here
         assert f"stored for transformers {shim}; this machine has transformers {shim[:-5]}" in here["train"], here
+
+        # a new setup of the gpu pool (its deployment's job variables: how a new image rolls out) makes
+        # the stored profile stale: the gpu group is dispatched once and its child finds its entries
+        deployment = httpx.get(f"{prefect_api}/deployments/name/grove-stages/{gpu}", timeout=30).json()
+        httpx.patch(f"{prefect_api}/deployments/{deployment['id']}",
+                    json={"job_variables": {"env": {"GROVE_IMAGE_TAG": "v2"}}}, timeout=30).raise_for_status()
+        grove_run(config, env, tmp_path / "new-setup.log")
+        assert set(report(tmp_path).values()) == {"cached"}, report(tmp_path)
+        redispatched = {run["name"].split(": ", 1)[1] for rid, run in child_runs(prefect_api, (cpu, gpu)).items()
+                        if rid not in children}
+        assert redispatched == {f"{'+'.join(GPU_STAGES)} on {gpu}"}, redispatched
+        children = child_runs(prefect_api, (cpu, gpu))
+        assert json.loads(fs.cat(f"{root.removeprefix('s3://')}/machines/{gpu}.json"))["pool_setup"] != \
+            gpu_machine["pool_setup"]
 
         # a command-line override travels to the child runs: the benchmark child's key matches the parent's
         grove_run(config, env, tmp_path / "from-stage.log", "--from-stage", "build_onnx", "grove.benchmark.repeats=2")
