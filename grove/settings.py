@@ -68,6 +68,21 @@ class CorpusSettings(Frozen):
 CPU_OFF_FLAGS = ("fp16", "bf16", "tf32")
 
 
+def cpu_training_args(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """training_args as a CPU training can honour them, and what was changed, by argument name:
+    the mixed-precision flags dropped (false ones silently: what the CPU does anyway) and a paged
+    optimizer (CUDA only) replaced by adamw_torch."""
+    kept, changed = dict(args), {}
+    for flag in CPU_OFF_FLAGS:
+        if kept.pop(flag, False):
+            changed[flag] = f"turned off: training runs on the CPU, which has no {flag} mixed precision; it trains in float32"
+    optim = str(kept.get("optim", ""))
+    if optim.startswith("paged_"):
+        changed["optim"] = f"{optim}: paged optimizers need CUDA and training runs on the CPU; using adamw_torch"
+        kept["optim"] = "adamw_torch"
+    return kept, changed
+
+
 class TrainSettings(Frozen):
     method: Literal["lora", "qlora"]
     r: int = 64

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from flows.config.errors import ConfigError
-from grove.settings import CPU_OFF_FLAGS, ModelSettings, TrainSettings
+from grove.settings import ModelSettings, TrainSettings, cpu_training_args
 
 # LoRA and full fine-tuning with AdamW use 1e-6..1e-2 (the recipe 1e-4, Grove's default 5e-4).
 # Each AdamW step moves a weight by about the learning rate: from 1 up the model is overwritten in
@@ -57,19 +57,9 @@ def drop_cpu_flags(train: TrainSettings, at: str, why: str | None, warn) -> Trai
     path: the resolved settings (and the train key) say what will run."""
     if why is None:
         return train
-    args: dict[str, Any] = dict(train.training_args)
-    for flag in CPU_OFF_FLAGS:
-        if flag in args and args[flag]:
-            warn(f"{at}.{flag}", f"turned off: training runs on the CPU ({why}), which has no {flag} mixed "
-                                 f"precision; it trains in float32")
-            args.pop(flag)
-        elif flag in args:
-            args.pop(flag)  # false: what the CPU does anyway
-    optim = str(args.get("optim", ""))
-    if optim.startswith("paged_"):
-        warn(f"{at}.optim", f"{optim}: paged optimizers need CUDA and training runs on the CPU ({why}); "
-                            f"using adamw_torch")
-        args["optim"] = "adamw_torch"
+    args, changed = cpu_training_args(train.training_args)
+    for name, what in changed.items():
+        warn(f"{at}.{name}", f"{what} ({why})")
     return train.model_copy(update={"training_args": args}) if args != train.training_args else train
 
 

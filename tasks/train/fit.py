@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from grove.lm_head import labelled_logits
-from grove.settings import CPU_OFF_FLAGS, ModelSettings, TrainSettings
+from grove.settings import ModelSettings, TrainSettings, cpu_training_args
 from grove.stage import current_run
 from grove.textdata import read_jsonl
 # load_base_for_training, add_lora and disable_cpu_bf16_4bit_path are used from here by tests and benches
@@ -68,12 +68,9 @@ def training_arguments(settings: TrainSettings, device: str, workdir: str, has_e
 
     args = {**DEFAULT_ARGS, **settings.training_args}
     if device == "cpu":
-        for flag in CPU_OFF_FLAGS:
-            if args.pop(flag, False):
-                log.warning("training_args.%s: not available on the CPU; training in float32", flag)
-        if str(args.get("optim", "")).startswith("paged_"):
-            log.warning("training_args.optim=%s: paged optimizers need CUDA; using adamw_torch", args["optim"])
-            args["optim"] = "adamw_torch"
+        args, changed = cpu_training_args(args)
+        for name, what in changed.items():
+            log.warning("training_args.%s: %s", name, what)
     if training_dtypes(settings, device)["fp16_mixed"]:  # Olive's torch_dtype float16 (refused on a CPU)
         args["fp16"] = True
     if not has_eval:
