@@ -294,9 +294,9 @@ def test_search_end_to_end_builds_every_candidate_and_keeps_one(tiny_model, trai
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
     from prefect.client.schemas.sorting import ArtifactSort
 
-    # the newest: other tests' searches (the default ladder) publish under the same key on this server
+    # the newest: other tests' searches of the tiny model publish under the same key on this server
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["grove-quantization-search"])),
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["grove-tiny-quantization-search"])),
                                           sort=ArtifactSort.CREATED_DESC)
     assert artifacts and artifacts[0].type == "table"
     table = artifacts[0].data if isinstance(artifacts[0].data, list) else json.loads(artifacts[0].data)
