@@ -20,9 +20,11 @@ from grove.settings import BuildSettings
 # Numbers in a summary that count or configure rather than measure quality or speed.
 NOT_METRICS = {"per_label", "search", "prompt_tokens", "new_tokens", "runs", "size_mb", "rows",
                "rows_proven_by_forward_pass"}
-# ... and in build_onnx's: its settings, and the speed of scoring (the benchmark measures speed)
+# ... and in build_onnx's: its settings, the speed of scoring (the benchmark measures speed) and
+# the teacher-forced pass's bookkeeping (its loss, agreement and KL are the metrics)
 NOT_BUILD_METRICS = {*NOT_METRICS, *BuildSettings.model_fields, "build_seconds", "size_bytes",
-                     "prompts_unlike_training", "decode_tokens_per_s"}
+                     "prompts_unlike_training", "decode_tokens_per_s", "teacher_forced_seconds",
+                     "scored_tokens", "non_finite_tokens"}
 
 
 def _leaves(prefix: str, value: Any, into: dict[str, float], skip: set[str] = NOT_METRICS) -> None:

@@ -71,8 +71,10 @@ def _the_summary_says_what_ships_how_it_scored_and_where_the_run_is(lines: list[
         loss, perplexity = number(scores[model]["eval_loss"]), number(scores[model]["perplexity"])
         assert re.search(rf"^eval: +{label} +accuracy [\d.]+, eval_loss {loss}, perplexity {perplexity}$", said,
                          re.M), said
-        assert re.search(rf"^\| {label} \| [\d.]+ \| {loss} \| {perplexity} \|$",
+        assert re.search(rf"^\| {label} \| [\d.]+ \| {loss} \| {perplexity} \|",
                          (tmp_path / "out" / "tiny" / "report.md").read_text(), re.M)
+    evaluation = (tmp_path / "out" / "tiny" / "report.md").read_text().split("## Evaluation")[1].split("\n## ")[0]
+    assert "token_agreement" in evaluation and "teacher_forced_seconds" not in evaluation, evaluation
     report = next(line.split()[1] for line in lines if line.startswith("report:"))
     assert report == str(tmp_path / "out" / "tiny" / "report.md"), report  # the one to read; .json beside it
     url = next(line.split()[1] for line in lines if line.startswith("prefect:"))
