@@ -124,9 +124,10 @@ def _check_record(where: str, record: object, columns: list[str]) -> str:
 
 def check_data(files: list[str], fmt: str, columns: list[str], eval_size: float,
                eval_files: list[str] | None = None, max_samples: int | None = None,
-               shown: dict[str, str] | None = None) -> dict:
+               shown: dict[str, str] | None = None, answers: list[str] | None = None) -> dict:
     """Read every record of the (local) files; raise UserError at the first problem. Rows after
-    max_samples are read too (the loader parses whole files) but not counted."""
+    max_samples are read too (the loader parses whole files) but not counted. `answers`: a list
+    that receives the counted rows' values of the template's last column."""
     name = (shown or {}).get
     seen: set[int] = set()
     rows = 0
@@ -136,6 +137,8 @@ def check_data(files: list[str], fmt: str, columns: list[str], eval_size: float,
             if max_samples is None or rows < max_samples:
                 rows += 1
                 seen.add(hash(marker))
+                if answers is not None:
+                    answers.append(str(record[columns[-1]]))
     first = name(files[0], files[0]) + (f" (and {len(files) - 1} more files)" if len(files) > 1 else "")
     if eval_files:
         fresh: set[int] = set()

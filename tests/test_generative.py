@@ -145,3 +145,26 @@ def test_the_bundled_generative_example_learns_its_answers(tmp_path, write_confi
     assert tuned["chrf"] > base["chrf"] + 50 and tuned["exact_match"] > base["exact_match"], (base, tuned)
     assert onnx["chrf"] > base["chrf"] + 50, (base, onnx)
     assert result["promotion"]["decision"] == "promoted", result["promotion"]
+
+
+def test_free_text_left_as_a_label_is_warned_about_once_at_its_key(tmp_path, write_config, tiny_model, tone_copy):
+    """A template whose last column holds sentences (here the example's JSON lines) under the
+    default answer: label would be scored by exact first-line matches; validate says so at
+    grove.evaluate.answer. As shipped (answer: text), and for real labels (tone), it is quiet."""
+    from conftest import tiny_config
+    from flows.config import load_config
+
+    raw = commands_config(tmp_path, tiny_model)
+    raw["grove"]["evaluate"]["answer"] = "label"
+    raw["grove"].pop("promotion")  # its metric, chrF, is a free-text one
+    warnings: list[str] = []
+    load_config(write_config(raw, "as-label.json"), warnings=warnings)
+    said = [w for w in warnings if w.startswith("grove.evaluate.answer: label, but the answer column 'json' "
+                                                "reads as free text")]
+    assert len(said) == 1 and "grove.evaluate.answer: text" in said[0], warnings
+
+    quiet: list[str] = []
+    load_config(write_config(commands_config(tmp_path, tiny_model), "as-text.json"), warnings=quiet)
+    load_config(write_config(tiny_config(tiny_model, tone_copy, tmp_path / "s", tmp_path / "o"), "tone.json"),
+                warnings=quiet)
+    assert not [w for w in quiet if w.startswith("grove.evaluate.answer")], quiet

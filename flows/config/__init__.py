@@ -63,7 +63,8 @@ def load_config(path: str | Path, base_dir: Path | None = None, list_remote_data
         # what the machine must offer, and every data file read through, before any work
         if here is None:
             here = () if config.placement else STAGES
-        return check_run_config(config, raw, str(path), on_this_machine=list_remote_data, here=frozenset(here))
+        return check_run_config(config, raw, str(path), on_this_machine=list_remote_data, here=frozenset(here),
+                                warn=Warnings(warnings))
     except ConfigError as exc:
         exc = blame(exc, applied)
         raise ConfigError(exc.path, exc.message, exc.source or str(path)) from None

@@ -62,7 +62,8 @@ TRAINING_VALUES: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 
 def check_run_config(config: RunConfig, raw: dict, source: str, on_this_machine: bool = True,
-                     here: frozenset[str] = frozenset(STAGES)) -> RunConfig:
+                     here: frozenset[str] = frozenset(STAGES),
+                     warn: Callable[[str, str], None] | None = None) -> RunConfig:
     """Raise ConfigError (a key path) or UserError (file:line) at the first problem.
 
     on_this_machine=False (deploy-time checks): only what does not depend on the machine that
@@ -79,7 +80,7 @@ def check_run_config(config: RunConfig, raw: dict, source: str, on_this_machine:
         _check_providers(config, where)
         if on_this_machine:
             _check_folders(config, where)
-            _check_data_files(config)
+            _check_data_files(config, warn)
             _check_runtimes(config, where, here)
             _check_modules(config, where)
     except ConfigError as exc:
@@ -201,13 +202,37 @@ def _usable_folder(path: str, at: str) -> None:
         raise ConfigError(at, f"cannot make folder {path}: {parent} is not writable here")
 
 
-def _check_data_files(config: RunConfig) -> None:
+def _check_data_files(config: RunConfig, warn: Callable[[str, str], None] | None) -> None:
     """Local data read through now; remote data is read the same way first thing in load_data."""
     data = config.data
     files = data.files + (data.eval_files or [])
     if any("://" in f for f in files):
         return
-    check_data(data.files, data.format, data.text_cols, data.eval_size, data.eval_files, data.max_samples)
+    answers: list[str] = []
+    check_data(data.files, data.format, data.text_cols, data.eval_size, data.eval_files, data.max_samples,
+               answers=answers)
+    if warn and config.evaluate.answer == "label" and config.evaluate.label_col == data.text_cols[-1] and \
+            reads_as_free_text(answers):
+        warn("grove.evaluate.answer", f"label, but the answer column {data.text_cols[-1]!r} reads as free text "
+                                      f"({len(set(answers))} distinct values in {len(answers)} rows, a median "
+                                      f"of {median_words(answers)} words): accuracy counts exact first-line "
+                                      f"matches only, and the ladder and the gate judge on it. Set "
+                                      f"grove.evaluate.answer: text to score answers by chrF and exact match "
+                                      f"and judge builds by teacher-forced eval loss")
+
+
+def median_words(answers: list[str]) -> int:
+    counts = sorted(len(a.split()) for a in answers)
+    return counts[len(counts) // 2] if counts else 0
+
+
+def reads_as_free_text(answers: list[str]) -> bool:
+    """Answers that are no label: mostly distinct, and sentences rather than a word or two (a
+    short exact answer, such as a capital city, is still scored well by accuracy)."""
+    return len(answers) >= 10 and len(set(answers)) > len(answers) / 2 and median_words(answers) >= FREE_TEXT_WORDS
+
+
+FREE_TEXT_WORDS = 6  # a label or a short exact answer is rarely this long; a sentence usually is
 
 
 def _check_runtimes(config: RunConfig, where: _Where, here: frozenset[str]) -> None:
