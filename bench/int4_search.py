@@ -45,6 +45,22 @@ def fp32_onnx_bytes(store_root: str, merged_key: str) -> int:
         return folder_bytes(Path(target) / "model")
 
 
+def search_config(config: str, store: str, search: dict, name: str) -> Path:
+    """`config` as a bench run of it: its store and output under `store`, its data files found from
+    the project root, `grove.quantization_search` set to `search`; written as `store/name`."""
+    raw = json.loads(Path(config).read_text())
+    raw.setdefault("grove", {})["artifact_root"] = store
+    raw.setdefault("engine", {})["output_dir"] = str(Path(store) / "output")
+    for data in raw.get("data_configs", []):
+        params = data["load_dataset_config"]["params"]
+        params["data_files"] = str((ROOT / params["data_files"]).resolve())
+    raw["grove"]["quantization_search"] = search
+    Path(store).mkdir(parents=True, exist_ok=True)
+    written = Path(store) / name
+    written.write_text(json.dumps(raw, indent=1))
+    return written
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default=str(ROOT / "configs" / "smollm2-tone.json"))
@@ -54,17 +70,9 @@ def main() -> None:
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
 
-    raw = json.loads(Path(args.config).read_text())
-    raw.setdefault("grove", {})["artifact_root"] = args.store
-    raw.setdefault("engine", {})["output_dir"] = str(Path(args.store) / "output")
-    for data in raw.get("data_configs", []):
-        params = data["load_dataset_config"]["params"]
-        params["data_files"] = str((ROOT / params["data_files"]).resolve())
     candidates = json.loads(Path(args.candidates).read_text()) if args.candidates else "builtin"
-    raw["grove"]["quantization_search"] = {"candidates": candidates, "tolerance_points": args.tolerance}
-    Path(args.store).mkdir(parents=True, exist_ok=True)
-    config = Path(args.store) / "int4-search-config.json"
-    config.write_text(json.dumps(raw, indent=1))
+    config = search_config(args.config, args.store, {"candidates": candidates, "tolerance_points": args.tolerance},
+                           "int4-search-config.json")
 
     from flows.optimize import optimize
 

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+from int4_search import search_config  # noqa: E402 - a sibling script (bench/ is the script's folder on sys.path)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -77,18 +79,10 @@ def main() -> None:
                         help="no run: read evaluate and every candidate built so far from --store")
     args = parser.parse_args()
 
-    raw = json.loads(Path(args.config).read_text())
-    raw.setdefault("grove", {})["artifact_root"] = args.store
-    raw.setdefault("engine", {})["output_dir"] = str(Path(args.store) / "output")
-    for data in raw.get("data_configs", []):
-        params = data["load_dataset_config"]["params"]
-        params["data_files"] = str((ROOT / params["data_files"]).resolve())
     candidates = args.candidates if args.candidates == "builtin" else json.loads(Path(args.candidates).read_text())
-    raw["grove"]["quantization_search"] = {"candidates": candidates, "tolerance_metric": "accuracy",
-                                           "tolerance_points": args.tolerance, "early_stop": False}
-    Path(args.store).mkdir(parents=True, exist_ok=True)
-    config = Path(args.store) / "calibration-config.json"
-    config.write_text(json.dumps(raw, indent=1))
+    config = search_config(args.config, args.store, {"candidates": candidates, "tolerance_metric": "accuracy",
+                                                     "tolerance_points": args.tolerance, "early_stop": False},
+                           "calibration-config.json")
 
     started = time.monotonic()
     if args.from_store:  # what the store holds already (a run cut short): the candidates built so far

@@ -292,3 +292,18 @@ def write_config(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture
+def terminal_80(monkeypatch):
+    """The CLI's console as an 80-column terminal; what the commands print lands in the returned
+    StringIO (tables as a user sees them at that width)."""
+    import io
+
+    from flows.cli.errors import console
+
+    out = io.StringIO()
+    monkeypatch.setattr(console, "_force_terminal", True)
+    monkeypatch.setattr(console, "_width", 80)
+    monkeypatch.setattr(console, "_file", out)
+    return out

@@ -14,7 +14,6 @@ from typer.testing import CliRunner
 
 from conftest import ROOT, tiny_config
 from flows.cli import app
-from flows.cli.errors import console
 
 runner = CliRunner()
 
@@ -70,14 +69,10 @@ def test_off_a_terminal_tables_are_plain_rows_and_nothing_wraps(store, monkeypat
     assert ok[0].startswith("ok: ") and ok[0].endswith(root) and ok[1].startswith("build: "), ok
 
 
-def test_models_at_80_columns_keeps_the_short_columns_whole(store, monkeypatch):
+def test_models_at_80_columns_keeps_the_short_columns_whole(store, terminal_80):
     folder, _ = store
-    out = io.StringIO()
-    monkeypatch.setattr(console, "_force_terminal", True)
-    monkeypatch.setattr(console, "_width", 80)
-    monkeypatch.setattr(console, "_file", out)
     grove("models", "--store", str(folder / ".grove-cache"))
-    table = out.getvalue()
+    table = terminal_80.getvalue()
     assert all(len(line) <= 80 for line in table.splitlines()), table
     current = json.loads(grove("models", "--store", str(folder / ".grove-cache"), "--json"))
     for name, body in current.items():

@@ -74,18 +74,10 @@ def test_diff_puts_two_runs_side_by_side_settings_by_key_path_and_metrics(named_
     assert "no run with id 'nope'" in grove("diff", "nope", tiny[:8], "--store", root, code=2)
 
 
-def test_runs_at_80_columns_keeps_every_column_whole(named_runs, monkeypatch):
-    import io
-
-    from flows.cli.errors import console
-
+def test_runs_at_80_columns_keeps_every_column_whole(named_runs, terminal_80):
     folder, _ = named_runs
-    out = io.StringIO()
-    monkeypatch.setattr(console, "_force_terminal", True)
-    monkeypatch.setattr(console, "_width", 80)
-    monkeypatch.setattr(console, "_file", out)
     grove("runs", "--store", str(folder / ".grove-cache"))
-    table = out.getvalue()
+    table = terminal_80.getvalue()
     assert all(len(line) <= 80 for line in table.splitlines()), table
     header = next(line for line in table.splitlines() if line.startswith("run "))
     assert header.split() == ["run", "started", "name", "status", "ran", "tuned", "acc", "loss", "ppl", "MB", "tok/s"]
