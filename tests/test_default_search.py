@@ -69,9 +69,9 @@ def test_the_ladder_stops_at_the_first_candidate_within_tolerance(tiny_model, le
     record = json.loads(CliRunner().invoke(app, ["runs", "-c", str(tmp_path / "run.json"), "--json"]).output)[0]
     assert record["shipped"] == LADDER[0]
     # the search's table artifact is kept per model name, like every other Grove artifact
-    import httpx
+    from prefect_http import prefect_http
 
-    found = httpx.post(f"{prefect_api}/artifacts/filter", timeout=30, json={"artifacts": {
+    found = prefect_http.post(f"{prefect_api}/artifacts/filter", timeout=30, json={"artifacts": {
         "key": {"any_": ["grove-tiny-quantization-search"]}, "flow_run_id": {"any_": [record["run_id"]]}}})
     assert found.status_code == 200 and len(found.json()) == 1, found.text
     search = report["quantization_search"]

@@ -11,13 +11,13 @@ import subprocess
 import sys
 import time
 
-import httpx
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from conftest import ROOT, tiny_config
 from processes import stop_group
+from prefect_http import prefect_http
 from flows.cli import app
 
 runner = CliRunner()
@@ -28,7 +28,7 @@ def flat(output: str) -> str:
 
 
 def deployments(api: str) -> dict[str, dict]:
-    found = httpx.post(f"{api}/deployments/filter", json={}, timeout=30).json()
+    found = prefect_http.post(f"{api}/deployments/filter", json={}, timeout=30).json()
     return {d["name"]: d for d in found}
 
 
@@ -77,10 +77,10 @@ def test_served_flow_runs_when_triggered_with_s3_storage(s3_env, prefect_api, ti
         served = deployments(prefect_api)["served-test"]
         assert served["schedules"][0]["schedule"]["cron"] == "30 3 * * *"
         assert served["schedules"][0]["schedule"]["timezone"] == "Europe/Paris"
-        run = httpx.post(f"{prefect_api}/deployments/{served['id']}/create_flow_run", json={}, timeout=30).json()
+        run = prefect_http.post(f"{prefect_api}/deployments/{served['id']}/create_flow_run", json={}, timeout=30).json()
         deadline = time.monotonic() + 600
         while True:
-            state = httpx.get(f"{prefect_api}/flow_runs/{run['id']}", timeout=30).json()["state"]["type"]
+            state = prefect_http.get(f"{prefect_api}/flow_runs/{run['id']}", timeout=30).json()["state"]["type"]
             if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
                 break
             assert time.monotonic() < deadline, f"flow run still {state}"

@@ -24,13 +24,13 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-import httpx
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from conftest import ROOT, tiny_config
 from processes import stop_group
+from prefect_http import prefect_http
 
 INSTRUCTIONS = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT", "VOLUME", "USER",
                 "WORKDIR", "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL"}
@@ -172,7 +172,7 @@ def container_env(image: ImageFiles, venv: Path, tmp_path: Path, **extra: str) -
 def wait_for_run(api: str, run_id: str, worker: subprocess.Popen, log: Path, timeout_s: float = 600) -> str:
     deadline = time.monotonic() + timeout_s
     while True:
-        state = httpx.get(f"{api}/flow_runs/{run_id}", timeout=30).json()["state"]["type"]
+        state = prefect_http.get(f"{api}/flow_runs/{run_id}", timeout=30).json()["state"]["type"]
         if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
             return state
         assert worker.poll() is None, f"the image's worker exited:\n{log.read_text()[-4000:]}"
@@ -206,7 +206,7 @@ def test_a_worker_started_as_the_cpu_image_starts_one_runs_a_deployment(prefect_
     finally:
         (ROOT / f".prefect-{tag}.yaml").unlink()
     assert deployed.exit_code == 0, deployed.output
-    deployment = httpx.get(f"{prefect_api}/deployments/name/grove-optimize/image-{tag}", timeout=30).json()
+    deployment = prefect_http.get(f"{prefect_api}/deployments/name/grove-optimize/image-{tag}", timeout=30).json()
     # the folder is found where the flow runs (the image's), not fixed where it was deployed from
     assert deployment["pull_steps"] == [{"flows.project_dir.enter_project_dir": {}}]
 
@@ -217,7 +217,7 @@ def test_a_worker_started_as_the_cpu_image_starts_one_runs_a_deployment(prefect_
     worker = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                               start_new_session=True)
     try:
-        run = httpx.post(f"{prefect_api}/deployments/{deployment['id']}/create_flow_run", json={}, timeout=30).json()
+        run = prefect_http.post(f"{prefect_api}/deployments/{deployment['id']}/create_flow_run", json={}, timeout=30).json()
         state = wait_for_run(prefect_api, run["id"], worker, log)
         assert state == "COMPLETED", f"the image's worker ran the deployment: {state}\n{log.read_text()[-4000:]}"
     finally:

@@ -86,7 +86,7 @@ def test_store_reports_a_full_disk_by_errno(tmp_path, monkeypatch):
 def test_credentials_from_a_prefect_block_and_never_in_clear(s3_server, prefect_api, monkeypatch, tmp_path):
     """Keys from a prefect-aws AwsCredentials block: the store works with no AWS_* variables,
     and neither the saved result-storage block nor any message holds the secret."""
-    import httpx
+    from prefect_http import prefect_http
     from prefect_aws import AwsCredentials
 
     from grove.result_storage import prefect_result_storage
@@ -105,7 +105,7 @@ def test_credentials_from_a_prefect_block_and_never_in_clear(s3_server, prefect_
     assert SECRET_KEY not in repr(store) and SECRET_KEY not in store.location
 
     results_block = prefect_result_storage(store)
-    documents = httpx.post(f"{prefect_api}/block_documents/filter", json={}).text
+    documents = prefect_http.post(f"{prefect_api}/block_documents/filter", json={}).text
     assert results_block._block_document_name in documents and SECRET_KEY not in documents
 
     with pytest.raises(StoreError) as error:

@@ -11,10 +11,10 @@ import subprocess
 import sys
 import uuid
 
-import httpx
 import pytest
 
 from conftest import ROOT
+from prefect_http import prefect_http
 
 TEMPLATE = ROOT / "deploy" / "kubernetes" / "gpu-job-template.json"
 MULTINODE = ROOT / "deploy" / "kubernetes" / "gpu-multinode-job-template.json"
@@ -27,7 +27,7 @@ def test_prefect_creates_a_kubernetes_pool_from_the_template(prefect_api, templa
                               "kubernetes", "--base-job-template", str(template)], capture_output=True, text=True,
                              cwd=ROOT, timeout=120)
     assert created.returncode == 0, created.stdout + created.stderr
-    pool = httpx.get(f"{prefect_api}/work_pools/{name}", timeout=30).json()
+    pool = prefect_http.get(f"{prefect_api}/work_pools/{name}", timeout=30).json()
     assert pool["type"] == "kubernetes"
     assert pool["base_job_template"] == json.loads(template.read_text())
 

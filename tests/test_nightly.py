@@ -28,17 +28,19 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-import httpx
 import pytest
 from typer.testing import CliRunner
 
 from conftest import ROOT, TONE_DATA, learnable_config, one_label_rows, tiny_config
+from prefect_http import prefect_http
 from flows.cli import app
 from grove.stage import STAGES
 
 runner = CliRunner()
+
+
 def api_post(api: str, path: str, body: dict) -> list[dict]:
-    response = httpx.post(f"{api}{path}", json=body, timeout=30)
+    response = prefect_http.post(f"{api}{path}", json=body, timeout=30)
     response.raise_for_status()
     return response.json()
 
@@ -154,7 +156,7 @@ def test_nights_without_new_data_rerun_nothing_new_data_retrains_and_a_worse_mod
     assert {s["stage"]: s["status"] for s in rejected["stages"]}["train"] == "ran"
     assert rejected["promotion"]["decision"] == "not_promoted"
     assert "below the current model's" in rejected["promotion"]["reason"], rejected["promotion"]
-    state = httpx.get(f"{prefect_api}/flow_runs/{rejected['run_id']}", timeout=30).json()["state"]
+    state = prefect_http.get(f"{prefect_api}/flow_runs/{rejected['run_id']}", timeout=30).json()["state"]
     assert state["type"] == "COMPLETED"
 
     result = runner.invoke(app, ["models", "--store", nights["store"], "--json"])
@@ -184,8 +186,8 @@ def test_a_gpu_concurrency_limit_holds_training_until_its_slot_is_free(prefect_a
     raw["passes"] = {"lora": raw["passes"]["lora"]}  # the gated stages are what matters here: no ONNX build
     raw["grove"]["promotion"] = {"enabled": False}
     config = write_config(raw)
-    httpx.post(f"{prefect_api}/concurrency_limits/", json={"tag": "gpu", "concurrency_limit": 1},
-               timeout=30).raise_for_status()
+    prefect_http.post(f"{prefect_api}/concurrency_limits/", json={"tag": "gpu", "concurrency_limit": 1},
+                      timeout=30).raise_for_status()
     held, release = threading.Event(), threading.Event()
 
     def hold_the_slot():  # another run's training, as far as Prefect can tell
@@ -211,14 +213,14 @@ def test_a_gpu_concurrency_limit_holds_training_until_its_slot_is_free(prefect_a
             time.sleep(1)
         assert train is not None, "train never started"
         time.sleep(5)
-        train = httpx.get(f"{prefect_api}/task_runs/{train['id']}", timeout=30).json()
+        train = prefect_http.get(f"{prefect_api}/task_runs/{train['id']}", timeout=30).json()
         assert train["state"]["type"] == "PENDING" and train["start_time"] is None, train["state"]
         time.sleep(3)
         released_at = datetime.now().astimezone()
         release.set()
         output, _ = run.communicate(timeout=300)
         assert run.returncode == 0, output
-        train = httpx.get(f"{prefect_api}/task_runs/{train['id']}", timeout=30).json()
+        train = prefect_http.get(f"{prefect_api}/task_runs/{train['id']}", timeout=30).json()
         assert train["state"]["type"] == "COMPLETED"
         assert datetime.fromisoformat(train["start_time"]) >= released_at
         first = min((t for t in task_runs(prefect_api, train["flow_run_id"]) if stage_of(t) == "load_data"),
@@ -227,7 +229,7 @@ def test_a_gpu_concurrency_limit_holds_training_until_its_slot_is_free(prefect_a
     finally:
         release.set()
         holder.join(30)
-        httpx.delete(f"{prefect_api}/concurrency_limits/tag/gpu", timeout=30)
+        prefect_http.delete(f"{prefect_api}/concurrency_limits/tag/gpu", timeout=30)
 
 
 @pytest.mark.parametrize("change, where, message", [

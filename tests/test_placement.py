@@ -20,13 +20,13 @@ import time
 import uuid
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from conftest import ROOT, tiny_config
 from processes import stop_group
+from prefect_http import prefect_http
 from flows.cli import app
 
 runner = CliRunner()
@@ -115,7 +115,7 @@ def deploy(config: Path, tag: str, cpu: str, api: str, *extra: str) -> None:
     finally:
         (ROOT / f".prefect-{tag}.yaml").unlink()
     assert deployed.exit_code == 0, deployed.output
-    pools = {p["name"]: p["type"] for p in httpx.post(f"{api}/work_pools/filter", json={}, timeout=30).json()}
+    pools = {p["name"]: p["type"] for p in prefect_http.post(f"{api}/work_pools/filter", json={}, timeout=30).json()}
     assert pools[cpu] == pools[f"gpu-{tag}"] == "process"
 
 
@@ -134,16 +134,16 @@ def grove_run(config: Path, env: dict, log: Path, *extra: str) -> float:
 
 def child_runs(api: str, pools: tuple[str, ...]) -> dict[str, dict]:
     """Flow runs of the stage-group deployments on these pools, by id."""
-    runs = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"tags": {"all_": ["grove"]}}}, timeout=30).json()
-    deployments = {d["id"]: d["name"] for d in httpx.post(f"{api}/deployments/filter", json={}, timeout=30).json()}
+    runs = prefect_http.post(f"{api}/flow_runs/filter", json={"flow_runs": {"tags": {"all_": ["grove"]}}}, timeout=30).json()
+    deployments = {d["id"]: d["name"] for d in prefect_http.post(f"{api}/deployments/filter", json={}, timeout=30).json()}
     return {r["id"]: {**r, "deployment": deployments.get(r["deployment_id"])} for r in runs
             if r["deployment_id"] in deployments and r["work_pool_name"] in pools}
 
 
 def submitted_by(api: str) -> dict[str, str]:
     """flow run id -> the worker that submitted it (its events say so)."""
-    events = httpx.post(f"{api}/events/filter", json={"filter": {"event": {"name": ["prefect.worker.submitted-flow-run"]}},
-                                                      "limit": 50}, timeout=30).json()["events"]
+    events = prefect_http.post(f"{api}/events/filter", json={"filter": {"event": {"name": ["prefect.worker.submitted-flow-run"]}},
+                                                             "limit": 50}, timeout=30).json()["events"]
     found = {}
     for event in events:
         worker = event["resource"]["prefect.resource.id"].rsplit(".", 1)[-1]
@@ -218,7 +218,7 @@ def test_a_placed_run_puts_each_group_on_its_pool_then_reruns_cached_and_from_a_
                           f"{'+'.join(GPU_STAGES)} on {gpu}": (gpu, gpu, "gpu-worker"),
                           f"benchmark on {cpu}": (cpu, cpu, "cpu-worker")}, placed
         assert all(run["parent_task_run_id"] for run in children.values()), "each child run hangs off the parent"
-        parents = {httpx.get(f"{prefect_api}/task_runs/{run['parent_task_run_id']}", timeout=30).json()["flow_run_id"]
+        parents = {prefect_http.get(f"{prefect_api}/task_runs/{run['parent_task_run_id']}", timeout=30).json()["flow_run_id"]
                    for run in children.values()}
         assert len(parents) == 1
 
@@ -235,9 +235,9 @@ def test_a_placed_run_puts_each_group_on_its_pool_then_reruns_cached_and_from_a_
 
         # a new setup of the gpu pool (its deployment's job variables: how a new image rolls out) makes
         # the stored profile stale: the gpu group is dispatched once and its child finds its entries
-        deployment = httpx.get(f"{prefect_api}/deployments/name/grove-stages/{gpu}", timeout=30).json()
-        httpx.patch(f"{prefect_api}/deployments/{deployment['id']}",
-                    json={"job_variables": {"env": {"GROVE_IMAGE_TAG": "v2"}}}, timeout=30).raise_for_status()
+        deployment = prefect_http.get(f"{prefect_api}/deployments/name/grove-stages/{gpu}", timeout=30).json()
+        prefect_http.patch(f"{prefect_api}/deployments/{deployment['id']}",
+                           json={"job_variables": {"env": {"GROVE_IMAGE_TAG": "v2"}}}, timeout=30).raise_for_status()
         grove_run(config, env, tmp_path / "new-setup.log")
         assert set(report(tmp_path).values()) == {"cached"}, report(tmp_path)
         redispatched = {run["name"].split(": ", 1)[1] for rid, run in child_runs(prefect_api, (cpu, gpu)).items()
