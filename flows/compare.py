@@ -97,7 +97,7 @@ def number(value: Any) -> str:
     return str(value)
 
 
-# ---- report.md's Evaluation table and the run's eval: lines ------------------------------------
+# ---- report.md's quality table and the run's eval: lines ------------------------------------
 # How evaluate's numbers read in one line: (summary key, word).
 EVAL_WORDS = (("accuracy", "acc"), ("eval_loss", "loss"), ("perplexity", "ppl"))
 
@@ -116,14 +116,6 @@ def evaluation_table(metrics: dict[str, float]) -> tuple[list[str], list[list[st
     columns = first + sorted({c for numbers in per_model.values() for c in numbers} - set(first))
     columns = [c for c in columns if any(c in numbers for numbers in per_model.values())]
     return columns, [[label, *(number(numbers.get(c)) for c in columns)] for label, numbers in per_model.items()]
-
-
-def evaluation_markdown(metrics: dict[str, float]) -> list[str]:
-    columns, rows = evaluation_table(metrics)
-    if not rows:
-        return []
-    return ["", "## Evaluation (eval split)", "", "| model | " + " | ".join(columns) + " |",
-            "|---|" + "---|" * len(columns), *("| " + " | ".join(row) + " |" for row in rows)]
 
 
 # ---- settings ------------------------------------------------------------------------------------

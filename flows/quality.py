@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-COLUMNS = ("model", "eval_loss", "perplexity", "loss_increase", "token_agreement", "kl_from_merged", "accuracy")
+from flows.compare import MODELS, evaluation_table, number
+
+SHIPPED = dict(MODELS)["onnx"]
 
 
 def quality_rows(stages: list[dict[str, Any]], onnx: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -34,13 +36,25 @@ def quality_rows(stages: list[dict[str, Any]], onnx: dict[str, Any] | None) -> l
     return rows
 
 
-def quality_markdown(rows: list[dict[str, Any]]) -> list[str]:
-    if not rows:
+def quality_markdown(metrics: dict[str, float], rows: list[dict[str, Any]]) -> list[str]:
+    """report.md's one quality table: every number the stages scored per model (evaluate's and
+    build_onnx's metrics), with the shipped row named by its candidate and its loss increase over
+    the model it was built from."""
+    columns, table = evaluation_table(metrics)
+    if not table:
         return []
-    lines = ["", "## Quality on the eval split", "",
-             "Eval loss and perplexity over the labelled tokens (the shipped model teacher-forced as served); "
-             "loss increase, top-1 token agreement and KL(merged || shipped) against the model it was built "
-             "from.", "", "| " + " | ".join(COLUMNS) + " |", "|---" * len(COLUMNS) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join("-" if row[c] is None else str(row[c]) for c in COLUMNS) + " |")
-    return lines
+    shipped = next((row for row in rows if row["model"].startswith("shipped")), None)
+    if shipped and shipped.get("loss_increase") is not None:
+        at = columns.index("perplexity") + 1 if "perplexity" in columns else len(columns)
+        columns.insert(at, "loss_increase")
+        for cells in table:
+            cells.insert(at + 1, number(shipped["loss_increase"]) if cells[0] == SHIPPED else "-")
+    if shipped:
+        for cells in table:
+            if cells[0] == SHIPPED:
+                cells[0] = shipped["model"]
+    return ["", "## Quality on the eval split", "",
+            "Eval loss and perplexity over the labelled tokens (the shipped model teacher-forced as served); "
+            "the shipped model's loss increase, top-1 token agreement and KL(merged || shipped) against the "
+            "model it was built from.", "", "| model | " + " | ".join(columns) + " |",
+            "|---|" + "---|" * len(columns), *("| " + " | ".join(cells) + " |" for cells in table)]

@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from flows.compare import EVAL_WORDS, evaluation_markdown, run_metrics, shipped_name
+from flows.compare import EVAL_WORDS, MODELS, run_metrics, shipped_name
 from flows.quality import quality_markdown, quality_rows
 from flows.search_report import plot_once, prefect_table, search_markdown
 from grove.served import BASE_FILE, publish_served
@@ -162,12 +162,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         name = stage.get("task_run") or stage["stage"]
         lines.append(f"| {name} | {stage['status']} | {stage['seconds']} | "
                      f"{key_result(stage['stage'], stage['summary'])} | `{stage['uri']}` |")
-    lines += evaluation_markdown(report.get("metrics") or {})
+    lines += quality_markdown(report.get("metrics") or {}, report.get("quality") or [])
     evaluate = next((s["summary"] for s in report["stages"] if s["stage"] == "evaluate"), {})
     onnx = report.get("onnx") or next((s["summary"] for s in report["stages"] if s["stage"] == "build_onnx"), {})
-    per_model = {name: m.get("per_label") for name, m in evaluate.items() if isinstance(m, dict)}
+    per_model = {dict(MODELS).get(name, name): m.get("per_label") for name, m in evaluate.items() if isinstance(m, dict)}
     if onnx.get("per_label"):
-        per_model["onnx"] = onnx["per_label"]
+        per_model[dict(MODELS)["onnx"]] = onnx["per_label"]
     labels = sorted({label for table in per_model.values() if table for label in table})
     if labels:
         lines += ["", "## Accuracy per label", "", "| label | " + " | ".join(per_model) + " |",
@@ -175,7 +175,6 @@ def render_markdown(report: dict[str, Any]) -> str:
         for label in labels:
             cells = [f"{(table or {}).get(label, {}).get('accuracy', '-')}" for table in per_model.values()]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += quality_markdown(report.get("quality") or [])
     if report.get("quantization_search"):
         lines += search_markdown(report["quantization_search"])
     bench = next((s["summary"] for s in report["stages"] if s["stage"] == "benchmark"), {})

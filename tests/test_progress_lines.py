@@ -57,7 +57,7 @@ def _entry(root, stage: str):
 
 def _the_summary_says_what_ships_how_it_scored_and_where_the_run_is(lines: list[str], tmp_path) -> None:
     """The end of the run: the shipped build, each model's eval loss and perplexity (as report.md's
-    Evaluation table), and the flow run's page, which serves, named and tagged for the model."""
+    quality table), and the flow run's page, which serves, named and tagged for the model."""
     import urllib.request
 
     from prefect.client.orchestration import get_client
@@ -73,8 +73,11 @@ def _the_summary_says_what_ships_how_it_scored_and_where_the_run_is(lines: list[
                          re.M), said
         assert re.search(rf"^\| {label} \| [\d.]+ \| {loss} \| {perplexity} \|",
                          (tmp_path / "out" / "tiny" / "report.md").read_text(), re.M)
-    evaluation = (tmp_path / "out" / "tiny" / "report.md").read_text().split("## Evaluation")[1].split("\n## ")[0]
-    assert "token_agreement" in evaluation and "teacher_forced_seconds" not in evaluation, evaluation
+    markdown = (tmp_path / "out" / "tiny" / "report.md").read_text()
+    assert markdown.count("eval_loss |") == 1, "one quality table, not two overlapping ones"
+    quality = markdown.split("## Quality on the eval split")[1].split("\n## ")[0]
+    assert "token_agreement" in quality and "teacher_forced_seconds" not in quality, quality
+    assert re.search(r"^\| shipped \(int4[^)]*\) \| .*\| -?[\d.]+(e-?\d+)? \|", quality, re.M), quality
     report = next(line.split()[1] for line in lines if line.startswith("report:"))
     assert report == str(tmp_path / "out" / "tiny" / "report.md"), report  # the one to read; .json beside it
     url = next(line.split()[1] for line in lines if line.startswith("prefect:"))
