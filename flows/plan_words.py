@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from grove.settings import BuildSettings, PromotionSettings, RunConfig
+from tasks.build_onnx.search import METRICS, tolerance_words
 
 
 def build_words(build: BuildSettings) -> str:
@@ -28,9 +29,13 @@ def build_plan(cfg: RunConfig) -> dict[str, Any]:
     if cfg.search is not None:
         search = cfg.search
         candidates = [c.name for c in search.candidates]
-        within = f"within {search.tolerance_points:g} accuracy points of the PyTorch model it is built from"
-        rule = (f"built in this order; the first {within} ships (else the most accurate)" if search.early_stop else
-                f"all built; the smallest {within} ships (else the most accurate)")
+        metric = search.tolerance_metric
+        # eval_loss and kl (data without a label): the words of the search's verdict (tasks/build_onnx/search.py)
+        within = f"within {search.tolerance_points:g} accuracy points of the PyTorch model it is built from" \
+            if metric == "accuracy" else tolerance_words(search.tolerance, metric)
+        best = "most accurate" if metric == "accuracy" else f"lowest {METRICS[metric][0]}"
+        rule = (f"built in this order; the first {within} ships (else the {best})" if search.early_stop else
+                f"all built; the smallest {within} ships (else the {best})")
         return {"candidates": candidates, "rule": rule, "key": "grove.quantization_search"}
     if cfg.build is not None:
         return {"candidates": [build_words(cfg.build)], "rule": "the one build ships", "key": "passes (ModelBuilder)"}
@@ -42,14 +47,22 @@ def _pts(fraction: float) -> str:
 
 
 def promotion_rules(gate: PromotionSettings | None, fine_tuned: bool, accuracy: bool = True) -> list[str]:
-    """The gate's rules with their values, in the order tasks/promote.py checks them; the accuracy
-    rules only where accuracy is measured (a label column, not free-text answers)."""
+    """The gate's rules with their values, in the order tasks/promote.py checks them: the accuracy
+    rules where accuracy is measured (a label column, not free-text answers) and judged on, else the
+    teacher-forced eval loss or KL rule of its tolerance_metric."""
     if gate is None:
         return []
     rules = [f"{gate.metric} >= {gate.min:g} (min)"]
+    accuracy = accuracy and gate.tolerance_metric == "accuracy"
     if accuracy:
         rules.append(f"shipped accuracy at most {_pts(gate.max_drop_from_fine_tuned)} below the model it was built "
                      f"from (max_drop_from_fine_tuned)")
+    elif gate.tolerance_metric == "eval_loss":
+        rules.append(f"shipped eval loss at most {gate.max_loss_increase_from_fine_tuned:g} nats per token above "
+                     f"the model it was built from (max_loss_increase_from_fine_tuned)")
+    elif gate.tolerance_metric == "kl":
+        rules.append(f"shipped mean KL from the model it was built from at most {gate.max_kl_from_fine_tuned:g} "
+                     f"(max_kl_from_fine_tuned)")
     if accuracy and fine_tuned:
         rules.append(f"shipped accuracy at least {_pts(gate.min_gain_over_base)} above the base model "
                      f"(min_gain_over_base)")

@@ -104,7 +104,9 @@ def test_validate_resolved_is_pure_json_warns_once_and_the_plan_names_candidates
     assert f"build: {' -> '.join(LADDER)}:" in planned and "promote: tiny becomes current if" in planned
     single = grove("stages", "-c", config)
     assert "build: int4 block 32 symmetric cpu: the one build ships" in single, single
-    # no accuracy: its rules are not applied, and the default gate metric is the label-free one
+    # no accuracy: its rules are not applied, the teacher-forced loss rule is, and the default gate
+    # metric is the label-free one
     free_text = grove("validate", "-c", config, "grove.evaluate.answer=text")
-    assert "promote: tiny becomes current if onnx_token_agreement >= 0 (min); onnx_token_agreement at most 0.02 " \
-           "below" in free_text, free_text
+    assert "promote: tiny becomes current if onnx_token_agreement >= 0 (min); shipped eval loss at most 0.02 nats " \
+           "per token above the model it was built from (max_loss_increase_from_fine_tuned); onnx_token_agreement " \
+           "at most 0.02 below" in free_text, free_text

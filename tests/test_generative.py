@@ -168,3 +168,22 @@ def test_free_text_left_as_a_label_is_warned_about_once_at_its_key(tmp_path, wri
     load_config(write_config(tiny_config(tiny_model, tone_copy, tmp_path / "s", tmp_path / "o"), "tone.json"),
                 warnings=quiet)
     assert not [w for w in quiet if w.startswith("grove.evaluate.answer")], quiet
+
+
+def test_the_plan_says_the_rules_that_judge_free_text(tmp_path, write_config, tiny_model):
+    """validate's plan names what the ladder and the gate judge free text by (teacher-forced eval
+    loss, or KL when asked), not the accuracy rule they skip."""
+    from flows.config import load_config
+    from flows.plan_words import plan_lines
+
+    raw = commands_config(tmp_path, tiny_model)
+    build, promote = plan_lines(load_config(write_config(raw)))
+    assert "with an eval loss at most 0.02 above the merged PyTorch model's ships (else the lowest eval_loss)" \
+        in build and "accuracy" not in build, build
+    assert "shipped eval loss at most 0.02 nats per token above the model it was built from " \
+           "(max_loss_increase_from_fine_tuned)" in promote and "accuracy" not in promote, promote
+    raw["grove"]["quantization_search"] = {"candidates": "ladder", "tolerance_metric": "kl", "max_kl": 0.05}
+    raw["grove"]["promotion"].update(tolerance_metric="kl", max_kl_from_fine_tuned=0.03)
+    build, promote = plan_lines(load_config(write_config(raw, "kl.json")))
+    assert "with a KL from the merged PyTorch model of at most 0.05 ships" in build, build
+    assert "shipped mean KL from the model it was built from at most 0.03 (max_kl_from_fine_tuned)" in promote
