@@ -47,6 +47,9 @@ def test_a_bad_override_gets_the_config_error_saying_it_came_from_the_command_li
     assert "Traceback" not in typo
     section = grove("stages", "-c", config, "passes.lroa.config.lora_r=8", code=2)
     assert "passes.lroa:" in section and "(did you mean 'lora'?)" in section and "from the command line" in section
+    nested = grove("validate", "-c", config, "grove.evaluat.max_rows=3", code=2)
+    assert "grove.evaluat: unknown key (did you mean 'evaluate'?) (from the command line" in nested, \
+        "the hint is said once, not again by the override's own guess"
     value = grove("run", "-c", config, f"{STEPS}=-5", code=2)
     assert f"{STEPS}: must be a whole number of at least 1" in value and f"command line: {STEPS}=-5" in value
     assert "unknown key (did you mean 'device'?) (from the command line: grove.devic=cpu)" in \

@@ -127,7 +127,7 @@ def blame(error: ConfigError, applied: Applied | None) -> ConfigError:
         if any(_related(path, _normal(mine)) for mine in (override.path, override.named) if mine):
             hint = ""
             for created, siblings in applied.created.items():
-                if _normal(created) == path:
+                if _normal(created) == path and "(did you mean" not in error.message:  # said once
                     hint = did_you_mean(path.rsplit(".", 1)[-1], siblings)
             return ConfigError(error.path, f"{error.message}{hint} (from the command line: {override.text})",
                                error.source)
