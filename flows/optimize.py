@@ -96,8 +96,8 @@ def optimize(config: str, from_stage: str | None = None, overrides: list[str] | 
     if cfg.placement:  # each stage group on its work pool, as child flow runs
         from flows.placement import Dispatcher, PoolMachines
 
-        context.route = Dispatcher(config, cfg, context, overrides).route
         context.machine_of = PoolMachines(store, cfg.placement)  # keys from the pools' machine facts
+        context.route = Dispatcher(config, cfg, context, context.machine_of, overrides).route
     try:
         with stage_run(context):
             refs = pipeline(cfg)

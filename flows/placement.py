@@ -184,6 +184,7 @@ class PoolMachines:
     def __init__(self, store, placement: dict[str, str]):
         self.store, self.placement = store, placement
         self.profiles: dict[str, dict[str, Any] | None] = {}
+        self.setups: dict[str, str | None] = {}
 
     def __call__(self, stage: str) -> dict[str, Any] | None:
         import time
@@ -191,18 +192,26 @@ class PoolMachines:
         pool = self.placement[stage]
         if pool not in self.profiles:
             profile = self.store.get_json(f"{MACHINES}/{pool}.json")
-            current = profile is not None and profile_is_current(profile, pool_setup(pool), time.time())
+            current = profile is not None and profile_is_current(profile, self.setup(pool), time.time())
             self.profiles[pool] = {**profile, "pool": pool} if current else None
         return self.profiles[pool]
+
+    def setup(self, pool: str) -> str | None:
+        """pool_setup, asked of the API once per run: the profile check and the dispatch of the
+        pool's groups compare with the same value."""
+        if pool not in self.setups:
+            self.setups[pool] = pool_setup(pool)
+        return self.setups[pool]
 
 
 class Dispatcher:
     """The parent side: RunContext.route for a placed run."""
 
-    def __init__(self, config: str, cfg: RunConfig, context: RunContext, overrides: list[str] | None = None):
+    def __init__(self, config: str, cfg: RunConfig, context: RunContext, machines: PoolMachines,
+                 overrides: list[str] | None = None):
         # the child's worker reads the same file: absolute, as its working folder may differ
         self.config = config if "://" in config else str(Path(config).resolve())
-        self.cfg, self.context = cfg, context
+        self.cfg, self.context, self.machines = cfg, context, machines
         self.overrides = list(overrides or [])  # the child applies them to the file as the parent did
         self.groups = groups(cfg.placement)
         self.results: dict[str, StageRecord] = {}  # stage -> what a child run did
@@ -232,7 +241,7 @@ class Dispatcher:
         # upstream artifacts by stage: the child's keys for them are its machine's, not ours
         given = {r.stage: r.ref.model_dump(mode="json") for r in self.context.records if r.ref is not None}
         parameters = {"config": self.config, "stages": list(stages), "given": given, "pool": pool,
-                      "setup_digest": pool_setup(pool),
+                      "setup_digest": self.machines.setup(pool),
                       "from_stage": self.context.from_stage, "code": {s: self.versions[s] for s in stages},
                       "overrides": self.overrides}
         attempts = 1 + max(self._retries(stage) for stage in stages)

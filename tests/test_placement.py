@@ -52,6 +52,22 @@ def test_a_pool_profile_is_trusted_only_under_the_same_setup_and_for_a_day():
     assert not profile_is_current({"gpus": []}, None, 1e9), "a profile from before (no time): never current"
 
 
+def test_a_pool_setup_is_asked_of_the_api_once_per_run(monkeypatch, tmp_path):
+    """The profile check and the dispatch of a pool's groups compare with one value; each asks
+    the Prefect API twice otherwise. (pool_setup is replaced by a counter: the API's answer is not
+    what this checks, the placed-run test below uses a real one.)"""
+    import flows.placement as placement
+    from grove.store import ArtifactStore
+
+    asked = []
+    monkeypatch.setattr(placement, "pool_setup", lambda pool: asked.append(pool) or f"setup-{pool}")
+    machines = placement.PoolMachines(ArtifactStore(str(tmp_path / "store")),
+                                      {"train": "gpu", "evaluate": "gpu", "benchmark": "cpu"})
+    assert machines("train") is None and machines("evaluate") is None  # no profile stored yet
+    assert machines.setup("gpu") == "setup-gpu" and machines.setup("cpu") == "setup-cpu"
+    assert sorted(asked) == ["cpu", "gpu"], asked
+
+
 def test_groups_are_adjacent_stages_on_one_pool():
     from flows.placement import groups
 
