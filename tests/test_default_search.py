@@ -101,6 +101,21 @@ def test_a_plain_cuda_int4_build_walks_the_cuda_ladder_down_to_fp16():
     sizes = [(b.precision != "int4", b.block_size < 32) for b in builds]
     assert sizes == sorted(sizes), "rungs go from small to large"
 
+    # serving a LoRA adapter on CUDA: the same ladder, each rung a base; with the search off, the first
+    # rung (the builder's default int4 is what lost the 10 points)
+    raw = json.loads((ROOT / "configs" / "smollm2-tone-cuda.json").read_text())
+    lora = raw["passes"].pop("qlora")
+    lora["type"] = "LoRA"
+    for key in ("quant_type", "double_quant", "compute_dtype"):
+        lora["config"].pop(key)
+    raw["passes"] = {"lora": lora, **raw["passes"]}
+    raw["grove"]["ship"] = "adapter"
+    adapters = parse_config(raw, base_dir=ROOT)
+    assert [c.name for c in adapters.search.candidates] == list(CUDA_LADDER)
+    raw["grove"]["quantization_search"] = {"enabled": False}
+    unsearched = parse_config(raw, base_dir=ROOT)
+    assert unsearched.search is None and unsearched.build == first, unsearched.build
+
 
 def test_a_cuda_build_the_user_chose_is_built_as_written(tiny_model, tone_copy, tmp_path):
     from flows.config import parse_config
