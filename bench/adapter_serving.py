@@ -143,6 +143,18 @@ def folder_mb(folder: Path) -> float:
     return round(sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20, 1)
 
 
+def layer_ops(folder: Path) -> dict[str, int]:
+    """The operators of the first decoder layer of an ONNX model folder: at batch 1 on a GPU each
+    is about one kernel launch, and a small model's decode time follows their count."""
+    from collections import Counter
+
+    import onnx
+
+    graph = onnx.load(next(folder.glob("*.onnx")), load_external_data=False).graph
+    ops = Counter(node.op_type for node in graph.node if "/layers.0/" in node.name)
+    return {"total": sum(ops.values()), **dict(ops.most_common())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default=str(ROOT / "configs" / "smollm2-tone.json"))
@@ -269,6 +281,8 @@ def main() -> None:
             "sizes_mb": {"merged_int4_model": folder_mb(merged_dir),
                          "base_with_slots": folder_mb(base_dir) if base_dir else None,
                          "adapter_file": round(adapter_file.stat().st_size / 2**20, 3) if adapter_file else None},
+            "ops_per_layer": {"merged_int4_model": layer_ops(merged_dir),
+                              "base_with_slots": layer_ops(base_dir) if base_dir else None},
             "run_seconds": {"merged": merged["seconds"], "adapter": adapter["seconds"] if adapter else None},
             "train": {k: merged["stages"]["train"]["summary"].get(k) for k in ("device", "base_dtype", "steps")},
             "load_average": {"before": load_before, "after": load_after},
