@@ -78,6 +78,21 @@ def test_grove_predict_answers_every_eval_row_as_the_evaluation_did(shipped):
 def test_predict_refuses_a_folder_grove_did_not_ship(tmp_path):
     result = runner.invoke(app, ["predict", "--model", str(tmp_path), "hello"])
     assert result.exit_code == 2 and "has no grove_prompt.json" in " ".join(result.output.split())
+    missing = runner.invoke(app, ["predict", "--model", str(tmp_path / "nowhere"), "hello"])
+    assert missing.exit_code == 2 and f"error: --model {tmp_path / 'nowhere'}: no such folder" in missing.output
+
+
+def test_predict_says_which_input_is_not_text_before_loading_a_model(tmp_path):
+    binary = tmp_path / "texts.txt"
+    binary.write_bytes(b"fine\n\xff\xfe\x00 not text\n")
+    array = tmp_path / "rows.json"
+    array.write_text('[{"phrase": "Could you kindly advise?"}]\n')  # a JSON array, not JSON Lines
+    for args, stdin, said in ([["--input", str(binary)], None, f"error: {binary}:2: not UTF-8 text"],
+                              [["-"], b"\xff\xfe bad\n", "error: standard input:1: not UTF-8 text"],
+                              [["-i", str(array)], None, f"error: {array}:1: not a JSON object"]):
+        result = runner.invoke(app, ["predict", "--model", str(tmp_path), *args], input=stdin)
+        assert result.exit_code == 2 and result.output.startswith(said), result.output
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, result.output
 
 
 def test_predict_reads_standard_input_and_jsonl_or_text_files(shipped, tmp_path):
@@ -102,10 +117,13 @@ def test_predict_reads_standard_input_and_jsonl_or_text_files(shipped, tmp_path)
     (["  "], None, "error: text 1 is empty"),
     (["-"], "\n\n", "error: standard input: no text to answer"),
     (["--input", "{rows}"], None, "rows.jsonl:2: no 'phrase' (the prompt template's fields: phrase)"),
+    (["--input", "{nulls}"], None, "nulls.jsonl:1: 'phrase' is empty: nothing to answer"),
 ])
 def test_predict_refuses_an_empty_text_and_a_row_without_the_fields(shipped, tmp_path, args, stdin, said):
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"phrase": "Could you kindly advise?"}\n{"text": "hi"}\n')
-    result = runner.invoke(app, ["predict", "--model", str(shipped["model"]), *[a.format(rows=rows) for a in args]],
-                           input=stdin)
+    nulls = tmp_path / "nulls.jsonl"
+    nulls.write_text('{"phrase": null}\n')  # not the text "None"
+    result = runner.invoke(app, ["predict", "--model", str(shipped["model"]),
+                                 *[a.format(rows=rows, nulls=nulls) for a in args]], input=stdin)
     assert result.exit_code == 2 and said in " ".join(result.output.split()), result.output

@@ -22,8 +22,8 @@ def predict(model: Path = typer.Option(..., "--model", help="A shipped folder: <
                                                         help="Texts to answer, one answer line each; - reads "
                                                              "standard input, one text a line."),
             input_file: Optional[str] = typer.Option(None, "--input", "-i", show_default=False,
-                                                     help="A file of texts, one a line, or .jsonl rows with the "
-                                                          "template's fields (other keys ignored); - for stdin."),
+                                                     help="A file of texts, one a line, or .jsonl (.json) rows with "
+                                                          "the template's fields (other keys ignored); - for stdin."),
             field: Optional[list[str]] = typer.Option(None, "--field", help="NAME=VALUE for a template with "
                                                                            "several fields."),
             adapter: Optional[str] = typer.Option(None, "--adapter", help="A named adapter in adapters/ "
@@ -53,25 +53,42 @@ def gather_inputs(texts: list[str], input_file: str | None, fields: list[str]) -
     found: list[tuple[Any, str]] = []
     for number, text in enumerate(texts, 1):
         if text == STDIN:
-            found += _lines(sys.stdin.read(), "standard input", jsonl=False)
+            found += _lines(_standard_input(), "standard input", jsonl=False)
         elif not text.strip():
             raise UserError(f"text {number} is empty: nothing to answer")
         else:
             found.append((text, f"text {number}"))
     if input_file is not None:
         if input_file == STDIN:
-            found += _lines(sys.stdin.read(), "standard input", jsonl=False)
+            found += _lines(_standard_input(), "standard input", jsonl=False)
         else:
             path = Path(input_file)
             if not path.is_file():
                 raise UserError(f"--input {input_file}: no such file")
-            found += _lines(path.read_text(encoding="utf-8-sig"), str(path), jsonl=path.suffix == ".jsonl")
+            # .json too: Grove's data_name json reads JSON Lines; each line taken as a text would be answered
+            found += _lines(_text(path.read_bytes(), str(path)), str(path), jsonl=path.suffix in (".jsonl", ".json"))
     if fields:
         pairs = [f.split("=", 1) for f in fields]
         if any(len(p) != 2 for p in pairs):
             raise UserError("--field takes NAME=VALUE")
         found.append((dict(pairs), "--field"))
     return found
+
+
+def _standard_input() -> str:
+    stream = getattr(sys.stdin, "buffer", None)  # bytes: undecodable input is said, not passed on as surrogates
+    return _text(stream.read(), "standard input") if stream is not None else sys.stdin.read()
+
+
+def _text(data: bytes, source: str) -> str:
+    from grove.errors import UserError
+
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise UserError(f"{source}:{line}: not UTF-8 text (byte {exc.start}); give texts one a line, "
+                        f"or .jsonl rows") from None
 
 
 def _lines(text: str, source: str, jsonl: bool) -> list[tuple[Any, str]]:
@@ -113,7 +130,7 @@ def row_of(shipped, value: Any, where: str) -> dict[str, Any]:
     if missing:
         raise UserError(f"{where}: no {', '.join(map(repr, missing))} (the prompt template's fields: "
                         f"{', '.join(fields)})")
-    empty = [name for name in fields if not str(value[name]).strip()]
+    empty = [name for name in fields if value[name] is None or not str(value[name]).strip()]
     if empty:
         raise UserError(f"{where}: {', '.join(map(repr, empty))} is empty: nothing to answer")
     return {name: value[name] for name in fields}
@@ -124,6 +141,9 @@ def _shipped(model: Path, adapter: str | None):
     from grove.served import adapter_file, adapter_prompt
     from grove.shipped import ShippedModel
 
+    if not model.is_dir():
+        raise UserError(f"--model {model}: no such folder (a shipped <output_dir>/<name>, its model/, or a "
+                        f"grove export folder)")
     folder = model / "model" if (model / "model").is_dir() else model
     if not adapter:
         return ShippedModel(folder)
