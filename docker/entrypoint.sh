@@ -2,7 +2,8 @@
 # Entry point of Grove's worker images.
 #   worker [prefect worker options]  a Prefect process worker on $GROVE_WORK_POOL (default grove-process):
 #                                    it runs the deployments of prefect.yaml from this image's checkout
-#   run|validate|stages|models|...   a grove command, e.g. `run --config configs/smollm2-tone.json`
+#   run|validate|stages|export|...   a grove command (every one `grove -h` lists), e.g.
+#                                    `run --config configs/smollm2-tone.json`
 #   anything else                    run as given (a Docker work pool's worker starts flow runs this way)
 set -euo pipefail
 cd "${GROVE_PROJECT_DIR:-/opt/grove}"
@@ -10,7 +11,7 @@ case "${1:-worker}" in
     worker)
         shift || true
         exec prefect worker start --pool "${GROVE_WORK_POOL:-grove-process}" --type process "$@" ;;
-    run|validate|stages|runs|show|gc|models|serve|deploy)
+    validate|stages|run|predict|models|runs|show|export|gc|diff|serve|deploy|server)
         exec grove "$@" ;;
     *)
         exec "$@" ;;

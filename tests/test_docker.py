@@ -292,6 +292,24 @@ def test_the_entry_point_dispatches_to_a_worker_grove_or_the_given_command(tmp_p
     assert done.stdout.strip() == expected
 
 
+def test_every_grove_command_is_run_by_grove_in_the_image(tmp_path):
+    """`docker run grove-cpu export NAME --to /out` (or predict, diff, server...) must reach grove,
+    not be exec'd as a program of that name: the entry point knows every command the CLI has."""
+    from flows.cli import app
+
+    commands = [c.name or c.callback.__name__ for c in app.registered_commands]
+    commands += [group.name for group in app.registered_groups]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "grove").write_text('#!/bin/sh\necho grove "$@"\n')
+    (bin_dir / "grove").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "GROVE_PROJECT_DIR": str(tmp_path)}
+    said = {command: subprocess.run(["bash", str(ROOT / "docker" / "entrypoint.sh"), command, "-h"], env=env,
+                                    capture_output=True, text=True, timeout=30).stdout.strip()
+            for command in commands}
+    assert said == {command: f"grove {command} -h" for command in commands}
+
+
 def test_a_run_output_folder_beside_the_packages_is_not_installed(tmp_path):
     """`make demo` leaves grove-output/ in the project folder; a pattern like "grove*" made
     setuptools install it as a namespace package (and the image's file set then differed)."""
