@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from grove.errors import UserError
+
 SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 
 
@@ -50,9 +52,9 @@ def _from_block(name: str) -> S3Access:
         from prefect_aws import AwsCredentials
 
         block = AwsCredentials.load(name, _sync=True)
-    except ValueError as exc:
-        raise LookupError(f"no prefect-aws AwsCredentials block named {name!r} in the Prefect API "
-                          f"(create one in the UI or with AwsCredentials(...).save({name!r}))") from exc
+    except ValueError as exc:  # a UserError: the CLI says it in one line, a stage never retries it
+        raise UserError(f"grove.aws_credentials_block: no prefect-aws AwsCredentials block named {name!r} in "
+                        f"the Prefect API (create one in the UI or with AwsCredentials(...).save({name!r}))") from exc
     secret = block.aws_secret_access_key.get_secret_value() if block.aws_secret_access_key else None
     token = block.aws_session_token
     client_kwargs: dict[str, Any] = {}

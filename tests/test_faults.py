@@ -113,6 +113,22 @@ def test_credentials_from_a_prefect_block_and_never_in_clear(s3_server, prefect_
     assert SECRET_KEY not in str(error.value) and "does not exist" in str(error.value)
 
 
+def test_a_credentials_block_that_does_not_exist_is_one_line_naming_the_key(tiny_model, tone_copy, tmp_path,
+                                                                             write_config):
+    """A mistyped `grove.aws_credentials_block` was a LookupError: `grove stages` printed a
+    traceback, `grove run` Prefect's traceback then `stage ? failed` with exit 1."""
+    raw = tiny_config(tiny_model, tone_copy, "s3://grove-tests/no-block", tmp_path / "out")
+    raw["grove"]["aws_credentials_block"] = "no-such-block"
+    config = write_config(raw)
+    for command in ("stages", "run", "runs"):
+        result = runner.invoke(app, [command, "--config", str(config)])
+        said = flat(result.output)
+        assert result.exit_code == 2, (command, result.output)
+        assert said.startswith("error: grove.aws_credentials_block: no prefect-aws AwsCredentials block named "
+                               "'no-such-block'"), (command, said)
+        assert "Traceback" not in said and "stage ?" not in said and "load_data" not in said, (command, said)
+
+
 def test_a_transient_stage_failure_is_retried_and_a_bad_input_is_not(tiny_model, trained_store, tone_copy, tmp_path,
                                                                       write_config, monkeypatch):
     """Injected faults (a dropped connection, then a data error) in load_data's reader: the
