@@ -98,8 +98,9 @@ def _destination(entry: Entry, rel: str) -> str:
 
 def export(store: ArtifactStore, what: str, target: Path) -> Export:
     source, entries = resolve(store, what)
-    if target.exists() and any(target.iterdir()):
-        raise UserError(f"{target}: exists and is not empty; export into a new folder")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        what_is_there = "is a file" if not target.is_dir() else "exists and is not empty"
+        raise UserError(f"{target}: {what_is_there}; export into a new folder")
     result = Export(source, entries)
     for entry in entries:
         local = store.materialize(entry)

@@ -145,3 +145,6 @@ def test_export_takes_a_promoted_model_a_run_or_an_entry_out_and_predict_answers
     said = " ".join(grove("export", "nope", "-o", str(tmp_path / "x"), "--store", root, code=2).split())
     assert said.startswith("error: nope: no promoted model, run id or STAGE/KEY by that name") and "tiny" in said
     assert "exists and is not empty" in grove("export", "tiny", "-o", str(out), "--store", root, code=2)
+    config = folder / "tiny.json"
+    said = grove("export", "tiny", "-o", str(config), "--store", root, code=2)
+    assert said.startswith(f"error: {config}: is a file; export into a new folder"), said
