@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from grove.textdata import encode, first_line, prompt_and_answer
+from grove.textdata import answer_of, encode, prompt_and_answer
 
 
 def prompts_and_labels(rows: list[dict], template: str, label_col: str, tokenizer) -> tuple[list[list[int]], list[str]]:
@@ -37,8 +37,8 @@ def score_prompts(engine, tokenizer, prompts: list[list[int]], labels: list[str]
 
 
 def generate_answers(engine, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
-                     progress=None, known: dict[int, str] | None = None) -> list[str]:
-    """Each prompt's greedy answer (the first line generated), in order.
+                     progress=None, known: dict[int, str] | None = None, whole: bool = False) -> list[str]:
+    """Each prompt's greedy answer (the first line generated; with `whole`, all of it), in order.
 
     `known` maps row indexes to answers already established (see evaluate's forward-pass
     proof); every other row is generated greedily.
@@ -49,7 +49,7 @@ def generate_answers(engine, tokenizer, prompts: list[list[int]], max_new_tokens
         chunk = todo[start: start + batch_size]
         batch = engine.generate_batch([prompts[i] for i in chunk], max_new_tokens)
         for index, tokens in zip(chunk, batch):
-            predictions[index] = first_line(tokenizer.decode(tokens, skip_special_tokens=True))
+            predictions[index] = answer_of(tokenizer.decode(tokens, skip_special_tokens=True), whole)
         if progress:
             progress(len(predictions), len(prompts))
     return [predictions[i] for i in range(len(prompts))]

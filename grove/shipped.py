@@ -16,20 +16,24 @@ from pathlib import Path
 from typing import Any
 
 from grove.errors import UserError
-from grove.textdata import first_line, split_template
+from grove.textdata import answer_of, split_template
 
 PROMPT_FILE = "grove_prompt.json"
 README_FILE = "README.md"
 
 
-def prompt_spec(template: str, label_col: str, max_new_tokens: int, tokenizer) -> dict[str, Any]:
-    """What grove_prompt.json holds: everything a caller needs to ask the model as it was scored."""
+def prompt_spec(template: str, label_col: str, max_new_tokens: int, tokenizer,
+                whole_answer: bool = False) -> dict[str, Any]:
+    """What grove_prompt.json holds: everything a caller needs to ask the model as it was scored.
+    `whole_answer` (free-text answers): the answer is all the generated text, not its first line."""
     prompt_part, answer_part = split_template(template, label_col)
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     return {"prompt_template": (tokenizer.bos_token or "") + prompt_part,
             "fields": placeholders(prompt_part), "label_col": label_col, "training_template": template,
             "max_new_tokens": max_new_tokens, "eos_token_ids": sorted(eos),
-            "answer": "the generated text up to its first line break, stripped"}
+            "whole_answer": whole_answer,
+            "answer": "the generated text, stripped" if whole_answer else
+                      "the generated text up to its first line break, stripped"}
 
 
 def placeholders(template: str) -> list[str]:
@@ -51,6 +55,7 @@ def write_shipped_files(folder: Path, spec: dict[str, Any]) -> None:
 
 def readme(spec: dict[str, Any]) -> str:
     example = ", ".join(f'{name}="..."' for name in spec["fields"])
+    answer = "text" if spec.get("whole_answer") else 'text.split("\\n", 1)[0].strip()'
     return f"""# Grove model
 
 Built by Grove; scored on its eval split with exactly the code below (grove/shipped.py).
@@ -82,7 +87,7 @@ while not generator.is_done() and len(tokens) < spec["max_new_tokens"]:
         break
     tokens.append(token)
 text = tokenizer.decode(tokens).strip()
-answer = text.split("\\n", 1)[0].strip()
+answer = {answer}
 ```
 """
 
@@ -114,7 +119,8 @@ class ShippedModel:
         return self.tokenizer.decode(tokens) if tokens else ""
 
     def answer(self, row: dict[str, Any]) -> str:
-        return first_line(self.decode(self.answer_ids(self.encode(row))))
+        # a folder shipped without the key was scored on its first line
+        return answer_of(self.decode(self.answer_ids(self.encode(row))), self.spec.get("whole_answer", False))
 
     def row_from_text(self, text: str) -> dict[str, Any]:
         """A single text fills the template's one field; a template with several needs --field."""

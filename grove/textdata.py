@@ -48,3 +48,10 @@ def encode(tokenizer, prompt: str, answer: str = "", eos: bool = True, bos: bool
 def first_line(generated: str) -> str:
     """The model's answer: what it generated up to the first line break."""
     return generated.strip().split("\n", 1)[0].strip() if generated.strip() else ""
+
+
+def answer_of(generated: str, whole: bool = False) -> str:
+    """A label is the first line generated; a free-text answer (grove.evaluate.answer: text, `whole`)
+    is all of it up to eos or max_new_tokens, stripped: multi-line answers (a list, pretty-printed
+    JSON, code) are scored and shipped whole, not cut to their first line."""
+    return generated.strip() if whole else first_line(generated)

@@ -22,7 +22,7 @@ from grove.settings import EvalSettings, ModelSettings
 from grove.standard_tasks import pytorch_scores
 from grove.teacher_forcing import REFERENCE_FILE, save_reference, top_log_probs
 from grove.stage import ArtifactRef, current_run, grove_stage, open_artifact, output_dir
-from grove.textdata import first_line, read_jsonl
+from grove.textdata import answer_of, read_jsonl
 
 
 def forward_pass(model, examples: list[dict], batch_size: int,
@@ -61,7 +61,7 @@ def forward_pass(model, examples: list[dict], batch_size: int,
 
 
 def proven_by_forward_pass(examples, argmax, prompts, labels, tokenizer, eos_ids,
-                           max_new_tokens: int) -> dict[int, str]:
+                           max_new_tokens: int, whole: bool = False) -> dict[int, str]:
     """Rows whose greedy answer the forward pass already proves correct.
 
     If the argmax after the prompt reproduces every answer token and then eos, greedy
@@ -75,7 +75,7 @@ def proven_by_forward_pass(examples, argmax, prompts, labels, tokenizer, eos_ids
         if ids[:n] != prompt or not ids or ids[-1] not in eos_ids or len(ids) - 1 - n > max_new_tokens:
             continue
         if argmax[index][n - 1: len(ids) - 1] == ids[n:] and \
-                first_line(tokenizer.decode(ids[n:-1], skip_special_tokens=True)) == label:
+                answer_of(tokenizer.decode(ids[n:-1], skip_special_tokens=True), whole) == label:
             proven[index] = label
     return proven
 
@@ -92,12 +92,12 @@ def measure(model, tokenizer, rows, examples, settings: EvalSettings, label: str
         scored = rows[: settings.generation_rows] if text else rows
         prompts, labels = prompts_and_labels(scored, settings.text_template, settings.label_col, tokenizer)
         proven = proven_by_forward_pass(examples, argmax, prompts, labels, tokenizer, eos_ids,
-                                        settings.max_new_tokens)
+                                        settings.max_new_tokens, whole=text)
         run = current_run()
         progress = (lambda done, total: run.on_progress("evaluate", done, total, {"model": label})) \
             if run.on_progress else None
         answers = generate_answers(engine, tokenizer, prompts, settings.max_new_tokens, settings.batch_size,
-                                   progress, known=proven)
+                                   progress, known=proven, whole=text)
         result.update({"generation": text_scores(answers, labels)} if text else summarize(answers, labels))
         result["rows_proven_by_forward_pass"] = len(proven)
     return result

@@ -187,3 +187,31 @@ def test_the_plan_says_the_rules_that_judge_free_text(tmp_path, write_config, ti
     build, promote = plan_lines(load_config(write_config(raw, "kl.json")))
     assert "with a KL from the merged PyTorch model of at most 0.05 ships" in build, build
     assert "shipped mean KL from the model it was built from at most 0.03 (max_kl_from_fine_tuned)" in promote
+
+
+def test_a_multi_line_answer_is_scored_and_shipped_whole(tiny_model, tmp_path, write_config):
+    """A free-text answer over several lines (a list, pretty-printed JSON, code): once learned, the
+    fine-tuned and shipped models answer it whole and score exact match 1; cut at its first line
+    break (as a label is), a perfect model scored 0. The shipped folder answers it whole too."""
+    from conftest import TONE_DATA, learnable_config
+    from flows.optimize import optimize
+    from grove.shipped import ShippedModel
+
+    answer = "joy\nfear"  # two lines of words the tiny tokenizer knows: learned in 30 steps
+    phrases = [json.loads(line)["phrase"] for line in TONE_DATA.read_text().splitlines()][:80]
+    data = tmp_path / "steps.jsonl"
+    data.write_text("".join(json.dumps({"phrase": p, "steps": answer}) + "\n" for p in phrases))
+    raw = learnable_config(tiny_model, str(data), str(tmp_path / "store"), tmp_path / "out")
+    raw["data_configs"][0]["pre_process_data_config"]["params"].update(
+        text_cols=["phrase", "steps"], text_template="### Text: {phrase}\n### Steps:\n{steps}")
+    raw["grove"]["evaluate"].update(answer="text", max_new_tokens=16, max_rows=4, generation_rows=4)
+    raw["grove"].update(completion_only_loss=True, promotion={"enabled": False})
+    result = optimize(str(write_config(raw)))
+    summary = {s["stage"]: s["summary"] for s in result["stages"]}
+    assert summary["evaluate"]["fine_tuned"]["generation"]["exact_match"] == 1.0, summary["evaluate"]
+    assert summary["build_onnx"]["generation"]["exact_match"] == 1.0, summary["build_onnx"]
+    assert summary["build_onnx"]["generation"]["examples"][0]["predicted"] == answer
+
+    shipped = ShippedModel(tmp_path / "out" / "tiny" / "model")
+    assert shipped.spec["whole_answer"] is True and shipped.answer({"phrase": phrases[0]}) == answer
+    assert "answer = text\n" in (shipped.folder / "README.md").read_text()

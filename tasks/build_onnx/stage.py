@@ -147,7 +147,8 @@ def build_onnx(build: BuildSettings, evaluation: EvalSettings, model: ModelSetti
         # scored as a user runs the shipped folder (grove/shipped.py), not through Grove's own tokenizing
         text = evaluation.answer == "text"
         scored = rows[: evaluation.max_rows][: evaluation.generation_rows if text else None]
-        spec = prompt_spec(evaluation.text_template, evaluation.label_col, evaluation.max_new_tokens, tokenizer)
+        spec = prompt_spec(evaluation.text_template, evaluation.label_col, evaluation.max_new_tokens, tokenizer,
+                           whole_answer=text)
         # the prompt template travels with what is shipped: the model, or the adapter (the stored
         # base is shared by every adapter and never written to)
         write_shipped_files(output_dir() if adapter is not None else target, spec)
@@ -156,7 +157,7 @@ def build_onnx(build: BuildSettings, evaluation: EvalSettings, model: ModelSetti
         trained_on = [encode(tokenizer, prompt_and_answer(evaluation.text_template, evaluation.label_col, r)[0],
                              eos=False)[0] for r in scored]
         answers = generate_answers(engine, shipped, prompts, evaluation.max_new_tokens, evaluation.batch_size,
-                                   progress)
+                                   progress, whole=text)
         references = [str(r[evaluation.label_col]).strip() for r in scored]
         scores = {"generation": text_scores(answers, references)} if text else summarize(answers, references)
         # rows whose shipped prompt ids differ from the training tokenization (expected: 0)
