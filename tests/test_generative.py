@@ -215,3 +215,29 @@ def test_a_multi_line_answer_is_scored_and_shipped_whole(tiny_model, tmp_path, w
     shipped = ShippedModel(tmp_path / "out" / "tiny" / "model")
     assert shipped.spec["whole_answer"] is True and shipped.answer({"phrase": phrases[0]}) == answer
     assert "answer = text\n" in (shipped.folder / "README.md").read_text()
+
+
+def test_a_local_lm_eval_task_that_cannot_load_is_said_at_validate(tmp_path, write_config):
+    """A task file of lm_eval_include that is not YAML (lm-eval skips it without a word) is named
+    with its line; a task whose data file is missing is refused before training, not in evaluate.
+    The folder's good task validates quietly."""
+    from flows.config import ConfigError, load_config
+
+    folder = choice_task(tmp_path / "tasks")
+    (tmp_path / "tasks" / "broken.yaml").write_text("task: broken\ndataset_path: json\n  bad: [indent\n")
+    good = (tmp_path / "tasks" / "home_choice.yaml").read_text()
+    (tmp_path / "tasks" / "no_rows.yaml").write_text(
+        good.replace("home_choice", "no_rows").replace("rows.jsonl", "missing.jsonl"))
+    raw = commands_config(tmp_path)
+    said = {}
+    for task in ("broken", "no_rows"):
+        raw["grove"]["evaluate"].update(lm_eval_tasks=["home_choice", task], lm_eval_include=folder)
+        with pytest.raises(ConfigError) as caught:
+            load_config(write_config(raw, f"{task}.json"))
+        assert caught.value.path == "grove.evaluate.lm_eval_tasks[1]", caught.value
+        said[task] = caught.value.message
+    assert f"{tmp_path / 'tasks' / 'broken.yaml'}:3: not YAML" in said["broken"], said
+    assert "'no_rows' (in lm_eval_include) does not load" in said["no_rows"] and "missing.jsonl" in said["no_rows"]
+    raw["grove"]["evaluate"].update(lm_eval_tasks=["home_choice"])
+    warnings: list[str] = []
+    assert load_config(write_config(raw, "good.json"), warnings=warnings).evaluate.lm_eval.tasks == ["home_choice"]
