@@ -75,6 +75,29 @@ def test_a_tampered_blob_is_never_served_and_the_next_store_replaces_it(s3_env, 
     assert (view / "a.txt").read_text() == "alpha"
 
 
+def test_a_rerun_of_a_damaged_entry_replaces_it_even_where_it_puts_the_damaged_file_back(s3_env, tmp_path, caplog):
+    """The damaged file is deterministic (a model), another is not (a benchmark's numbers). The
+    rerun uploads the model's bytes under its sha, which made the old manifest whole again: it
+    stood as "another run stored it first" and the run reported the old numbers."""
+    store = ArtifactStore(fresh_root(), local_cache=tmp_path / "views")
+    runs = []
+    for speed in (1.0, 2.0):
+        out = tmp_path / f"run-{speed}"
+        out.mkdir()
+        (out / "model.bin").write_bytes(b"same model bytes")
+        (out / "benchmark.json").write_text(json.dumps({"tokens_per_s": speed}))
+        runs.append((out, {"summary": {"tokens_per_s": speed}}))
+    first = store.put_dir("benchmark", "k", *runs[0])
+    blob = store._blob_path(first.files["model.bin"]["sha256"])
+    store.fs.pipe_file(blob, b"SAME MODEL BYTES")  # same size, other bytes
+    assert store.lookup("benchmark", "k") is None
+
+    stored = store.put_dir("benchmark", "k", *runs[1])  # what the stage's rerun stores
+    assert stored.manifest["meta"]["summary"] == {"tokens_per_s": 2.0}
+    assert store.lookup("benchmark", "k").digest == stored.digest != first.digest
+    assert "another run stored it first" not in caplog.text
+
+
 def test_unreachable_endpoint_names_it_not_the_keys(monkeypatch, s3_server):
     from seaweedfs import free_port
 

@@ -66,6 +66,7 @@ class ArtifactStore(Checkpoints):
                                 grove_home() / "materialized" / store_id)
         self.materialized = Path(cache)
         self.attempts = attempts
+        self._judged_damaged: set[tuple[str, str]] = set()  # (stage, key) whose entry lookup found damaged
 
     def __repr__(self) -> str:  # never the keys
         return f"ArtifactStore({self.root!r})"
@@ -264,15 +265,17 @@ class ArtifactStore(Checkpoints):
         The entry's manifest is created exclusively: of two runs storing one key at once the
         first stands and both continue with that complete entry (so both continue from the same
         files and downstream keys even where the stage is not bit-for-bit deterministic). An
-        entry that is damaged (edited manifest, a file missing, of the wrong size or bytes) is
-        replaced, and replace=True (--from-stage) replaces any entry on purpose."""
+        entry that is damaged (edited manifest, a file missing, of the wrong size or bytes), now or
+        when this store's lookup judged it, is replaced, and replace=True (--from-stage) replaces
+        any entry on purpose."""
         files = self._put_files(local_dir, stage)
         body = {"stage": stage, "key": key, "files": files, "meta": meta, "digest": manifest_digest(files, meta)}
         doing = f"writing the manifest of {stage}/{key}"
         self._retry(doing, lambda: self._write_json(self._by_digest_path(body["digest"]), body))
         path = self._manifest_path(stage, key)
-        if replace:
+        if replace or (stage, key) in self._judged_damaged:
             self._retry(doing, lambda: self._write_json(path, body))
+            self._judged_damaged.discard((stage, key))
         else:
             winner = self._create_entry(path, body, f"{stage}/{key}")
             if winner is not None:
@@ -450,7 +453,17 @@ class ArtifactStore(Checkpoints):
     def lookup(self, stage: str, key: str) -> Entry | None:
         """The entry if it is complete and intact, else None (a damaged one with a warning:
         the stage simply runs again and replaces it)."""
-        return self._load(self._manifest_path(stage, key), f"{stage}/{key}")
+        path, where = self._manifest_path(stage, key), f"{stage}/{key}"
+        try:
+            raw = self._retry(f"reading the manifest of {where}", lambda: self.fs.cat_file(path))
+        except FileNotFoundError:
+            return None
+        entry = self._parse_verified(raw, where)
+        if entry is None:
+            # Storing the stage again may make the old manifest whole (a deterministic file put back
+            # under its sha): it must not then stand as "another run's" over this run's result.
+            self._judged_damaged.add((stage, key))
+        return entry
 
     def by_digest(self, digest: str) -> Entry | None:
         """The exact artifact a reference names, whatever entry its key points to now."""
