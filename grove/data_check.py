@@ -124,10 +124,12 @@ def _check_record(where: str, record: object, columns: list[str]) -> str:
 
 def check_data(files: list[str], fmt: str, columns: list[str], eval_size: float,
                eval_files: list[str] | None = None, max_samples: int | None = None,
-               shown: dict[str, str] | None = None, answers: list[str] | None = None) -> dict:
+               shown: dict[str, str] | None = None, answers: list[str] | None = None,
+               blank_answers: list[str] | None = None) -> dict:
     """Read every record of the (local) files; raise UserError at the first problem. Rows after
     max_samples are read too (the loader parses whole files) but not counted. `answers`: a list
-    that receives the counted rows' values of the template's last column."""
+    that receives the counted rows' values of the template's last column; `blank_answers`, where
+    (file:line) each counted row whose value there is empty or whitespace is."""
     name = (shown or {}).get
     seen: set[int] = set()
     rows = 0
@@ -139,6 +141,8 @@ def check_data(files: list[str], fmt: str, columns: list[str], eval_size: float,
                 seen.add(hash(marker))
                 if answers is not None:
                     answers.append(str(record[columns[-1]]))
+                if blank_answers is not None and not str(record[columns[-1]]).strip():
+                    blank_answers.append(where)
     first = name(files[0], files[0]) + (f" (and {len(files) - 1} more files)" if len(files) > 1 else "")
     if eval_files:
         fresh: set[int] = set()

@@ -20,8 +20,11 @@ def text_scores(predictions: list[str], references: list[str]) -> dict[str, Any]
     from sacrebleu.metrics import CHRF
 
     chrf = CHRF()
+    # an answer identical to its reference scores 100, an empty one too (sacrebleu gives an empty
+    # reference 0 whatever the answer, so a right empty answer read as exact but chrF 0)
     per_row = [{"reference": r, "predicted": p, "exact_match": p == r,
-                "chrf": round(chrf.sentence_score(p, [r]).score, 2)} for p, r in zip(predictions, references)]
+                "chrf": 100.0 if p == r else round(chrf.sentence_score(p, [r]).score, 2)}
+               for p, r in zip(predictions, references)]
     return {
         "rows": len(per_row),
         "exact_match": round(sum(r["exact_match"] for r in per_row) / len(per_row), 4) if per_row else None,

@@ -20,7 +20,7 @@ import random
 from grove.models import load_tokenizer, model_folder
 from grove.settings import CorpusSettings, ModelSettings
 from grove.stage import ArtifactRef, grove_stage, open_artifact, output_dir
-from grove.textdata import encode, prompt_and_answer, read_jsonl
+from grove.textdata import encode, prompt_and_answer, read_jsonl, split_template
 
 IGNORE = -100
 
@@ -35,12 +35,15 @@ def examples(rows: list[dict], corpus: CorpusSettings, tokenizer,
     """(input_ids, labels) per row; labels mask the prompt when completion_only_loss is on."""
     template, label_col = eval_template(corpus) if evaluation else (corpus.text_template, corpus.label_col)
     special = evaluation or corpus.add_special_tokens
+    # a template that ends with its answer column: the prompt is masked even where a row's answer
+    # is empty (only eos is learned there), not trained on as a template without one is
+    answered = bool(split_template(template, label_col)[1])
     result = []
     for row in rows:
         prompt, answer = prompt_and_answer(template, label_col, row)
         ids, prompt_len = encode(tokenizer, prompt, answer, eos=special, bos=special)
         labels = list(ids)
-        if corpus.completion_only_loss and answer:
+        if corpus.completion_only_loss and answered:
             labels[:prompt_len] = [IGNORE] * prompt_len
         result.append((ids, labels))
     return result

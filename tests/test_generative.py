@@ -241,3 +241,36 @@ def test_a_local_lm_eval_task_that_cannot_load_is_said_at_validate(tmp_path, wri
     raw["grove"]["evaluate"].update(lm_eval_tasks=["home_choice"])
     warnings: list[str] = []
     assert load_config(write_config(raw, "good.json"), warnings=warnings).evaluate.lm_eval.tasks == ["home_choice"]
+
+
+def test_empty_answers_are_warned_about_masked_and_scored_as_identical(tmp_path, write_config, tiny_model):
+    """Rows whose answer is empty or whitespace: validate says how many and where the first is; a
+    completion-only corpus still masks their prompt (only eos is learned), as for any other row;
+    and an empty answer given where the reference is empty scores chrF 100, like any identical one."""
+    from flows.config import load_config
+    from grove.generation import text_scores
+    from grove.models import load_tokenizer
+    from grove.settings import CorpusSettings
+    from tasks.template_corpus import IGNORE, examples
+
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()]
+    rows[4]["json"], rows[9]["json"] = "", "  "
+    data = tmp_path / "blank.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = commands_config(tmp_path, tiny_model)
+    raw["data_configs"][0]["load_dataset_config"]["params"]["data_files"] = str(data)
+    warnings: list[str] = []
+    load_config(write_config(raw), warnings=warnings)
+    said = [w for w in warnings if "empty answer" in w]
+    assert said == [f"grove.evaluate.answer: 2 of {len(rows)} rows have an empty answer ('json'), first at "
+                    f"{data}:5: the model is trained to answer nothing to their prompts, and an empty answer "
+                    f"scores as right there; drop or fill those rows"], warnings
+
+    tokenizer = load_tokenizer(tiny_model)
+    corpus = CorpusSettings(text_template="### Command: {command}\n### JSON:\n{json}", text_cols=["command", "json"],
+                            label_col="json", completion_only_loss=True)
+    (ids, labels), = examples([rows[4]], corpus, tokenizer)
+    assert [t for t in labels if t != IGNORE] == [tokenizer.eos_token_id], "the prompt is not trained on"
+
+    scores = text_scores(["", "on", "x"], ["", "on", ""])
+    assert [r["chrf"] for r in scores["per_row"]] == [100.0, 100.0, 0.0]

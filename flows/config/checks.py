@@ -209,8 +209,14 @@ def _check_data_files(config: RunConfig, warn: Callable[[str, str], None] | None
     if any("://" in f for f in files):
         return
     answers: list[str] = []
+    blank: list[str] = []
     check_data(data.files, data.format, data.text_cols, data.eval_size, data.eval_files, data.max_samples,
-               answers=answers)
+               answers=answers, blank_answers=blank)
+    if warn and blank and config.evaluate.label_col == data.text_cols[-1]:
+        warn("grove.evaluate.answer", f"{len(blank)} of {len(answers)} rows have an empty answer "
+                                      f"({data.text_cols[-1]!r}), first at {blank[0]}: the model is trained to "
+                                      f"answer nothing to their prompts, and an empty answer scores as right "
+                                      f"there; drop or fill those rows")
     if warn and config.evaluate.answer == "label" and config.evaluate.label_col == data.text_cols[-1] and \
             reads_as_free_text(answers):
         warn("grove.evaluate.answer", f"label, but the answer column {data.text_cols[-1]!r} reads as free text "
