@@ -43,9 +43,12 @@ def search_table(search: dict[str, Any]) -> list[dict[str, Any]]:
 
 def search_markdown(search: dict[str, Any]) -> list[str]:
     flag = "" if search["within_tolerance"] else " **(fails the tolerance)**"
+    # what was measured (free text has no accuracy): never the word None
+    measured = [f"{name} {search.get(key)}" for name, key in (("accuracy", "baseline_accuracy"),
+                                                              ("eval loss", "baseline_eval_loss"))
+                if search.get(key) is not None]
     lines = ["", "## Quantization search", "",
-             f"Baseline: {search['baseline']}, accuracy {search['baseline_accuracy']}, eval loss "
-             f"{search.get('baseline_eval_loss')}; tolerance by {tolerance_text(search)}. "
+             f"Baseline: {', '.join([search['baseline'], *measured])}; tolerance by {tolerance_text(search)}. "
              f"Kept: **{search['chosen']}**{flag}.", "",
              search["verdict"] + ".", "",
              "| " + " | ".join(SEARCH_COLUMNS) + " |", "|---" * len(SEARCH_COLUMNS) + "|"]

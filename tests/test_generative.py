@@ -274,3 +274,19 @@ def test_empty_answers_are_warned_about_masked_and_scored_as_identical(tmp_path,
 
     scores = text_scores(["", "on", "x"], ["", "on", ""])
     assert [r["chrf"] for r in scores["per_row"]] == [100.0, 100.0, 0.0]
+
+
+def test_the_search_section_of_a_free_text_report_names_only_what_was_measured():
+    """No accuracy without a label: the search's baseline line says its eval loss, not 'accuracy None'."""
+    from flows.search_report import search_markdown
+    from tasks.build_onnx.search import candidate_row, select_candidate
+
+    rows = [candidate_row("int4", {"loaded": True, "eval_loss": 1.01, "size_bytes": 2**20})]
+    selection = select_candidate(rows, 1.0, 0.02, "eval_loss")
+    search = {"baseline_accuracy": None, "baseline_eval_loss": 1.0, "baseline": "merged PyTorch model",
+              "tolerance_metric": "eval_loss", "tolerance": 0.02, "tolerance_points": 2.0, "chosen": selection.chosen,
+              "within_tolerance": selection.within_tolerance, "verdict": selection.verdict,
+              "candidates": selection.rows, "not_built": []}
+    text = "\n".join(search_markdown(search))
+    assert "Baseline: merged PyTorch model, eval loss 1.0; tolerance by eval_loss, 0.02 nats per token." in text
+    assert "None" not in text, text
