@@ -113,6 +113,23 @@ def test_unreachable_endpoint_names_it_not_the_keys(monkeypatch, s3_server):
     assert time.monotonic() - started < 60  # fails fast, not after botocore's default minutes
 
 
+def test_no_credentials_is_said_at_once_not_retried(monkeypatch, s3_server, tmp_path, caplog):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.env()["AWS_ENDPOINT_URL"])
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    result = CliRunner().invoke(app, ["runs", "--store", "s3://grove-tests/x"])
+    assert result.exit_code == 2 and "checking the root: no S3 credentials found: set AWS_ACCESS_KEY_ID" \
+        in " ".join(result.output.split()), result.output
+    assert not [r for r in caplog.records if "retrying" in r.getMessage()], "no credentials is no transient error"
+
+
 def test_wrong_keys_and_missing_bucket(monkeypatch, s3_env):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret-at-all")
     with pytest.raises(StoreError, match="access denied: check the keys") as error:

@@ -21,7 +21,8 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 from grove.credentials import S3Access, s3_access
 
 from grove.store.checkpoints import Checkpoints
-from grove.store.entries import MANIFEST, Entry, StoreError, _transient, manifest_digest, sha256_file
+from grove.store.entries import (MANIFEST, NO_CREDENTIALS, Entry, StoreError, _transient, manifest_digest,
+                                 sha256_file)
 from grove.store.verify import VerifiedBlobs, local_fingerprint, s3_fingerprint
 
 log = logging.getLogger("grove.store")
@@ -106,6 +107,9 @@ class ArtifactStore(Checkpoints):
                 or "SignatureDoesNotMatch" in message:
             reason = ("access denied: check the keys (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or "
                       "grove.aws_credentials_block)" if not self.is_local else "permission denied")
+        elif type(exc).__name__ in NO_CREDENTIALS:
+            reason = ("no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile), "
+                      "or grove.aws_credentials_block")
         elif "NoSuchBucket" in message:
             reason = f"bucket {self._base.split('/')[0]!r} does not exist (create it first)"
         elif "connect" in message.lower() or isinstance(exc, (ConnectionError, TimeoutError)):

@@ -69,12 +69,17 @@ class Entry:
         return sha256_bytes(json.dumps(self.files, sort_keys=True).encode())
 
 
+NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError")
+
+
 def _transient(exc: BaseException) -> bool:
     """Errors worth another try: dropped connections, timeouts, 5xx; never a missing file,
     a denied request or a full disk."""
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+        return False
+    if type(exc).__name__ in NO_CREDENTIALS:  # botocore finds none: asking again finds none either
         return False
     return isinstance(exc, (OSError, TimeoutError, ConnectionError)) or "botocore" in type(exc).__module__
 
