@@ -109,16 +109,19 @@ def _still_running(run: dict[str, Any]) -> bool:
 def garbage_collect(store: ArtifactStore, keep: int, grace_minutes: float = 60,
                     dry_run: bool = False) -> tuple[GcReport, int]:
     """Keep the entries of the newest `keep` runs, of runs still going and of every name's
-    current model; remove the rest.
+    current model, with the record of the run that made it (what `grove models` names and
+    `grove show`/`diff`/`export RUN` read); remove the rest.
 
     Returns the store's report and how many run records were dropped with them.
     """
     runs = list_runs(store)
-    kept = runs[:keep] + [r for r in runs[keep:] if _still_running(r)]
+    models = current_models(store)
+    made_current = {m.get("run_id") for m in models}
+    kept = runs[:keep] + [r for r in runs[keep:] if _still_running(r) or r["run_id"] in made_current]
     # what each kept run record and promoted model names, by key (the entry) and by digest (the
     # exact manifest: a --from-stage rerun may have pointed the key at a newer one since); the
     # entries those manifests used (meta.uses: the adapter-ship base) follow in collect_garbage
-    named = [s for r in kept for s in r["stages"]] + [e for m in current_models(store) for e in m["entries"]]
+    named = [s for r in kept for s in r["stages"]] + [e for m in models for e in m["entries"]]
     live = {(e["stage"], e["key"]) for e in named if e.get("key")}
     digests = {e["digest"] for e in named if e.get("digest") and not e["digest"].startswith("pending:")}
     report = collect_garbage(store, live, grace_seconds=grace_minutes * 60, dry_run=dry_run, keep_digests=digests)

@@ -156,3 +156,25 @@ def test_gc_keeps_the_manifest_a_run_record_names_after_a_forced_rerun(tmp_path,
     garbage_collect(store, keep=5, grace_minutes=0)
     assert store.by_digest(first.digest) is not None
     assert (store.materialize(store.by_digest(first.digest)) / "a.txt").read_text() == "alpha"
+
+
+def test_gc_keeps_the_record_of_the_run_that_made_a_current_model(tmp_path, folder):
+    """`grove models` names the run each current model came from; gc --keep 1 dropped that record
+    once newer runs (another name's, a failed one) came, and `grove show RUN` said no such run."""
+    from flows.runs import find_run
+
+    store = ArtifactStore(str(tmp_path / "root"))
+    made = store.put_dir("build_onnx", "k", folder, {})
+    promoted = RunLog(store, "tiny", "run.json", None, run_id="a" * 32)
+    promoted.add(StageRecord("build_onnx", "ran", ref=ArtifactRef(stage="build_onnx", key="k", digest=made.digest,
+                                                                  uri=store.entry_uri("build_onnx", "k"))))
+    promoted.finish("completed")
+    entry = {"stage": "build_onnx", "key": "k", "digest": made.digest, "uri": store.entry_uri("build_onnx", "k")}
+    store.put_json("models/tiny/current.json", {"name": "tiny", "run_id": promoted.run_id, "model": entry,
+                                                "entries": [entry]})
+    for newer in "bc":
+        RunLog(store, "other", "other.json", None, run_id=newer * 32).finish("failed")
+
+    _, dropped = garbage_collect(store, keep=1, grace_minutes=0)
+    assert dropped == 1  # the older of the two newer runs
+    assert find_run(store, "aaaaaaaa")["status"] == "completed" and store.by_digest(made.digest) is not None
