@@ -290,3 +290,21 @@ def test_the_search_section_of_a_free_text_report_names_only_what_was_measured()
     text = "\n".join(search_markdown(search))
     assert "Baseline: merged PyTorch model, eval loss 1.0; tolerance by eval_loss, 0.02 nats per token." in text
     assert "None" not in text, text
+
+
+def test_a_label_column_scored_as_text_is_warned_about_once_at_its_key(tmp_path, write_config, tiny_model, tone_copy):
+    """answer: text on a class column (the tone labels): validate says that accuracy per label and the
+    accuracy rules are given up; free text under answer: text (the bundled example) stays quiet."""
+    from conftest import tiny_config
+    from flows.config import load_config
+
+    raw = tiny_config(tiny_model, tone_copy, tmp_path / "s", tmp_path / "o")
+    raw["grove"]["evaluate"]["answer"] = "text"
+    warnings: list[str] = []
+    load_config(write_config(raw, "tone-as-text.json"), warnings=warnings)
+    said = [w for w in warnings if w.startswith("grove.evaluate.answer: text, but the answer column 'tone' reads "
+                                                "as a label (4 distinct values in 60 rows)")]
+    assert len(said) == 1 and "Leave grove.evaluate.answer at label" in said[0], warnings
+    quiet: list[str] = []
+    load_config(write_config(commands_config(tmp_path, tiny_model), "commands.json"), warnings=quiet)
+    assert not [w for w in quiet if w.startswith("grove.evaluate.answer")], quiet

@@ -225,6 +225,12 @@ def _check_data_files(config: RunConfig, warn: Callable[[str, str], None] | None
                                       f"matches only, and the ladder and the gate judge on it. Set "
                                       f"grove.evaluate.answer: text to score answers by chrF and exact match "
                                       f"and judge builds by teacher-forced eval loss")
+    if warn and config.evaluate.answer == "text" and config.evaluate.label_col == data.text_cols[-1] and \
+            reads_as_labels(answers):
+        warn("grove.evaluate.answer", f"text, but the answer column {data.text_cols[-1]!r} reads as a label "
+                                      f"({len(set(answers))} distinct values in {len(answers)} rows): chrF and exact "
+                                      f"match are scored instead of accuracy per label, and the ladder and the gate "
+                                      f"judge by eval loss. Leave grove.evaluate.answer at label to score it as one")
 
 
 def median_words(answers: list[str]) -> int:
@@ -236,6 +242,11 @@ def reads_as_free_text(answers: list[str]) -> bool:
     """Answers that are no label: mostly distinct, and sentences rather than a word or two (a
     short exact answer, such as a capital city, is still scored well by accuracy)."""
     return len(answers) >= 10 and len(set(answers)) > len(answers) / 2 and median_words(answers) >= FREE_TEXT_WORDS
+
+
+def reads_as_labels(answers: list[str]) -> bool:
+    """A class column: a few short values, each repeated (a fifth of the rows at most are distinct)."""
+    return len(answers) >= 10 and len(set(answers)) <= len(answers) / 5 and median_words(answers) < FREE_TEXT_WORDS
 
 
 FREE_TEXT_WORDS = 6  # a label or a short exact answer is rarely this long; a sentence usually is
