@@ -15,14 +15,17 @@ bos + the eval template's prompt part, and evaluate's forward-pass proof compare
 from __future__ import annotations
 
 import json
+import logging
 import random
 
+from grove.errors import UserError
 from grove.models import load_tokenizer, model_folder
 from grove.settings import CorpusSettings, ModelSettings
 from grove.stage import ArtifactRef, grove_stage, open_artifact, output_dir
 from grove.textdata import encode, prompt_and_answer, read_jsonl, split_template
 
 IGNORE = -100
+log = logging.getLogger("grove.template_corpus")
 
 
 def eval_template(corpus: CorpusSettings) -> tuple[str, str | None]:
@@ -68,6 +71,26 @@ def line_examples(pairs, block: int, pad: bool, pad_id: int) -> list[dict]:
     return out
 
 
+def labelled(examples: list[dict]) -> int:
+    return sum(1 for e in examples for t in e["labels"][1:] if t != IGNORE)  # a label predicted by a position
+
+
+def check_answers_fit(train: list[dict], evaluation: list[dict], eval_pairs, corpus: CorpusSettings) -> None:
+    """Before training: source_max_len leaves answer tokens to learn and to score. A prompt that
+    fills it cuts the answer off, and with completion_only_loss nothing is left (training learned
+    nothing, and every eval loss was missing, so the search refused every build)."""
+    where = f"pre_process_data_config.params.source_max_len={corpus.source_max_len}"
+    if not labelled(train):
+        raise UserError(f"{where} cuts off every training example's answer: no token to learn "
+                        f"(completion_only_loss scores the answer only); raise source_max_len")
+    if evaluation and not labelled(evaluation):
+        raise UserError(f"{where} cuts off every eval row's answer: nothing to score; raise source_max_len")
+    cut = sum(len(ids) > corpus.source_max_len for ids, _ in eval_pairs)
+    if cut:  # their answers lose their end (and eos): scored on what is left
+        log.warning("%d of %d eval rows are longer than %s: their answers are cut short there",
+                    cut, len(eval_pairs), where)
+
+
 @grove_stage("template_corpus")
 def template_corpus(corpus: CorpusSettings, data: ArtifactRef, model: ModelSettings) -> dict:
     """Tokenized training blocks (train.jsonl) and per-row eval examples (eval.jsonl)."""
@@ -89,6 +112,7 @@ def template_corpus(corpus: CorpusSettings, data: ArtifactRef, model: ModelSetti
         raise ValueError(f"corpus_strategy {corpus.corpus_strategy!r} is not supported; "
                          f"use join, join-random or line-by-line")
     evaluation = line_examples(eval_pairs, corpus.source_max_len, False, tokenizer.pad_token_id)
+    check_answers_fit(train, evaluation, eval_pairs, corpus)
     out = output_dir()
     for name, part in (("train.jsonl", train), ("eval.jsonl", evaluation)):
         with open(out / name, "w") as handle:

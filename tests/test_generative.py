@@ -10,6 +10,7 @@ config in test_the_bundled_generative_example_learns_its_answers (slow).
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -308,3 +309,42 @@ def test_a_label_column_scored_as_text_is_warned_about_once_at_its_key(tmp_path,
     quiet: list[str] = []
     load_config(write_config(commands_config(tmp_path, tiny_model), "commands.json"), warnings=quiet)
     assert not [w for w in quiet if w.startswith("grove.evaluate.answer")], quiet
+
+
+def test_answers_cut_off_by_source_max_len_are_said_before_training(tiny_model, caplog):
+    """A prompt that fills source_max_len leaves no answer token: with completion_only_loss training
+    learned nothing and every eval loss was missing, and the search then refused every build as 'no
+    candidate built a model that loads'. template_corpus says so before training; a few rows cut
+    short are a warning."""
+    from grove.errors import UserError
+    from grove.models import load_tokenizer
+    from grove.settings import CorpusSettings
+    from tasks.template_corpus import check_answers_fit, examples, line_examples
+
+    tokenizer = load_tokenizer(tiny_model)
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()][:4]
+    rows[3]["json"] = " ".join([rows[3]["json"]] * 4)  # one answer four times as long
+
+    def fit(source_max_len: int) -> None:
+        corpus = CorpusSettings(text_template="### Command: {command}\n### JSON:\n{json}", text_cols=["command", "json"],
+                                label_col="json", completion_only_loss=True, corpus_strategy="line-by-line",
+                                source_max_len=source_max_len)
+        pairs = examples(rows, corpus, tokenizer, evaluation=True)
+        cut = line_examples(pairs, source_max_len, False, tokenizer.pad_token_id)
+        check_answers_fit(cut, cut, pairs, corpus)
+
+    with pytest.raises(UserError) as caught:
+        fit(8)
+    assert str(caught.value).startswith("pre_process_data_config.params.source_max_len=8 cuts off every training "
+                                        "example's answer: no token to learn"), caught.value
+    longest = max(len(examples([r], CorpusSettings(text_template="### Command: {command}\n### JSON:\n{json}",
+                                                   text_cols=["command", "json"], label_col="json"),
+                               tokenizer, evaluation=True)[0][0]) for r in rows[:3])
+    logger = logging.getLogger("grove.template_corpus")  # Prefect's handlers hold "grove": no propagation
+    logger.addHandler(caplog.handler)
+    try:
+        fit(longest)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert f"1 of 4 eval rows are longer than pre_process_data_config.params.source_max_len={longest}: their " \
+           f"answers are cut short there" in caplog.text
