@@ -46,6 +46,9 @@ def test_models_and_runs_use_the_default_store_and_runs_c_lists_that_configs(sto
     assert [r["name"] for r in mine] == ["tiny"]
     table = grove("runs", "-c", str(configs["tiny"]))
     assert "tiny" in table and "other" not in table.replace(str(folder), "")
+    third = folder / "third.json"
+    third.write_text(json.dumps({**json.loads(configs["tiny"].read_text()), "grove": {"name": "third"}}))
+    assert grove("runs", "-c", str(third)).strip() == f"no runs of third recorded in {folder / '.grove-cache'}"
 
 
 def test_a_store_that_does_not_exist_is_an_error_not_an_empty_table(tmp_path, monkeypatch):
@@ -54,6 +57,8 @@ def test_a_store_that_does_not_exist_is_an_error_not_an_empty_table(tmp_path, mo
         assert f"no artifact store at {tmp_path / 'nope'}" in said
     monkeypatch.chdir(tmp_path)
     assert "(the default store; name one with --store or --config)" in grove("runs", code=2)
+    (tmp_path / "empty" / "entries").mkdir(parents=True)  # a store that holds no run yet
+    assert grove("runs", "--store", str(tmp_path / "empty")).strip() == f"no runs recorded in {tmp_path / 'empty'}"
 
 
 def test_off_a_terminal_tables_are_plain_rows_and_nothing_wraps(store, monkeypatch):

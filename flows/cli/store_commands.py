@@ -117,6 +117,10 @@ def runs(config: Optional[Path] = STORE_CONFIG, store: Optional[str] = STORE_URI
     if as_json:
         print(json.dumps(recorded, indent=1))
         return
+    if not recorded:  # a header alone reads as a listing that failed
+        console.print(f"no runs{f' of {name}' if name else ''} recorded in {artifacts.root}", highlight=False,
+                      markup=False)
+        return
     # fits 80 columns on a terminal: short headers (as grove models'), minutes, numbers to 4 digits;
     # ran: the stages that ran of those the run used (the rest were cached)
     right = {"justify": "right", "no_wrap": True}
