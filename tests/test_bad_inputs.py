@@ -35,6 +35,12 @@ def write_data(raw, path: Path, content: bytes | str) -> Path:
 
 
 # ---- the cases: each edits the good config (and may write files), returns what stderr must name ----
+def new_tokens_beyond_the_model_context(raw, tmp):
+    """onnxruntime-genai refuses max_length above the context: build_onnx failed after training."""
+    raw["grove"]["evaluate"]["max_new_tokens"] = 4096  # the tiny model's context is 512
+    return "grove.evaluate.max_new_tokens: 4096 new tokens do not fit the model's context of 512 tokens"
+
+
 def negative_learning_rate(raw, tmp):
     lora(raw)["training_args"]["learning_rate"] = -1e-4
     return "passes.lora.config.training_args.learning_rate"
@@ -219,6 +225,7 @@ CASES = [
     (missing_config_file, "validate"),
     (config_is_a_folder, "validate"),
     (config_not_utf8, "validate"),
+    (new_tokens_beyond_the_model_context, "validate"),
 ]
 
 

@@ -78,6 +78,7 @@ def check_run_config(config: RunConfig, raw: dict, source: str, on_this_machine:
         _check_data_config_names(raw)
         _check_training_values(config, where)
         _check_providers(config, where)
+        _check_generation_lengths(config)
         if on_this_machine:
             _check_folders(config, where)
             _check_data_files(config, warn)
@@ -157,6 +158,21 @@ def _check_training_values(config: RunConfig, where: _Where) -> None:
             raise ConfigError(f"{at}.training_args.{original}", f"must be {requirement}, got {value!r}")
     if args.get("max_steps", -1) == -1 and "num_train_epochs" in args and args["num_train_epochs"] <= 0:
         raise ConfigError(f"{at}.training_args.num_train_epochs", "must be above 0 when max_steps is not set")
+
+
+def _check_generation_lengths(config: RunConfig) -> None:
+    """New tokens fit the model's context after a prompt: onnxruntime-genai refuses a max_length
+    above it ('cannot be greater than model context_length'), which failed build_onnx after training."""
+    from grove.models import model_config
+
+    context = (model_config(config.model) or {}).get("max_position_embeddings")
+    if not isinstance(context, int):
+        return
+    for key, value in (("grove.evaluate.max_new_tokens", config.evaluate.max_new_tokens),
+                       ("grove.benchmark.max_new_tokens", config.benchmark.max_new_tokens)):
+        if value >= context:
+            raise ConfigError(key, f"{value} new tokens do not fit the model's context of {context} tokens "
+                                   f"(max_position_embeddings in its config.json) after a prompt; give fewer")
 
 
 def _check_providers(config: RunConfig, where: _Where) -> None:
