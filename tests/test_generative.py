@@ -348,3 +348,21 @@ def test_answers_cut_off_by_source_max_len_are_said_before_training(tiny_model, 
         logger.removeHandler(caplog.handler)
     assert f"1 of 4 eval rows are longer than pre_process_data_config.params.source_max_len={longest}: their " \
            f"answers are cut short there" in caplog.text
+
+
+def test_a_label_over_several_lines_is_warned_about(tmp_path, write_config, tiny_model):
+    """answer: label compares the first line generated with the whole label: labels that span lines
+    (short ones, which do not read as free text) can never match; validate says so once."""
+    from conftest import TONE_DATA, tiny_config
+    from flows.config import load_config
+
+    rows = [json.loads(line) for line in TONE_DATA.read_text().splitlines()][:60]
+    for row in rows[::3]:
+        row["tone"] = "joy\nfear"
+    data = tmp_path / "two-line-labels.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    warnings: list[str] = []
+    load_config(write_config(tiny_config(tiny_model, data, tmp_path / "s", tmp_path / "o")), warnings=warnings)
+    said = [w for w in warnings if w.startswith("grove.evaluate.answer: label, but 20 of 60 answers in 'tone' "
+                                                "span several lines")]
+    assert len(said) == 1 and "Set grove.evaluate.answer: text" in said[0], warnings

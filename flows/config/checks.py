@@ -233,6 +233,13 @@ def _check_data_files(config: RunConfig, warn: Callable[[str, str], None] | None
                                       f"({data.text_cols[-1]!r}), first at {blank[0]}: the model is trained to "
                                       f"answer nothing to their prompts, and an empty answer scores as right "
                                       f"there; drop or fill those rows")
+    multi_line = [a for a in answers if "\n" in a.strip()]
+    if warn and config.evaluate.answer == "label" and config.evaluate.label_col == data.text_cols[-1] and \
+            multi_line and not reads_as_free_text(answers):
+        warn("grove.evaluate.answer", f"label, but {len(multi_line)} of {len(answers)} answers in "
+                                      f"{data.text_cols[-1]!r} span several lines: a label is scored on the first "
+                                      f"line generated, so those never match. Set grove.evaluate.answer: text to "
+                                      f"score whole answers")
     if warn and config.evaluate.answer == "label" and config.evaluate.label_col == data.text_cols[-1] and \
             reads_as_free_text(answers):
         warn("grove.evaluate.answer", f"label, but the answer column {data.text_cols[-1]!r} reads as free text "
