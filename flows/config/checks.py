@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from flows.config.answer_checks import warn_about_answers
 from flows.config.errors import ConfigError, did_you_mean
 from flows.config.input_model import accelerator_providers
 from flows.config.training import RENAMED_TRAINING_ARGS
@@ -228,51 +229,8 @@ def _check_data_files(config: RunConfig, warn: Callable[[str, str], None] | None
     blank: list[str] = []
     check_data(data.files, data.format, data.text_cols, data.eval_size, data.eval_files, data.max_samples,
                answers=answers, blank_answers=blank)
-    if warn and blank and config.evaluate.label_col == data.text_cols[-1]:
-        warn("grove.evaluate.answer", f"{len(blank)} of {len(answers)} rows have an empty answer "
-                                      f"({data.text_cols[-1]!r}), first at {blank[0]}: the model is trained to "
-                                      f"answer nothing to their prompts, and an empty answer scores as right "
-                                      f"there; drop or fill those rows")
-    multi_line = [a for a in answers if "\n" in a.strip()]
-    if warn and config.evaluate.answer == "label" and config.evaluate.label_col == data.text_cols[-1] and \
-            multi_line and not reads_as_free_text(answers):
-        warn("grove.evaluate.answer", f"label, but {len(multi_line)} of {len(answers)} answers in "
-                                      f"{data.text_cols[-1]!r} span several lines: a label is scored on the first "
-                                      f"line generated, so those never match. Set grove.evaluate.answer: text to "
-                                      f"score whole answers")
-    if warn and config.evaluate.answer == "label" and config.evaluate.label_col == data.text_cols[-1] and \
-            reads_as_free_text(answers):
-        warn("grove.evaluate.answer", f"label, but the answer column {data.text_cols[-1]!r} reads as free text "
-                                      f"({len(set(answers))} distinct values in {len(answers)} rows, a median "
-                                      f"of {median_words(answers)} words): accuracy counts exact first-line "
-                                      f"matches only, and the ladder and the gate judge on it. Set "
-                                      f"grove.evaluate.answer: text to score answers by chrF and exact match "
-                                      f"and judge builds by teacher-forced eval loss")
-    if warn and config.evaluate.answer == "text" and config.evaluate.label_col == data.text_cols[-1] and \
-            reads_as_labels(answers):
-        warn("grove.evaluate.answer", f"text, but the answer column {data.text_cols[-1]!r} reads as a label "
-                                      f"({len(set(answers))} distinct values in {len(answers)} rows): chrF and exact "
-                                      f"match are scored instead of accuracy per label, and the ladder and the gate "
-                                      f"judge by eval loss. Leave grove.evaluate.answer at label to score it as one")
-
-
-def median_words(answers: list[str]) -> int:
-    counts = sorted(len(a.split()) for a in answers)
-    return counts[len(counts) // 2] if counts else 0
-
-
-def reads_as_free_text(answers: list[str]) -> bool:
-    """Answers that are no label: mostly distinct, and sentences rather than a word or two (a
-    short exact answer, such as a capital city, is still scored well by accuracy)."""
-    return len(answers) >= 10 and len(set(answers)) > len(answers) / 2 and median_words(answers) >= FREE_TEXT_WORDS
-
-
-def reads_as_labels(answers: list[str]) -> bool:
-    """A class column: a few short values, each repeated (a fifth of the rows at most are distinct)."""
-    return len(answers) >= 10 and len(set(answers)) <= len(answers) / 5 and median_words(answers) < FREE_TEXT_WORDS
-
-
-FREE_TEXT_WORDS = 6  # a label or a short exact answer is rarely this long; a sentence usually is
+    if warn:
+        warn_about_answers(config, answers, blank, warn)
 
 
 def _check_runtimes(config: RunConfig, where: _Where, here: frozenset[str]) -> None:
