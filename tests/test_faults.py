@@ -167,3 +167,17 @@ def test_a_transient_stage_failure_is_retried_and_a_bad_input_is_not(tiny_model,
     result = runner.invoke(app, ["run", "--config", str(config)])
     assert result.exit_code == 1 and "line 3 is not JSON" in flat(result.output)
     assert len(calls) == 1  # never retried
+
+
+def test_a_failure_after_every_started_stage_finished_names_the_last_one(capsys):
+    """A quantization search none of whose candidates scores fails in the flow after its builds
+    finished: the error line named 'stage ?'; it names the stage whose results were judged."""
+    import typer
+
+    from flows.cli.errors import stage_failed
+    from grove.stage import StageFailed
+
+    with pytest.raises(typer.Exit):
+        stage_failed({"evaluate": 0, "build_onnx": 1}, {"evaluate", "build_onnx"},
+                     StageFailed("no quantization candidate built a model that loads"))
+    assert "error: stage build_onnx failed: no quantization candidate" in capsys.readouterr().err

@@ -99,7 +99,9 @@ def clean_errors():
 
 
 def stage_failed(bars: dict[str, int], finished: set[str], exc: Exception) -> None:
-    failed = next((s for s in reversed(bars) if s not in finished), "?")
+    # every stage that started finished: the flow failed deciding on the last one's results (e.g. a
+    # quantization search none of whose candidates loads), so that stage is named, not "?"
+    failed = next((s for s in reversed(bars) if s not in finished), next(reversed(bars), "?"))
     if DEBUG["traceback"]:
         traceback.print_exception(exc, file=sys.stderr)
     print(f"error: stage {failed} failed: {_message(exc)}", file=sys.stderr, flush=True)
