@@ -126,6 +126,7 @@ def plan(config: str, from_stage: str | None = None, overrides: list[str] | None
     check_from_stage(from_stage)
     cfg = loaded or load_config(config, overrides=overrides)
     store = ArtifactStore(cfg.artifact_root, cfg.aws_credentials_block)
+    store.exists()  # an unreachable or denied store: one line now, not retried lookups
     context = RunContext(store=store, device=cfg.device, from_stage=from_stage, dry_run=True)
     if cfg.placement:
         from flows.placement import PoolMachines

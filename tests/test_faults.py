@@ -33,6 +33,8 @@ def test_unreachable_store_fails_before_any_compute(tiny_model, tone_copy, tmp_p
     assert f"cannot reach the S3 endpoint {endpoint}" in flat(result.output)
     assert SECRET_KEY not in result.output and ACCESS_KEY not in result.output
     assert "load_data" not in result.output  # no stage started
+    planned = runner.invoke(app, ["stages", "--config", str(config)])  # one line too, before any lookup
+    assert planned.exit_code == 2 and "checking the root: cannot reach the S3 endpoint" in flat(planned.output)
 
 
 @pytest.fixture

@@ -98,7 +98,7 @@ def test_a_rerun_of_a_damaged_entry_replaces_it_even_where_it_puts_the_damaged_f
     assert "another run stored it first" not in caplog.text
 
 
-def test_unreachable_endpoint_names_it_not_the_keys(monkeypatch, s3_server):
+def test_unreachable_endpoint_names_it_not_the_keys(monkeypatch, s3_server, caplog):
     from seaweedfs import free_port
 
     endpoint = f"http://127.0.0.1:{free_port()}"
@@ -111,6 +111,10 @@ def test_unreachable_endpoint_names_it_not_the_keys(monkeypatch, s3_server):
     assert f"cannot reach the S3 endpoint {endpoint}" in str(error.value)
     assert SECRET_KEY not in str(error.value) and "AKIAEXAMPLEKEY" not in str(error.value)
     assert time.monotonic() - started < 60  # fails fast, not after botocore's default minutes
+    # what `grove runs/show/models/export/gc` check first: one line, not a retry warning per backoff
+    with pytest.raises(StoreError, match=f"checking the root: cannot reach the S3 endpoint {endpoint}"):
+        ArtifactStore("s3://grove-tests/x").exists()
+    assert "retrying" not in caplog.text
 
 
 def test_no_credentials_is_said_at_once_not_retried(monkeypatch, s3_server, tmp_path, caplog):

@@ -137,11 +137,16 @@ class ArtifactStore(Checkpoints):
         raise AssertionError("unreachable")
 
     def exists(self) -> bool:
-        """Whether anything was ever stored at the root (`grove runs` on a mistyped root says so)."""
+        """Whether anything was ever stored at the root (`grove runs` on a mistyped root says so).
+
+        One attempt, like check_writable: the first touch of a store that cannot be reached fails
+        now, in one line, not after a retry warning per backoff."""
         try:
-            return bool(self._retry("checking the root", lambda: self.fs.exists(self._base)))
+            return bool(self.fs.exists(self._base))
         except FileNotFoundError:
             return False
+        except Exception as exc:  # noqa: BLE001
+            raise self._explain(exc, "checking the root") from None
 
     def check_writable(self) -> None:
         """Fail early, before any compute, when the root cannot be reached or written.
