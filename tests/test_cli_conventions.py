@@ -83,8 +83,9 @@ def test_models_at_80_columns_keeps_the_short_columns_whole(store, terminal_80):
     for name, body in current.items():
         assert body["current"]["run_id"][:8] in table, table  # the run id, not folded
         assert body["current"]["promoted_at"][:10] in table, table
-    for header in ("promoted", "acc", "tuned", "tok/s"):
+    for header in ("promoted", "acc", "tuned", "tok/s", "agree"):
         assert header in table, table
+    assert "e+" not in table, "numbers as grove runs prints them (16668, not 1.667e+04)"
 
 
 def test_a_provider_typo_names_only_what_grove_builds(tiny_model, tone_copy, tmp_path, write_config):

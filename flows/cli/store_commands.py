@@ -46,6 +46,7 @@ def open_store_of(config: Optional[Path], store: Optional[str]):
 def models(config: Optional[Path] = STORE_CONFIG, store: Optional[str] = STORE_URI,
            as_json: bool = typer.Option(False, "--json", help="Print current models and history as JSON.")) -> None:
     """Current and past models of each name, with the metrics they were promoted on."""
+    from flows.compare import short
     from tasks.promote import current_models, model_history
     from grove.settings import PROMOTION_METRICS
     from grove.store import StoreError
@@ -76,7 +77,7 @@ def models(config: Optional[Path] = STORE_CONFIG, store: Optional[str] = STORE_U
         past = [m for m in history if m["run_id"] != current["run_id"]]
         for index, model in enumerate([current, *past]):
             table.add_row(name if index == 0 else "  past", model["promoted_at"][:16].replace("T", " "),
-                          model["run_id"][:8], *(_metric(model["metrics"].get(m)) for m in shown))
+                          model["run_id"][:8], *(short(model["metrics"].get(m)) for m in shown))
     table.print()
     where = f" --store {artifacts.root}"
     print(f"take one out: grove export NAME (or a past RUN id) --to FOLDER{where}\n"
@@ -85,11 +86,7 @@ def models(config: Optional[Path] = STORE_CONFIG, store: Optional[str] = STORE_U
 
 METRIC_HEADERS = {"onnx_accuracy": "acc", "fine_tuned_accuracy": "tuned", "onnx_decode_tokens_per_s": "tok/s",
                   "onnx_chrf": "chrF", "onnx_exact_match": "exact", "fine_tuned_chrf": "tuned chrF",
-                  "fine_tuned_exact_match": "tuned exact"}
-
-
-def _metric(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4g}"
+                  "fine_tuned_exact_match": "tuned exact", "onnx_token_agreement": "agree"}
 
 
 def _mb(size: int) -> str:
