@@ -60,8 +60,15 @@ def resolve(store: ArtifactStore, what: str) -> tuple[str, list[Entry]]:
         run = find_run(store, what)
     except LookupError:
         from flows.runs import list_runs
-        from tasks.promote import current_models
+        from tasks.promote import current_models, model_history
 
+        # a past model `grove models` lists, whose run record gc dropped: its promotion record
+        # names its entries by digest (gone too once gc removed them: _by_digest says so)
+        past = [m for current in current_models(store) for m in model_history(store, current["name"])
+                if m["run_id"].startswith(what)]
+        if len({m["run_id"] for m in past}) == 1:
+            return (f"model {past[0]['name']} (promoted {past[0]['promoted_at'][:19]} from run {past[0]['run_id'][:8]})",
+                    _by_digest(store, past[0]["entries"], f"model {past[0]['name']} of run {what}"))
         names = ", ".join(m["name"] for m in current_models(store)) or "none"
         runs = ", ".join(r["run_id"][:8] for r in list_runs(store)[:5]) or "none"
         raise UserError(f"{what}: no promoted model, run id or STAGE/KEY by that name in {store.root} "

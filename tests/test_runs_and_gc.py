@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 
+import pytest
 from typer.testing import CliRunner
 
 from conftest import ROOT, TONE_DATA, seed_store, tiny_config
@@ -172,9 +173,20 @@ def test_gc_keeps_the_record_of_the_run_that_made_a_current_model(tmp_path, fold
     entry = {"stage": "build_onnx", "key": "k", "digest": made.digest, "uri": store.entry_uri("build_onnx", "k")}
     store.put_json("models/tiny/current.json", {"name": "tiny", "run_id": promoted.run_id, "model": entry,
                                                 "entries": [entry]})
+    gone = {**entry, "key": "gone", "digest": "0" * 64}
+    for run_id, named in (("d" * 32, entry), ("e" * 32, gone)):  # past models with no run record left
+        store.put_json(f"models/tiny/history/{run_id[0]}.json", {"name": "tiny", "run_id": run_id, "model": named,
+                                                                 "entries": [named], "promoted_at": "2026-01-01"})
     for newer in "bc":
         RunLog(store, "other", "other.json", None, run_id=newer * 32).finish("failed")
 
     _, dropped = garbage_collect(store, keep=1, grace_minutes=0)
     assert dropped == 1  # the older of the two newer runs
     assert find_run(store, "aaaaaaaa")["status"] == "completed" and store.by_digest(made.digest) is not None
+    # `grove models` offers `grove export` of a past model's RUN id: from its promotion record
+    from flows.export import resolve
+    from grove.errors import UserError
+
+    assert [e.digest for e in resolve(store, "dddddddd")[1]] == [made.digest]
+    with pytest.raises(UserError, match=r"its build_onnx entry gone is no longer in .* \(removed by grove gc\?\)"):
+        resolve(store, "eeeeeeee")
