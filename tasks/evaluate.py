@@ -11,6 +11,7 @@ merge_adapters produces (for QLoRA too, which merges into the unquantized base).
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 from grove.engines import HfEngine, eos_ids_of
@@ -23,6 +24,8 @@ from grove.standard_tasks import pytorch_scores
 from grove.teacher_forcing import REFERENCE_FILE, save_reference, top_log_probs
 from grove.stage import ArtifactRef, current_run, grove_stage, open_artifact, output_dir
 from grove.textdata import answer_of, read_jsonl
+
+log = logging.getLogger("grove.evaluate")
 
 
 def forward_pass(model, examples: list[dict], batch_size: int,
@@ -103,6 +106,20 @@ def measure(model, tokenizer, rows, examples, settings: EvalSettings, label: str
     return result
 
 
+def warn_of_long_answers(rows: list[dict], settings: EvalSettings, tokenizer) -> None:
+    """Free-text answers longer than max_new_tokens (8 unless set) are cut short when generated, by
+    every model alike: exact match cannot be reached and chrF is capped, which reads as a weak model."""
+    if settings.answer != "text" or not settings.label_col:
+        return
+    lengths = [len(tokenizer(str(r[settings.label_col]).strip(), add_special_tokens=False)["input_ids"])
+               for r in rows[: settings.generation_rows]]
+    longer = [n for n in lengths if n > settings.max_new_tokens]
+    if longer:
+        log.warning("%d of %d scored answers are longer than grove.evaluate.max_new_tokens=%d (up to %d tokens): "
+                    "every model's answer to them is cut short, so exact match cannot be reached there; "
+                    "raise max_new_tokens", len(longer), len(lengths), settings.max_new_tokens, max(longer))
+
+
 @grove_stage("evaluate", tags=("gpu",))
 def evaluate(settings: EvalSettings, data: ArtifactRef, corpus: ArtifactRef, model: ModelSettings,
              adapter: ArtifactRef | None = None) -> dict:
@@ -115,6 +132,7 @@ def evaluate(settings: EvalSettings, data: ArtifactRef, corpus: ArtifactRef, mod
     folder = model_folder(model)
     tokenizer = load_tokenizer(folder, model.trust_remote_code)
     base = load_causal_lm(folder, device, model.trust_remote_code).eval()
+    warn_of_long_answers(rows, settings, tokenizer)
     # the model the shipped ONNX model is built from is the teacher-forcing reference
     reference: list = []
     metrics = {"base": measure(base, tokenizer, rows, examples, settings, "base",

@@ -58,13 +58,20 @@ def stored_lines(store, stage: str, name: str) -> list[dict]:
     return [json.loads(line) for line in (artifacts.materialize(entry) / name).read_text().splitlines()]
 
 
-def test_the_generative_example_scores_free_text_answers_as_served(tiny_model, tmp_path, write_config):
+def test_the_generative_example_scores_free_text_answers_as_served(tiny_model, tmp_path, write_config, caplog):
     from flows.optimize import optimize
     from grove.shipped import ShippedModel
 
     raw = commands_config(tmp_path, tiny_model)
     raw["grove"]["evaluate"].update(lm_eval_tasks=["home_choice"], lm_eval_include=choice_task(tmp_path / "tasks"))
-    result = optimize(str(write_config(raw)))
+    logger = logging.getLogger("grove.evaluate")  # Prefect's handlers hold "grove": no propagation
+    logger.addHandler(caplog.handler)
+    try:
+        result = optimize(str(write_config(raw)))
+    finally:
+        logger.removeHandler(caplog.handler)
+    # the JSON answers are far longer than the 6 new tokens: said, as it caps every model's score
+    assert "4 of 4 scored answers are longer than grove.evaluate.max_new_tokens=6" in caplog.text
     assert [s["status"] for s in result["stages"]] == ["ran"] * 7, result["stages"]
     summary = {s["stage"]: s["summary"] for s in result["stages"]}
     # no label: nothing counted per label, no accuracy anywhere
