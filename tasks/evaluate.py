@@ -22,7 +22,7 @@ from grove.scoring import generate_answers, prompts_and_labels, summarize
 from grove.settings import EvalSettings, ModelSettings
 from grove.standard_tasks import pytorch_scores
 from grove.teacher_forcing import REFERENCE_FILE, save_reference, top_log_probs
-from grove.stage import ArtifactRef, current_run, grove_stage, open_artifact, output_dir
+from grove.stage import ArtifactRef, StageFailed, current_run, grove_stage, open_artifact, output_dir
 from grove.textdata import answer_of, read_jsonl
 
 log = logging.getLogger("grove.evaluate")
@@ -86,6 +86,9 @@ def proven_by_forward_pass(examples, argmax, prompts, labels, tokenizer, eos_ids
 def measure(model, tokenizer, rows, examples, settings: EvalSettings, label: str,
             reference: list | None = None) -> dict:
     loss, argmax = forward_pass(model, examples, settings.batch_size, reference)
+    if loss is not None and not math.isfinite(loss):  # a NaN compares as within every bound downstream
+        raise StageFailed(f"the {label} model's eval loss is {loss}: its weights hold NaN or inf (a training that "
+                          f"diverged: lower the learning rate), so it cannot be scored or shipped")
     result = {"eval_loss": round(loss, 4) if loss is not None else None,
               "perplexity": round(math.exp(loss), 3) if loss is not None and loss < 50 else None}
     if settings.label_col:

@@ -373,3 +373,28 @@ def test_a_label_over_several_lines_is_warned_about(tmp_path, write_config, tiny
     said = [w for w in warnings if w.startswith("grove.evaluate.answer: label, but 20 of 60 answers in 'tone' "
                                                 "span several lines")]
     assert len(said) == 1 and "Set grove.evaluate.answer: text" in said[0], warnings
+
+
+def test_a_model_whose_eval_loss_is_not_finite_fails_evaluate(tiny_model):
+    """A diverged training (NaN weights) gave an eval loss of NaN, written to the report as a number,
+    and NaN compares as within every loss bound of the ladder and the gate; evaluate refuses it."""
+    import torch
+
+    from grove.models import load_causal_lm, load_tokenizer
+    from grove.settings import CorpusSettings, EvalSettings
+    from grove.stage import StageFailed
+    from tasks.evaluate import measure
+    from tasks.template_corpus import examples
+
+    tokenizer = load_tokenizer(tiny_model)
+    model = load_causal_lm(tiny_model, "cpu").eval()
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()][:2]
+    corpus = CorpusSettings(text_template="### Command: {command}\n### JSON:\n{json}", text_cols=["command", "json"],
+                            label_col="json", completion_only_loss=True)
+    eval_examples = [{"input_ids": ids, "labels": labels} for ids, labels in examples(rows, corpus, tokenizer, True)]
+    settings = EvalSettings(text_template=corpus.text_template)
+    assert measure(model, tokenizer, rows, eval_examples, settings, "base")["eval_loss"] > 0
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.fill_(float("nan"))
+    with pytest.raises(StageFailed, match="the fine-tuned model's eval loss is nan: its weights hold NaN or inf"):
+        measure(model, tokenizer, rows, eval_examples, settings, "fine-tuned")
