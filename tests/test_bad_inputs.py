@@ -272,6 +272,24 @@ def test_a_bad_input_is_one_line_naming_the_culprit_exit_2(case, command, tiny_m
         assert not (tmp_path / "out").exists()
 
 
+def test_keys_written_into_a_store_or_data_url_are_never_printed(tiny_model, tone_copy, tmp_path):
+    """s3://KEY:SECRET@bucket as the store was echoed whole in s3fs's "Invalid bucket name" error
+    (and would be in every run record); a data URL's password or signed query in its listing error."""
+    raw = tiny_config(tiny_model, tone_copy, tmp_path / "store", tmp_path / "out")
+    raw["grove"]["artifact_root"] = "s3://AKIAEXAMPLE:store-secret-1@grove-tests/runs"
+    (tmp_path / "root.json").write_text(json.dumps(raw))
+    raw = tiny_config(tiny_model, tone_copy, tmp_path / "store", tmp_path / "out")
+    data_params(raw)["data_files"] = "http://user:data-secret-2@127.0.0.1:1/tone.jsonl?X-Amz-Signature=sig-secret-3"
+    (tmp_path / "data.json").write_text(json.dumps(raw))
+    said = {name: grove("validate", "--config", str(tmp_path / f"{name}.json"), cwd=tmp_path)
+            for name in ("root", "data")}
+    assert [done.returncode for done in said.values()] == [2, 2]
+    assert said["root"].stderr.startswith("error: ") and "grove.artifact_root: holds keys in the URL" in said["root"].stderr
+    assert "data_files: " in said["data"].stderr and "127.0.0.1:1/tone.jsonl" in said["data"].stderr
+    printed = "".join(done.stdout + done.stderr for done in said.values())
+    assert not any(secret in printed for secret in ("store-secret-1", "data-secret-2", "sig-secret-3")), printed
+
+
 def test_debug_shows_the_traceback_of_the_same_mistake(tiny_model, tone_copy, tmp_path):
     raw = tiny_config(tiny_model, tone_copy, tmp_path / "store", tmp_path / "out")
     culprit = negative_learning_rate(raw, tmp_path)

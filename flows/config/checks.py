@@ -202,6 +202,12 @@ def _check_folders(config: RunConfig, where: _Where) -> None:
 def _usable_folder(path: str, at: str) -> None:
     """A local folder that exists and is writable, or can be made: checked without making it."""
     if "://" in path:
+        from urllib.parse import urlsplit
+
+        if urlsplit(path).username or urlsplit(path).password:  # never echoed: the message would print them
+            raise ConfigError(at, "holds keys in the URL (user:password@); s3fs does not read them there and Grove "
+                                  "would print and record them: give them as AWS_ACCESS_KEY_ID / "
+                                  "AWS_SECRET_ACCESS_KEY or grove.aws_credentials_block")
         return  # the store says itself (check_writable) before anything is written
     folder = Path(path)
     if folder.exists():

@@ -110,10 +110,11 @@ class Sources:
             options = self.remote_access().options if location.startswith("s3://") else {}
             return list_data_files(location, [self.base_dir, self.config_dir], options)
         except DataLocationError as exc:
-            raise ConfigError(at, str(exc)) from None
+            raise ConfigError(at, _unsigned(location, str(exc))) from None
         except Exception as exc:  # noqa: BLE001 - a store we cannot read: say which and why
             scrub = self.remote_access().scrub if location.startswith("s3://") else str
-            raise ConfigError(at, scrub(f"cannot list {location}: {type(exc).__name__}: {exc}")) from None
+            raise ConfigError(at, _unsigned(location, scrub(f"cannot list {location}: {type(exc).__name__}: {exc}"))) \
+                from None
 
     def digest(self, path: str) -> str:
         from grove.data_files import content_digest, is_remote
@@ -124,7 +125,24 @@ class Sources:
             return content_digest(path, fs=self.remote_fs(path) if is_remote(path) else None)
         except Exception as exc:  # noqa: BLE001 - name the file, never the keys
             scrub = self.remote_access().scrub if path.startswith("s3://") else str
-            raise ConfigError("data_files", scrub(f"cannot read {path}: {type(exc).__name__}: {exc}")) from None
+            raise ConfigError("data_files", _unsigned(path, scrub(f"cannot read {path}: {type(exc).__name__}: {exc}"))) \
+                from None
+
+
+def _unsigned(location: str, message: str) -> str:
+    """The message without the password or signed query a data URL may carry (the record leaves
+    them out too: grove.cache.settings_record)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(location)
+        secrets = (parts.password, parts.query)
+    except ValueError:
+        return message.replace(location, "<the URL>")
+    for secret in secrets:
+        if secret:
+            message = message.replace(secret, "***")
+    return message
 
 
 def _join(folder: str, name: str | None) -> str:
