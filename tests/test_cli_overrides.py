@@ -50,6 +50,13 @@ def test_a_bad_override_gets_the_config_error_saying_it_came_from_the_command_li
     nested = grove("validate", "-c", config, "grove.evaluat.max_rows=3", code=2)
     assert "grove.evaluat: unknown key (did you mean 'evaluate'?) (from the command line" in nested, \
         "the hint is said once, not again by the override's own guess"
+    flag = grove("validate", "-c", config, "grove.evaluate.max_rows=true", code=2)
+    assert "grove.evaluate.max_rows: input should be a number, not true or false (got true)" in flag, \
+        "true is not read as 1 row"
+    candidates = 'grove.quantization_search.candidates=[{"name": "a", "int4_block_size": 7}]'
+    listed = grove("validate", "-c", config, candidates, code=2)
+    assert "grove.quantization_search.candidates[0].int4_block_size: input should be 16, 32, 64, 128 or 256 (got 7)" \
+        in listed, "the mistake inside the list, not 'should be builtin or ladder'"
     value = grove("run", "-c", config, f"{STEPS}=-5", code=2)
     assert f"{STEPS}: must be a whole number of at least 1" in value and f"command line: {STEPS}=-5" in value
     assert "unknown key (did you mean 'device'?) (from the command line: grove.devic=cpu)" in \

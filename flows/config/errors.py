@@ -5,10 +5,13 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import re
+import types
 import typing
 from typing import Any, Iterable
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from grove.errors import UserError
 
@@ -26,6 +29,28 @@ class ConfigError(UserError):
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_true_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic reads true as 1 for a number: `max_rows: true` (or the override max_rows=true)
+        would evaluate one row, said nowhere."""
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and _admits(annotation, (int, float)) and not _admits(annotation, (bool,)):
+            raise PydanticCustomError("bool_for_number", "input should be a number, not true or false")
+        return value
+
+
+def _admits(annotation: Any, kinds: tuple[type, ...]) -> bool:
+    """Whether a field's type takes a value of one of `kinds` as it is (Any does, a list does not)."""
+    if annotation is Any or annotation in kinds:
+        return True
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return any(type(arg) in kinds for arg in args)
+    if origin in (typing.Union, types.UnionType, typing.Annotated):
+        return any(_admits(arg, kinds) for arg in args)
+    return False
 
 
 def did_you_mean(word: Any, choices: Iterable[str]) -> str:
@@ -64,11 +89,16 @@ def validate(model: type[BaseModel], raw: Any, where: str, known: Iterable[str] 
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        loc = [str(p) for p in error["loc"] if not str(p).startswith(("function-", "union["))]
-        # pydantic reports each union member; keep the key path only
-        loc = [p for p in loc if p not in ("str", "list[str]", "dict[str,any]", "int", "float", "bool")]
-        path = ".".join([where, *loc]) if where else ".".join(loc)
+        # pydantic reports each member of a union (`candidates: "ladder" | [...]`): of the first
+        # field's errors the deepest is the one inside the value written, not "should be 'ladder'"
+        first = exc.errors()[0]
+        error = max((e for e in exc.errors() if e["loc"][:1] == first["loc"][:1]), key=lambda e: len(e["loc"]))
+        loc = [str(p) for p in error["loc"] if not str(p).startswith(("function-", "union[", "literal["))]
+        # keep the key path only
+        loc = [p for p in loc if p not in ("str", "list[str]", "dict[str,any]", "int", "float", "bool")
+               and not re.fullmatch(r"list\[\w+\]", p)]
+        items = {str(p) for p in error["loc"] if isinstance(p, int)}  # list items read [0], as elsewhere
+        path = "".join(f"[{p}]" if p in items else f".{p}" for p in [where, *loc] if p).lstrip(".")
         if error["type"] == "extra_forbidden":
             parent = _model_at(model, loc[:-1])
             choices = list(parent.model_fields) if parent else []
