@@ -45,12 +45,13 @@ def stages(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES, de
            from_stage: Optional[str] = FROM_STAGE) -> None:
     """The plan: each stage, whether it would be a cache hit, and why not."""
     from flows.config import load_config
-    from flows.optimize import plan
+    from flows.optimize import check_from_stage, plan
     from flows.plan_words import plan_lines
     from grove.stage import STAGES
 
     overrides = with_device(overrides, device)
     with clean_errors():
+        check_from_stage(from_stage, "--from-stage")
         cfg = load_config(config, overrides=overrides)
         records = {r.stage: r for r in plan(str(config), from_stage, overrides, loaded=cfg)}
     table = Listing(f"Plan for {config}", ["stage", "cache", "why", "key"])
@@ -85,7 +86,7 @@ def run(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES, devic
 
     overrides = with_device(overrides, device)
     with clean_errors():  # bad input fails here: before Prefect starts, before the store is touched
-        check_from_stage(from_stage)
+        check_from_stage(from_stage, "--from-stage")
         cfg = load_config(config, overrides=overrides)
     from flows.server import launching
     from grove.models import model_folder, needs_conversion
