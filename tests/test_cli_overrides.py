@@ -53,6 +53,8 @@ def test_a_bad_override_gets_the_config_error_saying_it_came_from_the_command_li
     flag = grove("validate", "-c", config, "grove.evaluate.max_rows=true", code=2)
     assert "grove.evaluate.max_rows: input should be a number, not true or false (got true)" in flag, \
         "true is not read as 1 row"
+    assert "grove.name: string should have at least 1 character" in grove("validate", "-c", config, "grove.name=",
+                                                                           code=2), "not silently grove-model"
     for command in ("stages", "run"):  # the option as the user typed it, not the flow's parameter name
         assert grove(command, "-c", config, "--from-stage", "trian", code=2).startswith(
             "error: --from-stage: unknown stage 'trian' (did you mean 'train'?)")

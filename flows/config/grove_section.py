@@ -126,7 +126,7 @@ class GrovePlacement(Strict):
 
 
 class GroveSection(Strict):
-    name: str | None = None
+    name: str | None = Field(None, min_length=1)  # "" would silently fall back to workflow_id or grove-model
     artifact_root: str | None = None
     aws_credentials_block: str | None = None
     retries: dict[str, GroveRetry] = {}
