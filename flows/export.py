@@ -81,7 +81,7 @@ def _by_digest(store: ArtifactStore, recorded: list[dict[str, Any]], what: str) 
     for item in recorded:
         if item.get("stage") not in EXPORTED or not item.get("digest"):
             continue
-        entry = store.by_digest(item["digest"])
+        entry = store.by_digest(item["digest"], item.get("stage"), item.get("key"))
         if entry is None:
             raise UserError(f"{what}: its {item['stage']} entry {item['key'][:12]} is no longer in {store.root} "
                             f"(removed by grove gc?)")

@@ -73,7 +73,7 @@ def publish(cfg: RunConfig, refs: dict[str, ArtifactRef | None], records: list[S
     model_path = None
     if final is not None:
         # by digest: exactly the model this run produced or used, whatever its key names now
-        entry = store.by_digest(final.digest)
+        entry = store.by_digest(final.digest, final.stage, final.key)
         if entry is None:
             raise RuntimeError(f"the final model {final.stage}/{final.key} (manifest {final.digest[:12]}) is "
                                f"missing or damaged in {store.root}; rerun with --from-stage {final.stage}")

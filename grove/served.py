@@ -35,7 +35,7 @@ def served_model(store, artifact: Path) -> tuple[Path, Path | None]:
     if not pointer.is_file():
         return artifact / "model", None
     base = json.loads(pointer.read_text())
-    entry = store.by_digest(base["digest"])
+    entry = store.by_digest(base["digest"], base["stage"], base["key"])
     if entry is None:
         raise RuntimeError(f"the base {base['stage']}/{base['key']} this adapter runs on is missing from "
                            f"{store.root}; rerun with --from-stage build_onnx")

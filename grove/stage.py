@@ -203,7 +203,7 @@ def current_stage_key() -> str:
 def open_artifact(ref: ArtifactRef) -> Path:
     """A local folder with an upstream stage's files (read-only: they may be hard links)."""
     store = current_run().store
-    entry = store.by_digest(ref.digest)  # exactly what the upstream stage returned
+    entry = store.by_digest(ref.digest, ref.stage, ref.key)  # exactly what the upstream stage returned
     if entry is None:
         raise RuntimeError(f"artifact {ref.stage}/{ref.key} is missing or damaged in {store.root}; "
                            f"rerun with --from-stage {ref.stage}")

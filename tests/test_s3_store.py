@@ -98,6 +98,26 @@ def test_a_rerun_of_a_damaged_entry_replaces_it_even_where_it_puts_the_damaged_f
     assert "another run stored it first" not in caplog.text
 
 
+def test_a_damaged_copy_under_manifests_is_served_from_its_intact_entry(s3_env, folder, tmp_path, caplog):
+    """Downstream stages, the report and export open an artifact by digest (manifests/<digest>.json).
+    An edited copy failed the next stage ("missing or damaged; rerun with --from-stage") although
+    the entry still held that very manifest."""
+    store = ArtifactStore(fresh_root(), local_cache=tmp_path / "views")
+    entry = store.put_dir("build_onnx", "k", folder, {"summary": {"accuracy": 0.5}})
+    copy = store._by_digest_path(entry.digest)
+    body = json.loads(store.fs.cat_file(copy))
+    body["meta"]["summary"]["accuracy"] = 0.99
+    store.fs.pipe_file(copy, json.dumps(body).encode())
+    assert store.by_digest(entry.digest) is None and "edited?" in caplog.text
+
+    found = store.by_digest(entry.digest, "build_onnx", "k")
+    assert found is not None and found.manifest["meta"]["summary"] == {"accuracy": 0.5}
+    assert store.by_digest(entry.digest).digest == entry.digest  # the copy was written again
+    other = store.put_dir("build_onnx", "k2", folder, {"summary": {"accuracy": 0.7}})
+    assert store.by_digest(entry.digest[:-1] + "0", "build_onnx", "k2") is None  # only that very manifest
+    assert other.digest != entry.digest
+
+
 def test_unreachable_endpoint_names_it_not_the_keys(monkeypatch, s3_server, caplog):
     from seaweedfs import free_port
 

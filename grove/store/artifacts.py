@@ -474,9 +474,18 @@ class ArtifactStore(Checkpoints):
             self._judged_damaged.add((stage, key))
         return entry
 
-    def by_digest(self, digest: str) -> Entry | None:
-        """The exact artifact a reference names, whatever entry its key points to now."""
-        return self._load(self._by_digest_path(digest), f"manifests/{digest[:12]}")
+    def by_digest(self, digest: str, stage: str | None = None, key: str | None = None) -> Entry | None:
+        """The exact artifact a reference names, whatever entry its key points to now. Where its
+        copy under manifests/ is missing or damaged and the entry (stage, key) still holds that
+        very manifest, the entry's serves and the copy is written again."""
+        path = self._by_digest_path(digest)
+        entry = self._load(path, f"manifests/{digest[:12]}")
+        if entry is None and stage and key:
+            entry = self.lookup(stage, key)
+            if entry is None or entry.digest != digest:
+                return None
+            self._retry(f"writing the manifest of {stage}/{key}", lambda: self._write_json(path, entry.manifest))
+        return entry
 
     def materialize(self, entry: Entry) -> Path:
         """A local folder holding the entry's files (hard links for a local root, whose bytes
