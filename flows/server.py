@@ -223,7 +223,7 @@ def use_local_server(start_if_missing: bool) -> str | None:
     A missing one is launched without waiting: the caller does its own start-up work (reading
     the config, the bundled model's one-time conversion) while the server boots, then calls
     `ready()` before using the API. Returns a line to print when a server was launched."""
-    if os.environ.get("PREFECT_API_URL") or _profile_api_url():
+    if configured_api():
         return None
     record, launched = _running_or_launched(start_if_missing=start_if_missing)
     if record is None:
@@ -244,6 +244,15 @@ def ready() -> None:
     while _pending:
         wait_until_healthy(_pending[0])
         _pending.pop(0)
+
+
+def configured_api() -> tuple[str, str] | None:
+    """The Prefect API set outside grove, which every grove command uses instead of a local server,
+    and where it is set."""
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"], "PREFECT_API_URL"
+    url = _profile_api_url()
+    return (url, "the active Prefect profile") if url else None
 
 
 def _profile_api_url() -> str | None:

@@ -126,3 +126,11 @@ def test_prefect_server_stop_signals_whatever_its_pid_file_names(tmp_path):
     finally:
         unrelated.kill()
         unrelated.wait()
+
+
+def test_status_says_a_configured_api_is_the_one_grove_uses(prefect_api):
+    from flows.cli import app
+
+    said = CliRunner().invoke(app, ["server", "status"])
+    assert said.exit_code == 0 and said.output.startswith(
+        f"grove commands use the Prefect API at {prefect_api} (PREFECT_API_URL), not a local server"), said.output

@@ -37,8 +37,12 @@ def server_stop() -> None:
 @server_app.command("status")
 def server_status() -> None:
     """Whether it runs, its UI and API, and the line that points Prefect's own CLI at it."""
-    from flows.server import running
+    from flows.server import configured_api, running
 
+    configured = configured_api()
+    if configured:  # without this line a running local server reads as the one grove uses
+        console.print(f"grove commands use the Prefect API at {configured[0]} ({configured[1]}), not a local "
+                      f"server", highlight=False, markup=False)
     record = running()
     if record is None:
         console.print("not running: `grove server start` starts it (`grove run` does too, when needed)",
