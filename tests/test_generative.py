@@ -398,3 +398,21 @@ def test_a_model_whose_eval_loss_is_not_finite_fails_evaluate(tiny_model):
         model.model.layers[0].mlp.down_proj.weight.fill_(float("nan"))
     with pytest.raises(StageFailed, match="the fine-tuned model's eval loss is nan: its weights hold NaN or inf"):
         measure(model, tokenizer, rows, eval_examples, settings, "fine-tuned")
+
+
+def test_free_text_without_a_build_gets_a_gate_it_can_measure(tmp_path, write_config, tiny_model):
+    """No ModelBuilder pass and grove.promotion.metric not written: the gate judges the merged
+    model's chrF. It was refused at grove.promotion.metric, a key the config does not hold, whether
+    the section was left out (fine_tuned_accuracy needs a label) or only its min was set
+    (onnx_accuracy needs a ModelBuilder pass)."""
+    from flows.config import load_config
+
+    raw = commands_config(tmp_path, tiny_model)
+    del raw["passes"]["builder"]
+    for name, promotion in (("left-out", None), ("min-only", {"min": 10})):
+        raw["grove"].pop("promotion", None)
+        if promotion:
+            raw["grove"]["promotion"] = promotion
+        gate = load_config(write_config(raw, f"{name}.json")).promotion
+        assert gate.metric == "fine_tuned_chrf" and gate.tolerance_metric == "eval_loss", (name, gate)
+    assert gate.min == 10

@@ -97,8 +97,10 @@ class GroveRetry(Strict):
 class GrovePromotion(Strict):
     enabled: bool = Field(True, description="after benchmark, make the new model current if it passes the gate")
     model_name: str | None = Field(None, description="the name models are promoted under (default: grove.name)")
-    metric: str = Field("onnx_accuracy", description="gate metric (PROMOTION_METRICS); without a "
-                                                     "ModelBuilder pass the default is fine_tuned_accuracy")
+    metric: str = Field("onnx_accuracy", description="gate metric (PROMOTION_METRICS); unwritten, it fits the "
+                                                     "config (flows/config/promotion.py default_metric): without "
+                                                     "a ModelBuilder pass fine_tuned_accuracy, without a label "
+                                                     "onnx_token_agreement or fine_tuned_chrf")
     min: float = Field(0.0, description="the new model's metric must be at least this")
     max_drop: float = Field(0.02, ge=0, description="and not more than this below the current model's")
     max_drop_from_fine_tuned: float = Field(

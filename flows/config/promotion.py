@@ -9,6 +9,14 @@ from flows.config.grove_section import GrovePromotion
 from grove.settings import PROMOTION_METRICS, PromotionSettings
 
 
+def default_metric(has_builder: bool, has_label: bool) -> str:
+    """The gate metric when none is written: the shipped ONNX model's accuracy, or its teacher-forced
+    agreement without a label; without a build, the merged model's accuracy, or chrF (free text)."""
+    if has_builder:
+        return "onnx_accuracy" if has_label else "onnx_token_agreement"
+    return "fine_tuned_accuracy" if has_label else "fine_tuned_chrf"
+
+
 def promotion_settings(section: GrovePromotion, name: str, has_builder: bool,
                         has_merge: bool, has_label: bool = True) -> PromotionSettings | None:
     """`has_label`: the eval data has a label column, so accuracies are measured; without one the
@@ -16,18 +24,15 @@ def promotion_settings(section: GrovePromotion, name: str, has_builder: bool,
     where = "grove.promotion"
     if not section.enabled:
         return None
-    if not section.model_fields_set:  # defaults only: fit them to the passes instead of refusing
-        if not (has_builder or has_merge):
-            return None
-        if not has_builder:
-            section = section.model_copy(update={"metric": "fine_tuned_accuracy"})
-    if not has_label and section.metric.endswith("_accuracy"):
-        if "metric" in section.model_fields_set:
-            raise ConfigError(f"{where}.metric", f"{section.metric} needs a label column (the data's text_template "
-                                                 f"ending with it); without one use onnx_token_agreement "
-                                                 f"(with a ModelBuilder pass)")
-        if has_builder:
-            section = section.model_copy(update={"metric": "onnx_token_agreement"})
+    written = section.model_fields_set  # before any default is filled in (a copy's update counts as set)
+    if not written and not (has_builder or has_merge):  # defaults only, nothing to promote: no gate
+        return None
+    if "metric" not in written:  # the default fits the passes and the data instead of being refused
+        section = section.model_copy(update={"metric": default_metric(has_builder, has_label)})
+    elif not has_label and section.metric.endswith("_accuracy"):
+        raise ConfigError(f"{where}.metric", f"{section.metric} needs a label column (the data's text_template "
+                                             f"ending with it); without one use onnx_token_agreement "
+                                             f"(with a ModelBuilder pass)")
     metric = section.tolerance_metric if section.tolerance_metric != "auto" else \
         "accuracy" if has_label else "eval_loss"
     if metric == "accuracy" and not has_label:
