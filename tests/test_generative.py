@@ -127,6 +127,11 @@ def test_the_generative_example_scores_free_text_answers_as_served(tiny_model, t
     (lambda raw: raw["grove"]["evaluate"].update(answer="prose"), "grove.evaluate.answer", "label"),
     (lambda raw: raw["grove"]["evaluate"].update(lm_eval_tasks=["x"], lm_eval_include="no/such/tasks"),
      "grove.evaluate.lm_eval_include", "is not a folder"),
+    # the answer in the prompt too: every score would measure copying
+    (lambda raw: raw["data_configs"][0]["pre_process_data_config"]["params"].update(
+        text_template="### Command: {command} ({json})\n### JSON:\n{json}"),
+     "data_configs.commands_train.pre_process_data_config.params.text_template", "uses the answer column {json} in "
+                                                                                  "the prompt too"),
 ])
 def test_free_text_answers_refuse_what_they_cannot_do(tmp_path, write_config, change, where, words):
     from flows.config import ConfigError, load_config

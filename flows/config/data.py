@@ -143,6 +143,9 @@ def _rendering(pre: PreProcessParams, where: str, first_file: str) -> tuple[str,
                                                         f"{did_you_mean(col, columns)}; it has {columns}")
     match = re.search(r"\{(\w+)\}\s*$", template)
     label = match.group(1) if match and template[: match.start()].strip() else None
+    if label and label in fields[:-1]:  # every score would measure copying, not answering
+        raise ConfigError(f"{where}.text_template", f"uses the answer column {{{label}}} in the prompt too, before "
+                                                    f"its end: the model would be shown the answer it is asked for")
     return template, cols, label
 
 
