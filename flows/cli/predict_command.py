@@ -19,8 +19,9 @@ STDIN = "-"
 @app.command()
 def predict(model: Path = typer.Option(..., "--model", help="A shipped folder: <output_dir>/<name> or its model/."),
             texts: Optional[list[str]] = typer.Argument(None, metavar="TEXT", show_default=False,
-                                                        help="Texts to answer, one answer line each; - reads "
-                                                             "standard input, one text a line."),
+                                                        help="Texts to answer, one answer line each (a free-text "
+                                                             "answer: as many lines as it has); - reads standard "
+                                                             "input, one text a line."),
             input_file: Optional[str] = typer.Option(None, "--input", "-i", show_default=False,
                                                      help="A file of texts, one a line, or .jsonl (.json) rows with "
                                                           "the template's fields (other keys ignored); - for stdin."),
