@@ -118,6 +118,13 @@ def _check_record(where: str, record: object, columns: list[str]) -> str:
     if missing:
         raise UserError(f"{where}: no value for column {missing[0]!r} (the template uses "
                         f"{', '.join(repr(c) for c in columns)}; this row has {sorted(record)})")
+    nested = [c for c in columns if isinstance(record[c], (dict, list))]
+    if nested:  # a JSON answer stored as an object: the model would learn Python's quotes, not JSON
+        kind = "object" if isinstance(record[nested[0]], dict) else "array"
+        shown = str(record[nested[0]])
+        raise UserError(f"{where}: column {nested[0]!r} holds a JSON {kind}, which the template writes as "
+                        f"Python shows it ({shown[:40]}{'...' if len(shown) > 40 else ''}), not as JSON; store "
+                        f"it as a string of JSON text")
     # what makes two rows the same (tasks/load_data.py row_text)
     return json.dumps([record.get(c) for c in columns])
 

@@ -97,6 +97,14 @@ def row_without_a_template_column(raw, tmp):
     return f"{path}:10: no value for column 'tone'"
 
 
+def answer_stored_as_a_json_object(raw, tmp):
+    """It was rendered as Python's repr ({'tone': 'joy'}): the model learned Python's quotes, not JSON."""
+    lines = list(LINES)
+    lines[4] = json.dumps({"phrase": json.loads(lines[4])["phrase"], "tone": {"tone": "joy", "score": 1}})
+    path = write_data(raw, tmp / "object.jsonl", "\n".join(lines) + "\n")
+    return f"{path}:5: column 'tone' holds a JSON object, which the template writes as Python shows it"
+
+
 def csv_row_with_missing_field(raw, tmp):
     path = tmp / "tone.csv"
     path.write_text("phrase,tone\nI froze on the trail,fear\nwe won the prize\nso tired today,sadness\n")
@@ -210,6 +218,7 @@ CASES = [
     (binary_data_file, "validate"),
     (one_row_dataset, "validate"),
     (row_without_a_template_column, "validate"),
+    (answer_stored_as_a_json_object, "validate"),
     (csv_row_with_missing_field, "validate"),
     (duplicate_data_config_names, "validate"),
     (output_dir_is_a_file, "run"),
