@@ -261,7 +261,7 @@ def promote(gate: PromotionSettings, refs: dict[str, ArtifactRef | None], run_id
               "accuracy": accuracy, "quality": quality, "tolerance_metric": gate.tolerance_metric,
               "value": metrics.get(gate.metric), "model_uri": final.uri,
               "current_run_id": current["run_id"] if current else None}
-    if decision != "promoted":
+    if decision == "not_promoted":
         return result
     now = datetime.now(timezone.utc)
     record = {"name": gate.model_name, "run_id": run_id, "config": config,
@@ -270,6 +270,14 @@ def promote(gate: PromotionSettings, refs: dict[str, ArtifactRef | None], run_id
               # what gc must keep while this model is current
               "entries": [_entry(r) for r in refs.values() if r is not None] + _base_entries(final),
               "previous_run_id": current["run_id"] if current else None}
+    if decision == "unchanged":
+        if {e["digest"] for e in record["entries"]} == {e["digest"] for e in current["entries"]}:
+            return result
+        # the current model measured again (a --from-stage rerun, other benchmark settings): same
+        # model, new entries; its record takes them, as `grove models` and `grove export NAME` show
+        result["reason"] += "; its record now holds this run's measurements"
+    elif decision != "promoted":
+        return result
     # history first: a crash between the two writes leaves the old pointer, never a dangling one
     store.put_json(f"{MODELS}/{gate.model_name}/history/{now:%Y%m%dT%H%M%S%fZ}-{run_id[:8]}.json", record)
     store.put_json(f"{MODELS}/{gate.model_name}/current.json", record)

@@ -190,3 +190,22 @@ def test_gc_keeps_the_record_of_the_run_that_made_a_current_model(tmp_path, fold
     assert [e.digest for e in resolve(store, "dddddddd")[1]] == [made.digest]
     with pytest.raises(UserError, match=r"its build_onnx entry gone is no longer in .* \(removed by grove gc\?\)"):
         resolve(store, "eeeeeeee")
+
+
+def test_a_from_stage_rerun_of_the_current_model_updates_its_record(tiny_model, trained_store, tmp_path,
+                                                                    write_config):
+    """--from-stage benchmark measures the current model again: same model, so the gate leaves it
+    current, but `grove models` and `grove export NAME` kept the old benchmark (by digest)."""
+    root = seed_store(trained_store, tmp_path / "store")
+    raw = tiny_config(tiny_model, TONE_DATA, root, tmp_path / "out")
+    raw["grove"]["promotion"] = {"min_gain_over_base": 0}  # a tiny model scores 0 like its base
+    config = str(write_config(raw))
+    grove("run", "-c", config)  # all cached; promoted
+    said = grove("run", "-c", config, "--from-stage", "benchmark")
+    newest = json.loads(grove("runs", "-c", config, "--json"))[0]
+    current = json.loads(grove("models", "-c", config, "--json"))["tiny"]["current"]
+    benchmark = next(s for s in newest["stages"] if s["stage"] == "benchmark")
+    measured = ArtifactStore(str(root)).by_digest(benchmark["digest"]).manifest["meta"]["summary"]
+    assert "current model unchanged" in said and "its record now holds this run's measurements" in " ".join(said.split())
+    assert current["run_id"] == newest["run_id"] and benchmark["digest"] in {e["digest"] for e in current["entries"]}
+    assert current["metrics"]["onnx_decode_tokens_per_s"] == measured["onnx"]["decode_tokens_per_s"]
