@@ -109,18 +109,30 @@ def export(store: ArtifactStore, what: str, target: Path) -> Export:
         what_is_there = "is a file" if not target.is_dir() else "exists and is not empty"
         raise UserError(f"{target}: {what_is_there}; export into a new folder")
     result = Export(source, entries)
-    for entry in entries:
-        local = store.materialize(entry)
-        for rel in sorted(entry.files):
-            destination = _destination(entry, rel)
-            (target / destination).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(local / rel, target / destination)  # a copy: the export owes nothing to the store
-            result.placed.setdefault(destination.split("/", 1)[0], []).append(destination)
-    (target / "README.md").write_text(readme(result, store, target))
-    (target / "export.json").write_text(json.dumps({
-        "source": source, "store": store.root,
-        "entries": [{"stage": e.stage, "key": e.key, "digest": e.digest} for e in entries],
-        "files": result.placed}, indent=1))
+    # written beside the target and renamed at the end: an export that fails half way (a blob gc
+    # removed, a full disk) leaves no half folder that a second try would call "not empty"
+    staging = target.parent / f".{target.name}.grove-export"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        for entry in entries:
+            local = store.materialize(entry)
+            for rel in sorted(entry.files):
+                destination = _destination(entry, rel)
+                (staging / destination).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(local / rel, staging / destination)  # a copy: the export owes nothing to the store
+                result.placed.setdefault(destination.split("/", 1)[0], []).append(destination)
+        (staging / "README.md").write_text(readme(result, store, target))
+        (staging / "export.json").write_text(json.dumps({
+            "source": source, "store": store.root,
+            "entries": [{"stage": e.stage, "key": e.key, "digest": e.digest} for e in entries],
+            "files": result.placed}, indent=1))
+        if target.exists():
+            target.rmdir()  # empty, checked above
+        staging.rename(target)
+    except OSError as exc:  # the disk (not the store: StoreError) said no
+        raise UserError(f"{target}: export failed, nothing written: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return result
 
 

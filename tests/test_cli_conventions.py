@@ -154,3 +154,24 @@ def test_export_takes_a_promoted_model_a_run_or_an_entry_out_and_predict_answers
     config = folder / "tiny.json"
     said = grove("export", "tiny", "-o", str(config), "--store", root, code=2)
     assert said.startswith(f"error: {config}: is a file; export into a new folder"), said
+
+
+def test_an_export_that_fails_half_way_leaves_no_half_folder(store, tmp_path, monkeypatch):
+    """A full disk cannot be made here: the copy fails (ENOSPC) after the adapter's and evaluate's
+    files, as it would on a merged model of a few GB."""
+    import errno
+    import shutil
+
+    folder, _ = store
+    copy, copied = shutil.copyfile, []
+
+    def fills_the_disk(source, destination):
+        if len(copied) == 4:
+            raise OSError(errno.ENOSPC, "No space left on device", str(destination))
+        copied.append(destination)
+        return copy(source, destination)
+
+    monkeypatch.setattr(shutil, "copyfile", fills_the_disk)
+    said = grove("export", "tiny", "-o", str(tmp_path / "half"), "--store", str(folder / ".grove-cache"), code=2)
+    assert said.startswith(f"error: {tmp_path / 'half'}: export failed, nothing written: No space left on device")
+    assert len(copied) == 4 and list(tmp_path.iterdir()) == [], "no half folder a second try would call not empty"
