@@ -55,6 +55,10 @@ def test_a_bad_override_gets_the_config_error_saying_it_came_from_the_command_li
         "true is not read as 1 row"
     assert "grove.name: string should have at least 1 character" in grove("validate", "-c", config, "grove.name=",
                                                                            code=2), "not silently grove-model"
+    assert "passes.lora.config.precision: unknown key here (a ModelBuilder pass setting; set it on that pass)" in \
+        grove("validate", "-c", config, "passes.lora.config.precision=int8", code=2)
+    assert "passes.builder.config.training_args: unknown key here (a LoRA/QLoRA pass setting" in \
+        grove("validate", "-c", config, "passes.builder.config.training_args={}", code=2)
     for command in ("stages", "run"):  # the option as the user typed it, not the flow's parameter name
         assert grove(command, "-c", config, "--from-stage", "trian", code=2).startswith(
             "error: --from-stage: unknown stage 'trian' (did you mean 'train'?)")

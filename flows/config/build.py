@@ -10,7 +10,7 @@ from flows.config.errors import ConfigError, Warnings, validate
 from flows.config.fates import known_keys, sift
 from flows.config.grove_section import GroveBuild, GroveCandidate, GroveSearch
 from flows.config.input_model import accelerator_providers
-from flows.config.olive import ModelBuilderPass
+from flows.config.olive import ModelBuilderPass, QLoraPass
 from grove.settings import BuildSettings, Candidate, DataSettings, ModelSettings, SearchSettings
 
 
@@ -30,7 +30,8 @@ def build_settings(pass_config: dict[str, Any], where: str, provider: str, model
     with Grove's per-provider defaults (grove.build). Public: benches build Grove's defaults."""
     grove = grove or GroveBuild()
     pass_config = sift("passes.ModelBuilder", pass_config, where, warn or Warnings())
-    spec = validate(ModelBuilderPass, pass_config, where, known_keys("passes.ModelBuilder"))
+    spec = validate(ModelBuilderPass, pass_config, where, known_keys("passes.ModelBuilder"),
+                    elsewhere={"LoRA/QLoRA pass": QLoraPass})
     inherited = {}
     if provider == "cuda" and "enable_cuda_graph" not in spec.extra_options and spec.enable_cuda_graph is None:
         # measured on an H200 (Phi-3-mini shape, int4): CUDA graphs lift batch-1 decode ~30%

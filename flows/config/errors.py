@@ -79,9 +79,11 @@ def check_keys(raw: dict, valid: Iterable[str], where: str) -> None:
             raise ConfigError(f"{where}.{key}" if where else key, f"unknown key{did_you_mean(key, valid)}")
 
 
-def validate(model: type[BaseModel], raw: Any, where: str, known: Iterable[str] = ()):
+def validate(model: type[BaseModel], raw: Any, where: str, known: Iterable[str] = (),
+             elsewhere: dict[str, type[BaseModel]] | None = None):
     """`raw` validated into `model`; the first problem as a ConfigError naming its key path.
-    `known`: other key names of the section (warned/refused ones) offered as suggestions."""
+    `known`: other key names of the section (warned/refused ones) offered as suggestions;
+    `elsewhere`: sections an unknown key may belong to (`precision` on a LoRA pass), named if so."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -104,7 +106,10 @@ def validate(model: type[BaseModel], raw: Any, where: str, known: Iterable[str] 
             choices = list(parent.model_fields) if parent else []
             if parent is model:
                 choices += list(known)
-            raise ConfigError(path, f"unknown key{did_you_mean(loc[-1], choices)}") from None
+            owner = next((name for name, other in (elsewhere or {}).items() if loc[-1] in other.model_fields), None)
+            hint = (f" here (a {owner} setting; set it on that pass)" if owner and parent is model
+                    else did_you_mean(loc[-1], choices))  # the exact name elsewhere beats a near one here
+            raise ConfigError(path, f"unknown key{hint}") from None
         if error["type"] == "missing":
             raise ConfigError(path, "is required") from None
         got = error.get("input")

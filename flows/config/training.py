@@ -9,7 +9,7 @@ from typing import Any
 from flows.config.errors import ConfigError, did_you_mean, validate
 from flows.config.fates import FATES, known_keys, sift
 from flows.config.grove_section import GroveSection
-from flows.config.olive import LoraPass, QLoraPass
+from flows.config.olive import LoraPass, ModelBuilderPass, QLoraPass
 from grove.settings import TrainSettings
 
 # TrainingArguments names that older transformers/Olive used and transformers 5 renamed.
@@ -25,7 +25,7 @@ RENAMED_TRAINING_ARGS = {
 def lora_pass(kind: str, cfg: dict, where: str, warn) -> LoraPass:
     section = f"passes.{kind}"
     spec = validate(QLoraPass if kind == "QLoRA" else LoraPass, sift(section, cfg, where, warn), where,
-                    known_keys(section))
+                    known_keys(section), elsewhere={"ModelBuilder pass": ModelBuilderPass})
     for olive06, olive013 in (("lora_r", "r"), ("lora_alpha", "alpha")):
         a, b = getattr(spec, olive06), getattr(spec, olive013)
         if a is not None and b is not None and a != b:
