@@ -50,6 +50,16 @@ def test_a_learning_rate_outside_the_usual_range_is_warned_at_its_key_path(base,
     assert config.train.training_args["learning_rate"] == rate  # warned, still what the config says
 
 
+@pytest.mark.parametrize("warmup, said", [(3, True), (1000, True), (2, False), (0.5, False)])
+def test_a_warmup_as_long_as_the_training_is_warned_at_its_key_path(base, tmp_path, warmup, said):
+    training_args(base)["warmup_steps"] = warmup  # max_steps 3; 0.5: a ratio, as transformers reads it
+    _, warnings = parse(base, tmp_path)
+    about = [w for w in warnings if w.startswith(f"{ARGS}.warmup_steps: ")]
+    assert (about == [f"{ARGS}.warmup_steps: {warmup}, but max_steps is 3: the learning rate only warms up and "
+                      f"never reaches learning_rate; give fewer warmup steps (often 5-10% of max_steps)"]
+            if said else not about), warnings
+
+
 @pytest.mark.parametrize("device", ["cpu", "auto"])
 def test_mixed_precision_on_a_cpu_training_is_warned_and_not_in_the_resolved_settings(base, tmp_path, device):
     """On this machine (CPU torch) `auto` trains on the CPU too: what the run will do is what

@@ -1,5 +1,5 @@
 """Values that pass the schema but cannot mean what they say: a learning rate no fine-tuning
-uses, mixed precision on a training that runs on the CPU, LoRA on more top layers than the model
+uses, a warmup as long as the training, mixed precision on a training that runs on the CPU, LoRA on more top layers than the model
 has. Each is a one-line error or warning at its key path, before any work (README: Checks before any work)."""
 
 from __future__ import annotations
@@ -34,6 +34,19 @@ def check_learning_rate(train: TrainSettings, at: str, warn) -> None:
     elif value < low:
         warn(f"{at}.learning_rate", f"{value:g} is below the usual fine-tuning range {USUAL}: the "
                                     f"adapter will barely move from where it starts")
+
+
+def check_warmup(train: TrainSettings, at: str, warn) -> None:
+    """warmup_steps (a whole number; below 1 transformers reads it as a ratio) at or past max_steps:
+    the learning rate rises the whole run and never reaches learning_rate."""
+    args = train.training_args
+    warmup, steps = args.get("warmup_steps"), args.get("max_steps")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (warmup, steps)) or steps <= 0:
+        return
+    if warmup >= steps:
+        warn(f"{at}.warmup_steps", f"{warmup}, but max_steps is {steps}: the learning rate only warms up and "
+                                   f"never reaches learning_rate; give fewer warmup steps (often 5-10% of "
+                                   f"max_steps)")
 
 
 def cpu_training(device: str, placed: bool, on_this_machine: bool) -> str | None:
@@ -82,5 +95,6 @@ def check_training(train: TrainSettings, at: str, model: ModelSettings, device: 
                    on_this_machine: bool, warn) -> TrainSettings:
     """The training checks above, in order; `at`: the pass's training_args key path."""
     check_learning_rate(train, at, warn)
+    check_warmup(train, at, warn)
     check_top_layers(train, model)
     return drop_cpu_flags(train, at, cpu_training(device, placed, on_this_machine), warn)
