@@ -33,6 +33,8 @@ def test_h_version_and_flags_without_type_noise():
     assert "[OPTIONS] COMMAND" in grove("-h") and "Show this message" in grove("-h")
     usage = grove("validate", "-h")
     assert "--resolved" in usage and "<bool>" not in usage and "--help" in usage, usage
+    assert "Print each stage's resolved settings" in usage, "help sentences as every other option's"
+    assert "show [OPTIONS] {RUN}" in " ".join(grove("show", "-h").split()), "the argument named as diff names it"
     assert grove("--version").strip() == "grove 0.1.0"
 
 

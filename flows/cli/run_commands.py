@@ -22,8 +22,8 @@ from flows.progress_lines import DEFAULT_EVERY, ProgressLines
 
 @app.command()
 def validate(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES, device: Optional[Device] = DEVICE,
-             resolved: bool = typer.Option(False, "--resolved", help="print each stage's resolved settings and the "
-                                                                    "plan as JSON on stdout (the rest on stderr)")) -> None:
+             resolved: bool = typer.Option(False, "--resolved", help="Print each stage's resolved settings and the "
+                                                                    "plan as JSON on stdout (the rest on stderr).")) -> None:
     """Check a run config without running anything; say what it would build and when it promotes."""
     from flows.config import load_config
     from flows.plan_words import plan_lines, plan_of

@@ -135,7 +135,7 @@ def runs(config: Optional[Path] = STORE_CONFIG, store: Optional[str] = STORE_URI
 
 
 @app.command()
-def show(run_id: str = typer.Argument(..., help="Run id (a unique prefix is enough)."),
+def show(run_id: str = typer.Argument(..., metavar="RUN", help="Run id (a unique prefix is enough)."),
          config: Optional[Path] = STORE_CONFIG, store: Optional[str] = STORE_URI,
          as_json: bool = typer.Option(False, "--json", help="Print the run record as JSON.")) -> None:
     """A run's key metrics and the entries it used or produced: stage, cached or ran, size, where they are
