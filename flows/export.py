@@ -95,6 +95,8 @@ def _destination(entry: Entry, rel: str) -> str:
     """Where a stage's file goes in the export."""
     if entry.stage == "merge_adapters":
         return f"merged/{rel}"
+    if entry.stage not in EXPORTED:  # load_data's or template_corpus's rows (STAGE/KEY): data, not metrics
+        return f"{entry.stage}/{rel}"
     top, _, rest = rel.partition("/")
     if not rest:
         return f"metrics/{rel}"
@@ -143,7 +145,7 @@ def readme(result: Export, store: ArtifactStore, target: Path) -> str:
         if folder in result.placed:
             lines.append(f"| `{folder}/` | {WHAT[folder].format(folder=target)} |")
     for folder in sorted(set(result.placed) - set(WHAT)):
-        lines.append(f"| `{folder}/` | the {folder} stage's other files |")
+        lines.append(f"| `{folder}/` | the {folder} stage's {'other ' if folder in EXPORTED else ''}files |")
     if "metrics" in result.placed:
         lines += ["", "Metrics and logs: " + ", ".join(f"`{p}`" for p in result.placed["metrics"]) + "."]
     lines += ["", "Stage entries (stage, key, manifest digest), also in export.json:", ""]

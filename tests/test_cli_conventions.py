@@ -149,6 +149,10 @@ def test_export_takes_a_promoted_model_a_run_or_an_entry_out_and_predict_answers
     train = next(s for s in run["stages"] if s["stage"] == "train")
     grove("export", f"train/{train['key'][:10]}", "-o", str(tmp_path / "entry"), "--store", root)
     assert sorted(p.name for p in (tmp_path / "entry").iterdir()) == ["README.md", "adapter", "export.json", "metrics"]
+    rows = next(s for s in run["stages"] if s["stage"] == "load_data")
+    grove("export", f"load_data/{rows['key'][:10]}", "-o", str(tmp_path / "rows"), "--store", root)
+    assert sorted(p.relative_to(tmp_path / "rows").as_posix() for p in (tmp_path / "rows").rglob("*.json*")) == \
+        ["export.json", "load_data/eval.jsonl", "load_data/stats.json", "load_data/train.jsonl"], "data, not metrics/"
 
     said = " ".join(grove("export", "nope", "-o", str(tmp_path / "x"), "--store", root, code=2).split())
     assert said.startswith("error: nope: no promoted model, run id or STAGE/KEY by that name") and "tiny" in said
