@@ -19,16 +19,22 @@ from pathlib import Path
 from typing import Any
 
 from grove.errors import UserError
+from grove.served import ADAPTER_FILE, BASE_FILE, META_SUFFIX, publish_served
+from grove.shipped import PROMPT_FILE
 from grove.stage import STAGES
 from grove.store import ArtifactStore, Entry
 
+# An adapter-shipped build's files that publish_served lays out in model/ and adapters/
+SERVED = {BASE_FILE, ADAPTER_FILE, f"{ADAPTER_FILE}{META_SUFFIX}", PROMPT_FILE}
 # Stages whose files a user takes away; load_data/template_corpus hold the data, already theirs.
 EXPORTED = ("train", "evaluate", "merge_adapters", "build_onnx", "benchmark")
 WHAT = {"model": "the ONNX model as shipped (onnxruntime-genai): `grove predict --model {folder}`; its README.md "
                  "has the Python snippet that answers as the evaluation scored",
         "adapter": "the LoRA adapter in peft format: `PeftModel.from_pretrained(base_model, \"{folder}/adapter\")`",
         "merged": "the merged Hugging Face model: `AutoModelForCausalLM.from_pretrained(\"{folder}/merged\")`",
-        "metrics": "each stage's metrics and logs (see the list below)"}
+        "metrics": "each stage's metrics and logs (see the list below)",
+        "adapters": "the fine-tune as an onnxruntime adapter on the base in model/ (grove.ship: adapter): "
+                    "`grove predict --model {folder} --adapter NAME`"}
 
 
 @dataclass
@@ -36,10 +42,12 @@ class Export:
     source: str  # what was exported, in words
     entries: list[Entry]
     placed: dict[str, list[str]] = field(default_factory=dict)  # folder -> files written there
+    adapter: str | None = None  # grove.ship: adapter: the name under adapters/ (predict --adapter)
 
 
-def resolve(store: ArtifactStore, what: str) -> tuple[str, list[Entry]]:
-    """A promoted model's name, a run id (a unique prefix) or STAGE/KEY (a key prefix) -> its entries."""
+def resolve(store: ArtifactStore, what: str) -> tuple[str, list[Entry], str | None]:
+    """A promoted model's name, a run id (a unique prefix) or STAGE/KEY (a key prefix) -> its
+    entries and the model's name (None for one entry)."""
     from flows.runs import find_run
     from tasks.promote import current_model
 
@@ -51,11 +59,11 @@ def resolve(store: ArtifactStore, what: str) -> tuple[str, list[Entry]]:
         if len(matches) != 1:
             raise UserError(f"{what}: {'no' if not matches else len(matches)} {stage} entries with key {key!r} "
                             f"in {store.root}")
-        return f"stage entry {stage}/{matches[0].key}", matches
+        return f"stage entry {stage}/{matches[0].key}", matches, None
     current = current_model(store, what)
     if current is not None:
         return (f"model {what} (current, promoted {current['promoted_at'][:19]} from run {current['run_id'][:8]})",
-                _by_digest(store, current["entries"], f"model {what}"))
+                _by_digest(store, current["entries"], f"model {what}"), what)
     try:
         run = find_run(store, what)
     except LookupError:
@@ -68,12 +76,13 @@ def resolve(store: ArtifactStore, what: str) -> tuple[str, list[Entry]]:
                 if m["run_id"].startswith(what)]
         if len({m["run_id"] for m in past}) == 1:
             return (f"model {past[0]['name']} (promoted {past[0]['promoted_at'][:19]} from run {past[0]['run_id'][:8]})",
-                    _by_digest(store, past[0]["entries"], f"model {past[0]['name']} of run {what}"))
+                    _by_digest(store, past[0]["entries"], f"model {past[0]['name']} of run {what}"), past[0]["name"])
         names = ", ".join(m["name"] for m in current_models(store)) or "none"
         runs = ", ".join(r["run_id"][:8] for r in list_runs(store)[:5]) or "none"
         raise UserError(f"{what}: no promoted model, run id or STAGE/KEY by that name in {store.root} "
                         f"(models: {names}; recent runs: {runs})") from None
-    return f"run {run['run_id']} ({run['name']}, {run['status']})", _by_digest(store, run["stages"], f"run {what}")
+    return (f"run {run['run_id']} ({run['name']}, {run['status']})", _by_digest(store, run["stages"], f"run {what}"),
+            run["name"])
 
 
 def _by_digest(store: ArtifactStore, recorded: list[dict[str, Any]], what: str) -> list[Entry]:
@@ -106,7 +115,7 @@ def _destination(entry: Entry, rel: str) -> str:
 
 
 def export(store: ArtifactStore, what: str, target: Path) -> Export:
-    source, entries = resolve(store, what)
+    source, entries, name = resolve(store, what)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         what_is_there = "is a file" if not target.is_dir() else "exists and is not empty"
         raise UserError(f"{target}: {what_is_there}; export into a new folder")
@@ -118,7 +127,18 @@ def export(store: ArtifactStore, what: str, target: Path) -> Export:
     try:
         for entry in entries:
             local = store.materialize(entry)
+            if entry.stage == "build_onnx" and BASE_FILE in entry.files:
+                # grove.ship: adapter: laid out as a run's output folder (model/ the base, adapters/),
+                # which `grove predict --model FOLDER --adapter NAME` answers with
+                result.adapter = name or "adapter"
+                publish_served(store, local, staging, result.adapter)
+                result.placed["model"] = sorted(f"model/{p.relative_to(staging / 'model')}"
+                                                for p in (staging / "model").rglob("*") if p.is_file())
+                result.placed["adapters"] = sorted(f"adapters/{p.name}" for p in (staging / "adapters").iterdir())
             for rel in sorted(entry.files):
+                if (entry.key.startswith("base-") and rel.startswith("model/")) or \
+                        (result.adapter and entry.stage == "build_onnx" and rel in SERVED):
+                    continue  # the base and the adapter files are in model/ and adapters/ already
                 destination = _destination(entry, rel)
                 (staging / destination).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(local / rel, staging / destination)  # a copy: the export owes nothing to the store
@@ -141,7 +161,7 @@ def export(store: ArtifactStore, what: str, target: Path) -> Export:
 def readme(result: Export, store: ArtifactStore, target: Path) -> str:
     lines = [f"# Exported by grove: {result.source}", "", f"From the artifact store {store.root}.", "",
              "| folder | what |", "|---|---|"]
-    for folder in ("model", "adapter", "merged", "metrics"):
+    for folder in ("model", "adapters", "adapter", "merged", "metrics"):
         if folder in result.placed:
             lines.append(f"| `{folder}/` | {WHAT[folder].format(folder=target)} |")
     for folder in sorted(set(result.placed) - set(WHAT)):

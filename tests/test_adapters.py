@@ -329,3 +329,37 @@ def test_a_qlora_adapter_is_refused_when_any_candidate_base_is_quantized(
     with pytest.raises(ConfigError) as caught:
         load_config(write_config(raw))
     assert caught.value.path == "passes.lora.config" and "int8" in caught.value.message
+
+
+def test_grove_export_of_an_adapter_shipped_run_is_a_folder_predict_answers_with(tmp_path):
+    """The export put the adapter, its prompt and base.json into metrics/ and the base into model/
+    without base.json: `grove predict --model FOLDER` (what export says to run) refused it, and
+    --adapter found none. Now it is laid out as the run's output folder is."""
+    from flows.export import export
+    from flows.runs import RunLog
+    from grove.served import BASE_FILE, adapter_file, adapter_prompt
+    from grove.stage import ArtifactRef, StageRecord
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    base_src, build_src = tmp_path / "base", tmp_path / "build"
+    (base_src / "model").mkdir(parents=True)
+    (base_src / "model" / "genai_config.json").write_text("{}")
+    base = store.put_dir("build_onnx", "base-0123", base_src, {})
+    build_src.mkdir()
+    (build_src / BASE_FILE).write_text(json.dumps({"stage": "build_onnx", "key": "base-0123", "digest": base.digest}))
+    (build_src / "adapter.onnx_adapter").write_bytes(b"lora")
+    (build_src / "adapter.onnx_adapter.json").write_text(json.dumps({"base_digest": base.digest}))
+    (build_src / "grove_prompt.json").write_text(json.dumps({"template": "{text}", "eos_token_ids": [2]}))
+    (build_src / "onnx_eval.json").write_text("{}")
+    build = store.put_dir("build_onnx", "k", build_src, {})
+    run = RunLog(store, "tiny", "run.json", None, run_id="a" * 32)
+    run.add(StageRecord("build_onnx", "ran", ref=ArtifactRef(stage="build_onnx", key="k", digest=build.digest,
+                                                             uri=store.entry_uri("build_onnx", "k"))))
+    run.finish("completed")
+
+    done = export(store, "aaaaaaaa", tmp_path / "out")
+    out = tmp_path / "out"
+    assert done.adapter == "tiny" and (out / "adapters" / "tiny.onnx_adapter").read_bytes() == b"lora"
+    assert json.loads((out / "model" / BASE_FILE).read_text())["digest"] == base.digest
+    assert (out / "model" / "genai_config.json").is_file() and adapter_prompt(adapter_file(out, "tiny"))
+    assert sorted(done.placed["metrics"]) == ["metrics/onnx_eval.json"]  # the adapter's files are not metrics

@@ -185,7 +185,8 @@ def export(what: str = typer.Argument(..., metavar="NAME|RUN|STAGE/KEY",
     console.print(f"exported {done.source} to {to}: " + ", ".join(f"{folder}/" for folder in done.placed)
                   + f" (see {to / 'README.md'})", highlight=False)
     if "model" in done.placed:
-        console.print(f"answer with it: grove predict --model {to} \"a text\"", highlight=False)
+        adapter = f" --adapter {done.adapter}" if done.adapter else ""
+        console.print(f"answer with it: grove predict --model {to}{adapter} \"a text\"", highlight=False)
 
 
 @app.command()
