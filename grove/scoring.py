@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from grove.settings import EvalSettings
 from grove.textdata import answer_of, encode, prompt_and_answer
 
 
@@ -67,3 +68,17 @@ def summarize(predictions: list[str], labels: list[str]) -> dict[str, Any]:
         "examples": [{"label": l, "predicted": p} for p, l in list(zip(predictions, labels))[:5]],
         "predictions": predictions,  # every row's answer, in row order
     }
+
+
+def answer_token_counts(settings: EvalSettings, rows: list[dict], tokenizer) -> list[int]:
+    """The free-text answers of the eval rows, in tokens (none for a label)."""
+    if settings.answer != "text" or not settings.label_col:
+        return []
+    return [len(tokenizer(str(r[settings.label_col]).strip(), add_special_tokens=False)["input_ids"]) for r in rows]
+
+
+def new_tokens(settings: EvalSettings, rows: list[dict], tokenizer, model_config: dict | None) -> int:
+    """The generation budget of a run's scoring and of its shipped folder (EvalSettings.new_tokens):
+    evaluate and build_onnx size it alike, from the same eval rows and the same tokenizer."""
+    context = (model_config or {}).get("max_position_embeddings")
+    return settings.new_tokens(answer_token_counts(settings, rows, tokenizer), context if isinstance(context, int) else None)

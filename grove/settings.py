@@ -119,15 +119,31 @@ class LmEvalSettings(Frozen):
     limit: int | None = 100  # documents per task
 
 
+LABEL_NEW_TOKENS = 8  # a label is a word or two
+FREE_TEXT_NEW_TOKENS = 512  # the most a free-text answer gets when max_new_tokens is left unset
+
+
 class EvalSettings(Frozen):
     text_template: str
-    max_new_tokens: int = 8
+    max_new_tokens: int | None = None  # None: new_tokens() sizes it
     batch_size: int = 16
     max_rows: int | None = None
     label_col: str | None = None  # the template's trailing column: the answer the model is asked for
     answer: Literal["label", "text"] = "label"  # label_col is a label (accuracy) or free text (exact match, chrF)
     generation_rows: int = 16  # answer text: rows answered greedily per model
     lm_eval: LmEvalSettings | None = None
+
+    def new_tokens(self, answer_tokens: list[int], context: int | None) -> int:
+        """max_new_tokens as set; unset, 8 for a label and, for free text, room for the longest
+        eval answer (its token count) with half again to spare, at least 8 more: a fixed 8 cut
+        most free-text answers short, for every model alike. At most 512, and half the model's
+        context (onnxruntime-genai refuses a max_length beyond it)."""
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        if self.answer != "text" or not answer_tokens:
+            return LABEL_NEW_TOKENS
+        longest = max(answer_tokens)
+        return min(longest + max(8, longest // 2), FREE_TEXT_NEW_TOKENS, context // 2 if context else FREE_TEXT_NEW_TOKENS)
 
 
 class BuildSettings(Frozen):

@@ -17,8 +17,8 @@ import math
 from grove.engines import HfEngine, eos_ids_of
 from grove.generation import aggregates, text_scores, write_generations
 from grove.lm_head import labelled_logits
-from grove.models import load_causal_lm, load_tokenizer, model_folder, resolve_device
-from grove.scoring import generate_answers, prompts_and_labels, summarize
+from grove.models import load_causal_lm, load_tokenizer, model_config, model_folder, resolve_device
+from grove.scoring import answer_token_counts, generate_answers, new_tokens, prompts_and_labels, summarize
 from grove.settings import EvalSettings, ModelSettings
 from grove.standard_tasks import pytorch_scores
 from grove.teacher_forcing import REFERENCE_FILE, save_reference, top_log_probs
@@ -83,7 +83,7 @@ def proven_by_forward_pass(examples, argmax, prompts, labels, tokenizer, eos_ids
     return proven
 
 
-def measure(model, tokenizer, rows, examples, settings: EvalSettings, label: str,
+def measure(model, tokenizer, rows, examples, settings: EvalSettings, label: str, budget: int,
             reference: list | None = None) -> dict:
     loss, argmax = forward_pass(model, examples, settings.batch_size, reference)
     if loss is not None and not math.isfinite(loss):  # a NaN compares as within every bound downstream
@@ -98,29 +98,27 @@ def measure(model, tokenizer, rows, examples, settings: EvalSettings, label: str
         scored = rows[: settings.generation_rows] if text else rows
         prompts, labels = prompts_and_labels(scored, settings.text_template, settings.label_col, tokenizer)
         proven = proven_by_forward_pass(examples, argmax, prompts, labels, tokenizer, eos_ids,
-                                        settings.max_new_tokens, whole=text)
+                                        budget, whole=text)
         run = current_run()
         progress = (lambda done, total: run.on_progress("evaluate", done, total, {"model": label})) \
             if run.on_progress else None
-        answers = generate_answers(engine, tokenizer, prompts, settings.max_new_tokens, settings.batch_size,
+        answers = generate_answers(engine, tokenizer, prompts, budget, settings.batch_size,
                                    progress, known=proven, whole=text)
         result.update({"generation": text_scores(answers, labels)} if text else summarize(answers, labels))
         result["rows_proven_by_forward_pass"] = len(proven)
     return result
 
 
-def warn_of_long_answers(rows: list[dict], settings: EvalSettings, tokenizer) -> None:
-    """Free-text answers longer than max_new_tokens (8 unless set) are cut short when generated, by
-    every model alike: exact match cannot be reached and chrF is capped, which reads as a weak model."""
-    if settings.answer != "text" or not settings.label_col:
-        return
-    lengths = [len(tokenizer(str(r[settings.label_col]).strip(), add_special_tokens=False)["input_ids"])
-               for r in rows[: settings.generation_rows]]
-    longer = [n for n in lengths if n > settings.max_new_tokens]
+def warn_of_long_answers(settings: EvalSettings, lengths: list[int], budget: int) -> None:
+    """Free-text answers longer than a max_new_tokens the config set are cut short when generated,
+    by every model alike: exact match cannot be reached and chrF is capped, which reads as a weak
+    model. (Left unset, the budget is sized from these answers.)"""
+    longer = [n for n in lengths if n > budget]
     if longer:
-        log.warning("%d of %d scored answers are longer than grove.evaluate.max_new_tokens=%d (up to %d tokens): "
+        log.warning("%d of %d eval answers are longer than grove.evaluate.max_new_tokens=%d (up to %d tokens): "
                     "every model's answer to them is cut short, so exact match cannot be reached there; "
-                    "raise max_new_tokens", len(longer), len(lengths), settings.max_new_tokens, max(longer))
+                    "raise max_new_tokens, or leave it unset to size it from the answers",
+                    len(longer), len(lengths), budget, max(longer))
 
 
 @grove_stage("evaluate", tags=("gpu",))
@@ -135,10 +133,11 @@ def evaluate(settings: EvalSettings, data: ArtifactRef, corpus: ArtifactRef, mod
     folder = model_folder(model)
     tokenizer = load_tokenizer(folder, model.trust_remote_code)
     base = load_causal_lm(folder, device, model.trust_remote_code).eval()
-    warn_of_long_answers(rows, settings, tokenizer)
+    budget = new_tokens(settings, rows, tokenizer, model_config(model))
+    warn_of_long_answers(settings, answer_token_counts(settings, rows, tokenizer), budget)
     # the model the shipped ONNX model is built from is the teacher-forcing reference
     reference: list = []
-    metrics = {"base": measure(base, tokenizer, rows, examples, settings, "base",
+    metrics = {"base": measure(base, tokenizer, rows, examples, settings, "base", budget,
                                reference if adapter is None else None)}
     if settings.lm_eval:
         metrics["base"]["lm_eval"] = pytorch_scores(settings.lm_eval, base, tokenizer, settings.batch_size)
@@ -146,7 +145,7 @@ def evaluate(settings: EvalSettings, data: ArtifactRef, corpus: ArtifactRef, mod
         # merged into the base's weights: the model merge_adapters stores, and no LoRA branch per
         # projection on every forward (the base was scored above, so its weights may change)
         tuned = PeftModel.from_pretrained(base, open_artifact(adapter) / "adapter").merge_and_unload().eval()
-        metrics["fine_tuned"] = measure(tuned, tokenizer, rows, examples, settings, "fine-tuned", reference)
+        metrics["fine_tuned"] = measure(tuned, tokenizer, rows, examples, settings, "fine-tuned", budget, reference)
         if settings.lm_eval:
             metrics["fine_tuned"]["lm_eval"] = pytorch_scores(settings.lm_eval, tuned, tokenizer, settings.batch_size)
     generated = {name: m.pop("generation") for name, m in metrics.items() if "generation" in m}

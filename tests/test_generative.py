@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import pytest
 
@@ -71,7 +72,7 @@ def test_the_generative_example_scores_free_text_answers_as_served(tiny_model, t
     finally:
         logger.removeHandler(caplog.handler)
     # the JSON answers are far longer than the 6 new tokens: said, as it caps every model's score
-    assert "4 of 4 scored answers are longer than grove.evaluate.max_new_tokens=6" in caplog.text
+    assert re.search(r"(\d+) of \1 eval answers are longer than grove.evaluate.max_new_tokens=6", caplog.text)
     assert [s["status"] for s in result["stages"]] == ["ran"] * 7, result["stages"]
     summary = {s["stage"]: s["summary"] for s in result["stages"]}
     # no label: nothing counted per label, no accuracy anywhere
@@ -217,7 +218,8 @@ def test_a_multi_line_answer_is_scored_and_shipped_whole(tiny_model, tmp_path, w
     raw = learnable_config(tiny_model, str(data), str(tmp_path / "store"), tmp_path / "out")
     raw["data_configs"][0]["pre_process_data_config"]["params"].update(
         text_cols=["phrase", "steps"], text_template="### Text: {phrase}\n### Steps:\n{steps}")
-    raw["grove"]["evaluate"].update(answer="text", max_new_tokens=16, max_rows=4, generation_rows=4)
+    raw["grove"]["evaluate"].update(answer="text", max_rows=4, generation_rows=4)
+    raw["grove"]["evaluate"].pop("max_new_tokens")  # left unset: sized from the answers
     raw["grove"].update(completion_only_loss=True, promotion={"enabled": False})
     result = optimize(str(write_config(raw)))
     summary = {s["stage"]: s["summary"] for s in result["stages"]}
@@ -227,6 +229,11 @@ def test_a_multi_line_answer_is_scored_and_shipped_whole(tiny_model, tmp_path, w
 
     shipped = ShippedModel(tmp_path / "out" / "tiny" / "model")
     assert shipped.spec["whole_answer"] is True and shipped.answer({"phrase": phrases[0]}) == answer
+    # left unset, the budget is the answer's tokens and 8 more, in the scoring and the shipped folder alike
+    from transformers import AutoTokenizer
+
+    answer_tokens = len(AutoTokenizer.from_pretrained(tiny_model)(answer, add_special_tokens=False)["input_ids"])
+    assert shipped.spec["max_new_tokens"] == answer_tokens + 8, shipped.spec
     assert "answer = text\n" in (shipped.folder / "README.md").read_text()
 
 
@@ -421,3 +428,16 @@ def test_free_text_without_a_build_gets_a_gate_it_can_measure(tmp_path, write_co
         gate = load_config(write_config(raw, f"{name}.json")).promotion
         assert gate.metric == "fine_tuned_chrf" and gate.tolerance_metric == "eval_loss", (name, gate)
     assert gate.min == 10
+
+
+def test_the_generation_budget_left_unset_fits_the_answers():
+    """max_new_tokens unset: 8 for a label; for free text the longest answer and half again (8 more
+    at least), never past 512 or half the model's context; a set value is kept as written."""
+    from grove.settings import EvalSettings
+
+    text = EvalSettings(text_template="{q} {a}", label_col="a", answer="text")
+    assert text.new_tokens([3, 10], None) == 18 and text.new_tokens([40], 4096) == 60
+    assert text.new_tokens([2000], 8192) == 512 and text.new_tokens([300], 512) == 256
+    assert text.new_tokens([], None) == 8
+    assert EvalSettings(text_template="{q} {a}", label_col="a").new_tokens([3, 10], None) == 8
+    assert text.model_copy(update={"max_new_tokens": 5}).new_tokens([40], None) == 5

@@ -171,7 +171,7 @@ def _check_generation_lengths(config: RunConfig) -> None:
         return
     for key, value in (("grove.evaluate.max_new_tokens", config.evaluate.max_new_tokens),
                        ("grove.benchmark.max_new_tokens", config.benchmark.max_new_tokens)):
-        if value >= context:
+        if value is not None and value >= context:
             raise ConfigError(key, f"{value} new tokens do not fit the model's context of {context} tokens "
                                    f"(max_position_embeddings in its config.json) after a prompt; give fewer")
 

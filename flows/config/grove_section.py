@@ -42,7 +42,10 @@ class GroveSearch(Strict):
 
 
 class GroveEval(Strict):
-    max_new_tokens: int = Field(8, gt=0, description="tokens generated after each prompt")
+    max_new_tokens: int | None = Field(None, gt=0, description="tokens generated after each prompt; unset: 8 for "
+                                                               "a label, and for answer: text the longest eval "
+                                                               "answer's tokens and half again (at least 8 more, at "
+                                                               "most 512 and half the model's context)")
     batch_size: int = Field(16, gt=0)
     max_rows: int | None = Field(None, gt=0, description="evaluate at most this many eval rows")
     answer: Literal["label", "text"] = Field(

@@ -14,13 +14,13 @@ import time
 from pathlib import Path
 
 from grove.engines import OnnxEngine, eos_ids_of
-from grove.models import load_tokenizer, model_folder
+from grove.models import load_tokenizer, model_config, model_folder
 from tasks.build_onnx import quantization
 from tasks.build_onnx.base import onnx_base
 from tasks.build_onnx.builder import run_builder
 from tasks.build_onnx.quantization import builder_options
 from grove.generation import aggregates, text_scores, write_generations
-from grove.scoring import generate_answers, summarize
+from grove.scoring import generate_answers, new_tokens, summarize
 from grove.served import ADAPTER_FILE
 from grove.teacher_forcing import REFERENCE_FILE, load_reference, score_engine
 from grove.shipped import ShippedModel, prompt_spec, write_shipped_files
@@ -147,8 +147,8 @@ def build_onnx(build: BuildSettings, evaluation: EvalSettings, model: ModelSetti
         # scored as a user runs the shipped folder (grove/shipped.py), not through Grove's own tokenizing
         text = evaluation.answer == "text"
         scored = rows[: evaluation.max_rows][: evaluation.generation_rows if text else None]
-        spec = prompt_spec(evaluation.text_template, evaluation.label_col, evaluation.max_new_tokens, tokenizer,
-                           whole_answer=text)
+        budget = new_tokens(evaluation, rows[: evaluation.max_rows], tokenizer, model_config(model))  # as evaluate's
+        spec = prompt_spec(evaluation.text_template, evaluation.label_col, budget, tokenizer, whole_answer=text)
         # the prompt template travels with what is shipped: the model, or the adapter (the stored
         # base is shared by every adapter and never written to)
         write_shipped_files(output_dir() if adapter is not None else target, spec)
@@ -156,7 +156,7 @@ def build_onnx(build: BuildSettings, evaluation: EvalSettings, model: ModelSetti
         prompts = [shipped.encode(r) for r in scored]
         trained_on = [encode(tokenizer, prompt_and_answer(evaluation.text_template, evaluation.label_col, r)[0],
                              eos=False)[0] for r in scored]
-        answers = generate_answers(engine, shipped, prompts, evaluation.max_new_tokens, evaluation.batch_size,
+        answers = generate_answers(engine, shipped, prompts, budget, evaluation.batch_size,
                                    progress, whole=text)
         references = [str(r[evaluation.label_col]).strip() for r in scored]
         scores = {"generation": text_scores(answers, references)} if text else summarize(answers, references)
