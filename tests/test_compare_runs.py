@@ -72,6 +72,8 @@ def test_diff_puts_two_runs_side_by_side_settings_by_key_path_and_metrics(named_
     loss = number(records["tiny"]["metrics"]["fine_tuned.eval_loss"])
     assert any(line.split() == ["fine_tuned.eval_loss", loss, loss] for line in said.splitlines()), said
     assert "no run with id 'nope'" in grove("diff", "nope", tiny[:8], "--store", root, code=2)
+    twice = grove("diff", tiny[:8], tiny[:6], "--store", root)
+    assert f"{tiny[:8]} and {tiny[:6]} are the same run: nothing differs" in twice and "Metrics" not in twice, twice
 
 
 def test_runs_at_80_columns_keeps_every_column_whole(named_runs, terminal_80):

@@ -25,6 +25,7 @@ def open_store(config: Optional[Path], store: Optional[str]):
 def open_store_of(config: Optional[Path], store: Optional[str]):
     """open_store, and the name of the config's model (None with --store or neither)."""
     from flows.config import DEFAULT_ARTIFACT_ROOT, load_config
+    from flows.config.checks import refuse_keys_in_url
     from grove.store import ArtifactStore, StoreError
 
     if config is not None and store is not None:
@@ -35,6 +36,8 @@ def open_store_of(config: Optional[Path], store: Optional[str]):
             cfg = load_config(config)
             artifacts, name = ArtifactStore(cfg.artifact_root, cfg.aws_credentials_block), cfg.name
         else:
+            if store is not None and "://" in store:
+                refuse_keys_in_url(store, "--store")
             artifacts = ArtifactStore(store or str(Path.cwd() / DEFAULT_ARTIFACT_ROOT))
         if not artifacts.exists():
             how = "" if config or store else " (the default store; name one with --store or --config)"
