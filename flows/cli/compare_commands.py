@@ -45,10 +45,15 @@ def diff(first: str = typer.Argument(..., metavar="RUN", help="Run id (a unique 
                           "metrics": {key: [m.get(key) for m in metrics] for key in dict.fromkeys([*metrics[0], *metrics[1]])}},
                          indent=1))
         return
-    for run in runs:
+    same = runs[0]["run_id"] == runs[1]["run_id"]  # two prefixes of one run: say so, not a table of equals
+    for run in runs[:1] if same else runs:
         console.print(f"{run['run_id'][:8]}: {run['name']} ({run['config']}), {run['status']}, started "
                       f"{run['started'][:19]}" + (f", shipped {run['shipped']}" if run.get("shipped") else ""),
                       highlight=False, markup=False)
+    if same:
+        console.print(f"{first} and {second} are the same run: nothing differs (grove show {a} for its metrics)",
+                      highlight=False, markup=False)
+        return
     missing = "-"
     if unrecorded:
         console.print(f"settings: not recorded by run {', '.join(unrecorded)} (a run from before runs kept them)",
