@@ -295,6 +295,9 @@ def test_keys_written_into_a_store_or_data_url_are_never_printed(tiny_model, ton
     assert [done.returncode for done in said.values()] == [2, 2]
     assert said["root"].stderr.startswith("error: ") and "grove.artifact_root: holds keys in the URL" in said["root"].stderr
     assert "data_files: " in said["data"].stderr and "127.0.0.1:1/tone.jsonl" in said["data"].stderr
+    # the store commands' --store, as the config's root
+    said["runs"] = grove("runs", "--store", "s3://AKIAEXAMPLE:store-secret-1@grove-tests/runs", cwd=tmp_path)
+    assert said["runs"].returncode == 2 and "--store: holds keys in the URL" in said["runs"].stderr, said["runs"]
     printed = "".join(done.stdout + done.stderr for done in said.values())
     assert not any(secret in printed for secret in ("store-secret-1", "data-secret-2", "sig-secret-3")), printed
 

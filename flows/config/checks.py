@@ -199,15 +199,20 @@ def _check_folders(config: RunConfig, where: _Where) -> None:
     _usable_folder(config.artifact_root, where.artifact_root())
 
 
+def refuse_keys_in_url(url: str, at: str) -> None:
+    """A store URL with user:password@ (never echoed: the message would print them)."""
+    from urllib.parse import urlsplit
+
+    if urlsplit(url).username or urlsplit(url).password:
+        raise ConfigError(at, "holds keys in the URL (user:password@); s3fs does not read them there and Grove "
+                              "would print and record them: give them as AWS_ACCESS_KEY_ID / "
+                              "AWS_SECRET_ACCESS_KEY or grove.aws_credentials_block")
+
+
 def _usable_folder(path: str, at: str) -> None:
     """A local folder that exists and is writable, or can be made: checked without making it."""
     if "://" in path:
-        from urllib.parse import urlsplit
-
-        if urlsplit(path).username or urlsplit(path).password:  # never echoed: the message would print them
-            raise ConfigError(at, "holds keys in the URL (user:password@); s3fs does not read them there and Grove "
-                                  "would print and record them: give them as AWS_ACCESS_KEY_ID / "
-                                  "AWS_SECRET_ACCESS_KEY or grove.aws_credentials_block")
+        refuse_keys_in_url(path, at)
         return  # the store says itself (check_writable) before anything is written
     folder = Path(path)
     if folder.exists():
