@@ -36,6 +36,15 @@ def commands_config(tmp_path, model=None) -> dict:
     return raw
 
 
+def answer_warnings(config) -> list[str]:
+    """What validate warns at grove.evaluate.answer for a config file."""
+    from flows.config import load_config
+
+    warnings: list[str] = []
+    load_config(config, warnings=warnings)
+    return [w for w in warnings if w.startswith("grove.evaluate.answer")]
+
+
 def choice_task(folder) -> str:
     """A local lm-eval task (YAML + JSONL in one folder): four multiple-choice questions."""
     folder.mkdir()
@@ -166,22 +175,17 @@ def test_free_text_left_as_a_label_is_warned_about_once_at_its_key(tmp_path, wri
     default answer: label would be scored by exact first-line matches; validate says so at
     grove.evaluate.answer. As shipped (answer: text), and for real labels (tone), it is quiet."""
     from conftest import tiny_config
-    from flows.config import load_config
 
     raw = commands_config(tmp_path, tiny_model)
     raw["grove"]["evaluate"]["answer"] = "label"
     raw["grove"].pop("promotion")  # its metric, chrF, is a free-text one
-    warnings: list[str] = []
-    load_config(write_config(raw, "as-label.json"), warnings=warnings)
+    warnings = answer_warnings(write_config(raw, "as-label.json"))
     said = [w for w in warnings if w.startswith("grove.evaluate.answer: label, but the answer column 'json' "
                                                 "reads as free text")]
     assert len(said) == 1 and "grove.evaluate.answer: text" in said[0], warnings
-
-    quiet: list[str] = []
-    load_config(write_config(commands_config(tmp_path, tiny_model), "as-text.json"), warnings=quiet)
-    load_config(write_config(tiny_config(tiny_model, tone_copy, tmp_path / "s", tmp_path / "o"), "tone.json"),
-                warnings=quiet)
-    assert not [w for w in quiet if w.startswith("grove.evaluate.answer")], quiet
+    assert not answer_warnings(write_config(commands_config(tmp_path, tiny_model), "as-text.json"))
+    assert not answer_warnings(write_config(tiny_config(tiny_model, tone_copy, tmp_path / "s", tmp_path / "o"),
+                                            "tone.json"))
 
 
 def test_the_plan_says_the_rules_that_judge_free_text(tmp_path, write_config, tiny_model):
@@ -316,18 +320,14 @@ def test_a_label_column_scored_as_text_is_warned_about_once_at_its_key(tmp_path,
     """answer: text on a class column (the tone labels): validate says that accuracy per label and the
     accuracy rules are given up; free text under answer: text (the bundled example) stays quiet."""
     from conftest import tiny_config
-    from flows.config import load_config
 
     raw = tiny_config(tiny_model, tone_copy, tmp_path / "s", tmp_path / "o")
     raw["grove"]["evaluate"]["answer"] = "text"
-    warnings: list[str] = []
-    load_config(write_config(raw, "tone-as-text.json"), warnings=warnings)
+    warnings = answer_warnings(write_config(raw, "tone-as-text.json"))
     said = [w for w in warnings if w.startswith("grove.evaluate.answer: text, but the answer column 'tone' reads "
                                                 "as a label (4 distinct values in 60 rows)")]
     assert len(said) == 1 and "Leave grove.evaluate.answer at label" in said[0], warnings
-    quiet: list[str] = []
-    load_config(write_config(commands_config(tmp_path, tiny_model), "commands.json"), warnings=quiet)
-    assert not [w for w in quiet if w.startswith("grove.evaluate.answer")], quiet
+    assert not answer_warnings(write_config(commands_config(tmp_path, tiny_model), "commands.json"))
 
 
 def test_answers_cut_off_by_source_max_len_are_said_before_training(tiny_model, caplog):
