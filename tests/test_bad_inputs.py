@@ -41,6 +41,12 @@ def new_tokens_beyond_the_model_context(raw, tmp):
     return "grove.evaluate.max_new_tokens: 4096 new tokens do not fit the model's context of 512 tokens"
 
 
+def infinite_tolerance(raw, tmp):
+    """JSON's Infinity read as a number: a search whose every candidate is within tolerance."""
+    raw["grove"]["quantization_search"] = {**raw["grove"].get("quantization_search", {}), "max_kl": float("inf")}
+    return "grove.quantization_search.max_kl: input should be a finite number"
+
+
 def negative_learning_rate(raw, tmp):
     lora(raw)["training_args"]["learning_rate"] = -1e-4
     return "passes.lora.config.training_args.learning_rate"
@@ -235,6 +241,7 @@ CASES = [
     (config_is_a_folder, "validate"),
     (config_not_utf8, "validate"),
     (new_tokens_beyond_the_model_context, "validate"),
+    (infinite_tolerance, "validate"),
 ]
 
 
