@@ -405,11 +405,11 @@ def test_a_model_whose_eval_loss_is_not_finite_fails_evaluate(tiny_model):
                             label_col="json", completion_only_loss=True)
     eval_examples = [{"input_ids": ids, "labels": labels} for ids, labels in examples(rows, corpus, tokenizer, True)]
     settings = EvalSettings(text_template=corpus.text_template)
-    assert measure(model, tokenizer, rows, eval_examples, settings, "base")["eval_loss"] > 0
+    assert measure(model, tokenizer, rows, eval_examples, settings, "base", 8)["eval_loss"] > 0
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight.fill_(float("nan"))
     with pytest.raises(StageFailed, match="the fine-tuned model's eval loss is nan: its weights hold NaN or inf"):
-        measure(model, tokenizer, rows, eval_examples, settings, "fine-tuned")
+        measure(model, tokenizer, rows, eval_examples, settings, "fine-tuned", 8)
 
 
 def test_free_text_without_a_build_gets_a_gate_it_can_measure(tmp_path, write_config, tiny_model):
