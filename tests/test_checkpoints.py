@@ -228,15 +228,26 @@ def test_killed_training_resumes_from_its_last_checkpoint_with_the_same_adapter(
 # ---- data-parallel training (torchrun, 2 gloo processes on the CPU) ----------------------------------------
 def test_a_data_parallel_job_marks_every_checkpoint_but_the_last_steps(tmp_path):
     """Resumed from a checkpoint at its last step, transformers runs one step more: such a
-    checkpoint is never stored, by the data-parallel job as by the single-process stage."""
+    checkpoint is never stored, by the data-parallel job as by the single-process stage. Each
+    snapshot is whole and outlives the trainer's rotation of its checkpoint folder."""
+    import shutil
     from types import SimpleNamespace
 
     from tasks.train.ddp import checkpoint_marker
 
-    marker = checkpoint_marker(tmp_path)
+    output, work = tmp_path / "out", tmp_path / "work"
+    work.mkdir()
+    marker = checkpoint_marker(work)
     for step, main in ((2, True), (4, False), (6, True), (8, True)):
-        marker.on_save(None, SimpleNamespace(global_step=step, max_steps=8, is_local_process_zero=main), None)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved-2", "saved-6"]
+        (output / f"checkpoint-{step}" / "sub").mkdir(parents=True)
+        (output / f"checkpoint-{step}" / "trainer_state.json").write_text(f'{{"step": {step}}}')
+        (output / f"checkpoint-{step}" / "sub" / "optimizer.pt").write_bytes(bytes([step]) * 64)
+        marker.on_save(SimpleNamespace(output_dir=str(output)),
+                       SimpleNamespace(global_step=step, max_steps=8, is_local_process_zero=main), None)
+        shutil.rmtree(output / f"checkpoint-{step}")  # save_total_limit 1: rotated at the next save
+    assert sorted(p.name for p in work.iterdir()) == ["saved-2", "saved-6"]
+    assert (work / "saved-6" / "trainer_state.json").read_text() == '{"step": 6}'
+    assert (work / "saved-6" / "sub" / "optimizer.pt").read_bytes() == bytes([6]) * 64
 
 
 def test_a_killed_data_parallel_training_resumes_with_the_same_adapter(tiny_model, tone_copy, tmp_path,

@@ -38,16 +38,35 @@ def main(request_file: str) -> int:
 
 def checkpoint_marker(workdir: Path):
     """A callback that leaves `saved-<step>` in the work folder for each checkpoint the stage
-    should store: every save but the one at the last step, as in the single-process stage.
-    A checkpoint at the last step is never stored: transformers, resumed from one, runs an
-    extra step (measured: 5 steps for max_steps 4), so a job that died after its last save
-    would come back with one step too many."""
+    should store: a snapshot of the checkpoint folder in hard links (instant, no copy), which
+    outlives the trainer's rotation (save_total_limit 1 deletes a checkpoint at the next save:
+    on a fast job before the stage's watcher had copied it, so none was stored). Every save but
+    the one at the last step, as in the single-process stage: transformers, resumed from a
+    checkpoint at its last step, runs an extra step (measured: 5 steps for max_steps 4), so a job
+    that died after its last save would come back with one step too many."""
+    import os
+    import shutil
+
     from transformers import TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     class MarkSaved(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
-            if state.is_local_process_zero and state.global_step < state.max_steps:
-                (workdir / f"saved-{state.global_step}").touch()
+            if not state.is_local_process_zero or state.global_step >= state.max_steps:
+                return
+            source = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            partial = workdir / f".saving-{state.global_step}"
+            for path in sorted(source.rglob("*")):
+                target = partial / path.relative_to(source)
+                if path.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                else:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    try:
+                        os.link(path, target)
+                    except OSError:  # another file system: a copy, as slow as the store's own
+                        shutil.copy2(path, target)
+            partial.rename(workdir / f"saved-{state.global_step}")  # whole, or not there
 
     return MarkSaved()
 

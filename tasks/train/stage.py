@@ -65,27 +65,29 @@ def _fit_distributed(settings: TrainSettings, model: ModelSettings, corpus: Arti
 
 
 def _watch(command: list[str], workdir: Path, store, key: str) -> None:
-    """Run the job; store each checkpoint it marks as it appears."""
+    """Run the job; store the newest checkpoint it snapshots (tasks/train/ddp.py checkpoint_marker)
+    as it appears, dropping older snapshots a slower store skipped."""
+    import shutil
     import subprocess
 
     from grove.machine import worker_environment
 
-    stored: set[int] = set()
     with open(workdir / "torchrun.log", "w") as output:
         job = subprocess.Popen(command, env=worker_environment(), stdout=output, stderr=subprocess.STDOUT)
         while job.poll() is None:
             time.sleep(1)
-            for marker in sorted(workdir.glob("saved-*")):  # written by the main process after each save
-                step = int(marker.name.split("-")[1])
-                folder = workdir / f"checkpoint-{step}"
-                if step in stored or not folder.is_dir():
-                    continue
-                stored.add(step)
-                try:
-                    store.put_checkpoint("train", key, step, folder)
-                    log.info("checkpoint step %d stored", step)
-                except OSError as exc:  # rotated away meanwhile: the next one will do
-                    log.warning("checkpoint step %d not stored: %s", step, exc)
+            snapshots = sorted(workdir.glob("saved-*"), key=lambda path: int(path.name.split("-")[1]))
+            if not snapshots:
+                continue
+            for older in snapshots[:-1]:
+                shutil.rmtree(older, ignore_errors=True)
+            newest, step = snapshots[-1], int(snapshots[-1].name.split("-")[1])
+            try:
+                store.put_checkpoint("train", key, step, newest)
+                log.info("checkpoint step %d stored", step)
+            except OSError as exc:  # the store failed: the next checkpoint will do
+                log.warning("checkpoint step %d not stored: %s", step, exc)
+            shutil.rmtree(newest, ignore_errors=True)
     if job.returncode != 0:
         tail = (workdir / "torchrun.log").read_text()[-3000:]
         raise RuntimeError(f"the data-parallel training job failed (exit {job.returncode}):\n{tail}")
