@@ -77,8 +77,8 @@ def answer_token_counts(settings: EvalSettings, rows: list[dict], tokenizer) -> 
     return [len(tokenizer(str(r[settings.label_col]).strip(), add_special_tokens=False)["input_ids"]) for r in rows]
 
 
-def new_tokens(settings: EvalSettings, rows: list[dict], tokenizer, model_config: dict | None) -> int:
+def new_tokens(settings: EvalSettings, answer_tokens: list[int], model_config: dict | None) -> int:
     """The generation budget of a run's scoring and of its shipped folder (EvalSettings.new_tokens):
-    evaluate and build_onnx size it alike, from the same eval rows and the same tokenizer."""
+    evaluate and build_onnx size it alike, from answer_token_counts of the same eval rows."""
     context = (model_config or {}).get("max_position_embeddings")
-    return settings.new_tokens(answer_token_counts(settings, rows, tokenizer), context if isinstance(context, int) else None)
+    return settings.new_tokens(answer_tokens, context if isinstance(context, int) else None)

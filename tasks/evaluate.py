@@ -109,7 +109,7 @@ def measure(model, tokenizer, rows, examples, settings: EvalSettings, label: str
     return result
 
 
-def warn_of_long_answers(settings: EvalSettings, lengths: list[int], budget: int) -> None:
+def warn_of_long_answers(lengths: list[int], budget: int) -> None:
     """Free-text answers longer than a max_new_tokens the config set are cut short when generated,
     by every model alike: exact match cannot be reached and chrF is capped, which reads as a weak
     model. (Left unset, the budget is sized from these answers.)"""
@@ -133,8 +133,9 @@ def evaluate(settings: EvalSettings, data: ArtifactRef, corpus: ArtifactRef, mod
     folder = model_folder(model)
     tokenizer = load_tokenizer(folder, model.trust_remote_code)
     base = load_causal_lm(folder, device, model.trust_remote_code).eval()
-    budget = new_tokens(settings, rows, tokenizer, model_config(model))
-    warn_of_long_answers(settings, answer_token_counts(settings, rows, tokenizer), budget)
+    lengths = answer_token_counts(settings, rows, tokenizer)
+    budget = new_tokens(settings, lengths, model_config(model))
+    warn_of_long_answers(lengths, budget)
     # the model the shipped ONNX model is built from is the teacher-forcing reference
     reference: list = []
     metrics = {"base": measure(base, tokenizer, rows, examples, settings, "base", budget,

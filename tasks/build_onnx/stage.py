@@ -20,7 +20,7 @@ from tasks.build_onnx.base import onnx_base
 from tasks.build_onnx.builder import run_builder
 from tasks.build_onnx.quantization import builder_options
 from grove.generation import aggregates, text_scores, write_generations
-from grove.scoring import generate_answers, new_tokens, summarize
+from grove.scoring import answer_token_counts, generate_answers, new_tokens, summarize
 from grove.served import ADAPTER_FILE
 from grove.teacher_forcing import REFERENCE_FILE, load_reference, score_engine
 from grove.shipped import ShippedModel, prompt_spec, write_shipped_files
@@ -147,7 +147,8 @@ def build_onnx(build: BuildSettings, evaluation: EvalSettings, model: ModelSetti
         # scored as a user runs the shipped folder (grove/shipped.py), not through Grove's own tokenizing
         text = evaluation.answer == "text"
         scored = rows[: evaluation.max_rows][: evaluation.generation_rows if text else None]
-        budget = new_tokens(evaluation, rows[: evaluation.max_rows], tokenizer, model_config(model))  # as evaluate's
+        lengths = answer_token_counts(evaluation, rows[: evaluation.max_rows], tokenizer)
+        budget = new_tokens(evaluation, lengths, model_config(model))  # as evaluate's
         spec = prompt_spec(evaluation.text_template, evaluation.label_col, budget, tokenizer, whole_answer=text)
         # the prompt template travels with what is shipped: the model, or the adapter (the stored
         # base is shared by every adapter and never written to)
